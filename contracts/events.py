@@ -1,0 +1,368 @@
+"""Every message of LLM Fleet as a pydantic v2 model.
+
+Each event carries `event_id` (a UUID, the deduplication key end to end) and
+`occurred_at` (UTC). Consumers ignore fields they do not know, so producers may
+add fields without breaking anyone. Prices are `Decimal` in USD per 1M tokens and
+travel as JSON strings, so no float ever rounds them.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
+
+Id = str  # user, session, plan and subtask ids are opaque strings (often UUIDs)
+NonEmpty = Field(min_length=1, max_length=512)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+INBOUND = {"inbound": True}
+"""Validation context for messages read off the wire: there `event_id` and `occurred_at`
+must be sent, because a default made up on each delivery would defeat deduplication."""
+
+
+def _require_identity(schema: dict[str, Any]) -> None:
+    schema["required"] = sorted({*schema.get("required", []), "event_id", "occurred_at"})
+
+
+class Event(BaseModel):
+    """Base of every message: identity, time, and tolerance of unknown fields."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True, json_schema_extra=_require_identity)
+
+    subject: ClassVar[str]
+
+    event_id: uuid.UUID = Field(
+        default_factory=uuid.uuid4,
+        description="Unique id of this event; redeliveries and retries keep it.",
+    )
+    occurred_at: datetime = Field(default_factory=utcnow, description="When it happened (UTC).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _identity_sent(cls, data: Any, info: ValidationInfo) -> Any:
+        if info.context == INBOUND and isinstance(data, dict):
+            missing = [k for k in ("event_id", "occurred_at") if data.get(k) is None]
+            if missing:
+                raise ValueError(f"missing {' and '.join(missing)}: every event must carry them")
+        return data
+
+
+# --- sync: the model catalog -------------------------------------------------------------
+
+
+class ModelSynced(Event):
+    """A catalog entry was added, changed (price, context length, name) or removed."""
+
+    subject: ClassVar[str] = "model.synced"
+
+    provider: str = NonEmpty
+    model_id: str = NonEmpty
+    name: str
+    change: Literal["added", "changed", "removed"]
+    status: Literal["active", "removed", "unavailable"]
+    context_length: int | None = None
+    prompt_price_per_1m: Decimal | None = Field(
+        None, description="USD per 1M prompt tokens; null when the price varies per request."
+    )
+    completion_price_per_1m: Decimal | None = Field(
+        None, description="USD per 1M completion tokens; null when the price varies per request."
+    )
+    variable_price: bool = Field(
+        False, description="True for router models whose price is only known per request."
+    )
+
+
+class SyncCompleted(Event):
+    """One catalog sync run ended."""
+
+    subject: ClassVar[str] = "sync.completed"
+
+    run_id: uuid.UUID
+    source: str = "openrouter"
+    status: Literal["succeeded", "not_modified", "failed"]
+    fetched: int = 0
+    filtered: int = 0
+    selected: int = 0
+    added: int = 0
+    changed: int = 0
+    removed: int = 0
+    error: str | None = None
+
+
+class DeviceOffline(Event):
+    """A local model device stopped answering; its models are unavailable."""
+
+    subject: ClassVar[str] = "device.offline"
+
+    device: str = NonEmpty
+    base_url: str
+    reason: str
+
+
+class DeviceOnline(Event):
+    """A local model device answers again."""
+
+    subject: ClassVar[str] = "device.online"
+
+    device: str = NonEmpty
+    base_url: str
+    version: str | None = None
+    model_count: int = 0
+
+
+# --- benchmark ---------------------------------------------------------------------------
+
+
+class BenchmarkRequested(Event):
+    """A benchmark job was accepted and waits for a worker."""
+
+    subject: ClassVar[str] = "benchmark.requested"
+
+    job_id: uuid.UUID
+    provider: Literal["ollama", "openrouter", "openai"]
+    model: str = NonEmpty
+    task_type: str = NonEmpty
+    prompt: str
+    runs: int = Field(ge=1, le=1000)
+    warmup_runs: int = Field(0, ge=0, le=100)
+    concurrency: int = Field(1, ge=1, le=256)
+    max_tokens: int | None = Field(None, ge=1)
+    timeout_s: float = Field(120.0, gt=0)
+
+
+class LatencySummary(BaseModel):
+    """Distribution of one measurement across runs, in milliseconds."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    mean: float
+    p50: float
+    p90: float
+    p99: float
+
+
+class BenchmarkSummary(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    runs_ok: int
+    runs_failed: int
+    ttft_ms: LatencySummary | None = None
+    inter_token_ms: LatencySummary | None = None
+    e2e_ms: LatencySummary | None = None
+    tokens_per_s: LatencySummary | None = None
+    output_tokens: int = 0
+    cost_usd: Decimal | None = None
+
+
+class BenchmarkCompleted(Event):
+    subject: ClassVar[str] = "benchmark.completed"
+
+    job_id: uuid.UUID
+    provider: str
+    model: str
+    task_type: str
+    summary: BenchmarkSummary
+
+
+class BenchmarkFailed(Event):
+    subject: ClassVar[str] = "benchmark.failed"
+
+    job_id: uuid.UUID
+    provider: str
+    model: str
+    task_type: str
+    error: str
+
+
+# --- planner and agents ------------------------------------------------------------------
+
+
+class PlannedSubtask(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    subtask_id: Id = NonEmpty
+    sequence_number: int
+    description: str
+    agent: str
+    estimated_time: str | None = None
+    depends_on: list[Id] = []
+    requires_approval: bool = False
+
+
+class PlanCreated(Event):
+    subject: ClassVar[str] = "plan.created"
+
+    plan_id: Id = NonEmpty
+    task_id: Id = NonEmpty
+    user_id: Id = NonEmpty
+    session_id: Id = NonEmpty
+    original_task: str
+    subtasks: list[PlannedSubtask]
+
+
+class PlanCompleted(Event):
+    subject: ClassVar[str] = "plan.completed"
+
+    plan_id: Id = NonEmpty
+    task_id: Id = NonEmpty
+    user_id: Id = NonEmpty
+    session_id: Id = NonEmpty
+    status: Literal["completed", "failed", "cancelled"]
+    metrics: dict[str, Any] = Field(
+        default_factory=dict, description="Durations, counts by status, critical path."
+    )
+
+
+class SubtaskReady(Event):
+    """A subtask's dependencies are done: the agent named here may start it."""
+
+    subject: ClassVar[str] = "subtask.ready"
+
+    plan_id: Id = NonEmpty
+    subtask_id: Id = NonEmpty
+    user_id: Id = NonEmpty
+    session_id: Id = NonEmpty
+    agent: str = NonEmpty
+    attempt: int = Field(1, ge=1)
+    description: str
+    timeout_s: float | None = None
+
+
+class SubtaskStarted(Event):
+    subject: ClassVar[str] = "subtask.started"
+
+    plan_id: Id = NonEmpty
+    subtask_id: Id = NonEmpty
+    agent: str = NonEmpty
+    attempt: int = Field(1, ge=1)
+    started_at: datetime = Field(default_factory=utcnow)
+
+
+class SubtaskCompleted(Event):
+    """An agent finished a subtask; stats counts it as one response of the model."""
+
+    subject: ClassVar[str] = "subtask.completed"
+
+    plan_id: Id = NonEmpty
+    subtask_id: Id = NonEmpty
+    model_id: str = Field(min_length=1, max_length=512, description="The model that did the work.")
+    user_id: Id = NonEmpty
+    session_id: Id = NonEmpty
+    agent: str | None = Field(None, description="The agent name the subtask was dispatched to.")
+    attempt: int = Field(1, ge=1)
+    status: Literal["completed"] = "completed"
+    started_at: datetime | None = None
+    completed_at: datetime = Field(default_factory=utcnow)
+    duration_seconds: float | None = Field(None, ge=0)
+    result: str | None = None
+    prompt_tokens: int = Field(0, ge=0)
+    completion_tokens: int = Field(0, ge=0)
+    cost_usd: Decimal | None = Field(None, ge=0)
+
+
+class SubtaskFailed(Event):
+    subject: ClassVar[str] = "subtask.failed"
+
+    plan_id: Id = NonEmpty
+    subtask_id: Id = NonEmpty
+    agent: str = NonEmpty
+    model_id: str | None = None
+    attempt: int = Field(1, ge=1)
+    error: str
+    retryable: bool = True
+
+
+class ApprovalRequested(Event):
+    subject: ClassVar[str] = "approval.requested"
+
+    approval_id: uuid.UUID
+    plan_id: Id = NonEmpty
+    subtask_id: Id | None = None
+    user_id: Id = NonEmpty
+    type: Literal["tool", "plan"]
+    payload: dict[str, Any] = {}
+    expires_at: datetime
+
+
+class ApprovalResolved(Event):
+    subject: ClassVar[str] = "approval.resolved"
+
+    approval_id: uuid.UUID
+    plan_id: Id = NonEmpty
+    subtask_id: Id | None = None
+    status: Literal["approved", "rejected", "timeout"]
+    decision: str | None = Field(None, description="The approver's comment.")
+
+
+# --- feedback from the UI ----------------------------------------------------------------
+
+
+class ModelDismissed(Event):
+    """A user removed a model from a session's panel."""
+
+    subject: ClassVar[str] = "model.dismissed"
+
+    user_id: Id = NonEmpty
+    session_id: Id = NonEmpty
+    model_id: str = NonEmpty
+    reason: str | None = None
+
+
+class ModelRewarded(Event):
+    """A user gave a model brains for an answer."""
+
+    subject: ClassVar[str] = "model.rewarded"
+
+    user_id: Id = NonEmpty
+    session_id: Id = NonEmpty
+    model_id: str = NonEmpty
+    brains: int = Field(1, ge=1)
+
+
+# --- guardian ----------------------------------------------------------------------------
+
+
+class ServiceDown(Event):
+    subject: ClassVar[str] = "service.down"
+
+    service: str = NonEmpty
+    reason: str
+    last_seen_at: datetime | None = None
+
+
+class ServiceRecovered(Event):
+    subject: ClassVar[str] = "service.recovered"
+
+    service: str = NonEmpty
+    down_since: datetime
+    downtime_seconds: float
+    restarts: int = 0
+
+
+class ServiceEscalated(Event):
+    subject: ClassVar[str] = "service.escalated"
+
+    service: str = NonEmpty
+    restarts: int
+    reason: str
+    report: str = Field(description="The incident report in markdown.")
+
+
+class ServiceHeartbeat(Event):
+    """Sent every second on core NATS (not stored) by every service instance."""
+
+    subject: ClassVar[str] = "service.heartbeat"
+
+    service: str = NonEmpty
+    instance: str = NonEmpty
+    started_at: datetime
+    ready: bool
+    http_url: str | None = None

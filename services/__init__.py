@@ -1,0 +1,1 @@
+"""LLM Fleet services: sync, benchmark, planner, guardian, stats, and their shared runtime."""

@@ -1,0 +1,1 @@
+"""benchmark: benchmark runs with a price guard and streaming measurements."""

@@ -1,0 +1,94 @@
+"""`fleet`: run LLM Fleet.
+
+    fleet up                 embedded NATS + PostgreSQL (unless NATS_URL / DATABASE_URL are
+                             set) and the five services; Ctrl-C stops everything
+    fleet run <service>      one service in the foreground (what a container runs)
+    fleet migrate [service]  apply database migrations and exit (a deployment's migration job)
+    fleet status             the services of a running `fleet up`, their health and URLs
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import sys
+from typing import Any
+
+from services.stack import SERVICES, AlreadyRunning, Stack, fleet_home, read_state, status_table
+
+
+def service_spec(name: str) -> Any:
+    return importlib.import_module(f"services.{name}.app").build()
+
+
+def cmd_up(_: argparse.Namespace) -> int:
+    stack = Stack(fleet_home())
+    print(f"LLM Fleet: starting from {stack.home}")
+    try:
+        stack.up()
+    except AlreadyRunning as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    except (RuntimeError, TimeoutError, OSError) as exc:
+        print(f"start failed: {exc}", file=sys.stderr)
+        stack.down()
+        return 1
+    try:
+        stack.wait()
+    finally:
+        stack.down()
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from services.runtime.service import serve
+
+    serve(service_spec(args.service))
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from services.runtime.db import RUNTIME_MIGRATIONS, load_migrations, migrate
+
+    async def run() -> None:
+        for name in args.services or list(SERVICES):
+            spec = service_spec(name)
+            dirs = [RUNTIME_MIGRATIONS] + ([spec.migrations] if spec.migrations else [])
+            applied = await migrate(spec.settings.database_url, name, load_migrations(*dirs))
+            print(f"{name}: {len(applied)} migration(s) applied")
+
+    asyncio.run(run())
+    return 0
+
+
+def cmd_status(_: argparse.Namespace) -> int:
+    state = read_state(fleet_home())
+    if state is None:
+        print(f"LLM Fleet is not running from {fleet_home()} (start it with `make up`)")
+        return 1
+    urls: dict[str, str] = state["services"]  # type: ignore[assignment]
+    print(status_table(urls, str(state["nats_url"]), str(state["database_url"])))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fleet", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("up", help="run the whole system").set_defaults(func=cmd_up)
+    run = sub.add_parser("run", help="run one service")
+    run.add_argument("service", choices=list(SERVICES))
+    run.set_defaults(func=cmd_run)
+    mig = sub.add_parser("migrate", help="apply migrations and exit")
+    mig.add_argument("services", nargs="*", choices=[[], *SERVICES], metavar="service")
+    mig.set_defaults(func=cmd_migrate)
+    sub.add_parser("status", help="health and URLs of a running stack").set_defaults(
+        func=cmd_status)
+    args = parser.parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""guardian: health of every service, restarts and escalation."""

@@ -1,0 +1,1 @@
+"""planner: execution plans of subtasks with dependencies."""

@@ -1,0 +1,30 @@
+"""Settings read from environment variables; each service extends `RuntimeSettings`."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class RuntimeSettings(BaseSettings):
+    """What every service needs. Variable names are the field names in upper case."""
+
+    model_config = SettingsConfigDict(extra="ignore", case_sensitive=False)
+
+    nats_url: str = "nats://127.0.0.1:4222"
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
+    db_role: str | None = Field(
+        None, description="Role the service acts as; defaults to the service's name."
+    )
+    db_pool_size: int = Field(10, ge=1)
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(8000, ge=0, le=65535)
+    log_level: str = "INFO"
+    heartbeat_interval_s: float = Field(1.0, gt=0)
+    consumer_max_deliver: int = Field(
+        5, ge=1, description="Deliveries of a failing message before it is dead-lettered."
+    )
+    consumer_ack_wait_s: float = Field(30.0, gt=0)
+    outbox_poll_interval_s: float = Field(
+        0.5, gt=0, description="Fallback poll of the outbox when no notification arrives."
+    )

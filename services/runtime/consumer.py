@@ -1,0 +1,192 @@
+"""Consumers: durable JetStream pull consumers with explicit acks, inbox deduplication,
+bounded redelivery with backoff and a dead-letter subject.
+
+A batch of messages is validated, then applied in one transaction together with the inbox
+rows of its event ids, then acknowledged. What does not validate is dead-lettered at once.
+When a batch fails, each of its messages is retried alone, so one poison message cannot hold
+back the others; a message that still fails is redelivered with exponential backoff and,
+after `max_deliver` deliveries, dead-lettered. Nothing is dropped without a trace: every
+dead letter is stored on `deadletter.<subject>` with the reason in its headers, logged and
+counted.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import asyncpg
+from faststream import AckPolicy, Context
+from faststream.nats import JStream, NatsBroker, PullSub
+from faststream.nats.message import NatsBatchMessage
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import ConsumerConfig, DeliverPolicy
+from opentelemetry import trace
+from prometheus_client import Counter
+from pydantic import ValidationError
+
+from contracts import Event, dead_letter_subject
+from contracts.catalog import DEAD_LETTER_STREAM, stream_for
+from contracts.events import INBOUND
+from services.runtime import inbox
+
+log = logging.getLogger(__name__)
+
+E = TypeVar("E", bound=Event)
+Handler = Callable[[asyncpg.Connection, list[E]], Awaitable[None]]
+
+APPLIED = Counter("fleet_events_applied_total", "Events applied by a consumer", ["consumer"])
+DUPLICATES = Counter("fleet_events_duplicate_total", "Redelivered events skipped by the inbox",
+                     ["consumer"])
+RETRIED = Counter("fleet_events_retried_total", "Deliveries that failed and were retried",
+                  ["consumer"])
+DEAD_LETTERED = Counter("fleet_dead_letters_total", "Messages parked on the dead-letter subject",
+                        ["consumer", "reason"])
+
+
+@dataclass(frozen=True)
+class Consumer(Generic[E]):
+    """What a service consumes: one event type, applied by `handle` in a transaction.
+
+    `handle` receives only events not applied before, at most `batch_size` at a time."""
+
+    name: str  # the durable consumer's name, e.g. "stats-subtask-completed"
+    event: type[E]
+    handle: Handler[E]
+    batch_size: int = 1
+
+
+class DeadLetter(Exception):
+    """Raised by a handler for a message that can never be applied (no retry helps)."""
+
+
+def backoff_seconds(delivered: int, base: float = 0.5, cap: float = 30.0) -> float:
+    return float(min(cap, base * 2 ** max(0, delivered - 1)))
+
+
+class Processor(Generic[E]):
+    def __init__(self, consumer: Consumer[E], pool: asyncpg.Pool, js: JetStreamContext,
+                 max_deliver: int) -> None:
+        self.consumer = consumer
+        self.pool = pool
+        self.js = js
+        self.max_deliver = max_deliver
+
+    async def process(self, msgs: list[Msg]) -> None:
+        valid: list[tuple[Msg, E]] = []
+        for msg in msgs:
+            try:
+                event = self.consumer.event.model_validate_json(msg.data, context=INBOUND)
+            except ValidationError as exc:
+                await self.dead_letter(msg, "invalid", _short(exc))
+                continue
+            if msg.metadata.num_delivered > self.max_deliver:  # e.g. it crashed the process
+                await self.dead_letter(msg, "max_deliver", "delivered too many times")
+                continue
+            valid.append((msg, event))
+        if not valid:
+            return
+        try:
+            await self.apply([e for _, e in valid])
+        except Exception as exc:
+            if len(valid) == 1:
+                await self.failed(valid[0][0], exc)
+                return
+            log.warning("batch of %d failed, applying one by one: %s", len(valid), exc,
+                        extra={"consumer": self.consumer.name})
+            for msg, event in valid:
+                try:
+                    await self.apply([event])
+                except Exception as one_exc:
+                    await self.failed(msg, one_exc)
+                else:
+                    await msg.ack()
+            return
+        for msg, _ in valid:
+            await msg.ack()
+
+    async def apply(self, events: list[E]) -> None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            fresh_ids = await inbox.claim(conn, self.consumer.name, [e.event_id for e in events])
+            fresh: list[E] = []
+            for e in events:
+                if e.event_id in fresh_ids:
+                    fresh.append(e)
+                    fresh_ids.discard(e.event_id)  # the same event twice in one batch: once
+            if fresh:
+                await self.consumer.handle(conn, fresh)
+        APPLIED.labels(self.consumer.name).inc(len(fresh))
+        if len(fresh) < len(events):
+            DUPLICATES.labels(self.consumer.name).inc(len(events) - len(fresh))
+
+    async def failed(self, msg: Msg, exc: Exception) -> None:
+        delivered = msg.metadata.num_delivered
+        if isinstance(exc, DeadLetter):
+            await self.dead_letter(msg, "rejected", str(exc))
+        elif delivered >= self.max_deliver:
+            await self.dead_letter(msg, "max_deliver", f"{type(exc).__name__}: {exc}")
+        else:
+            delay = backoff_seconds(delivered)
+            log.warning("delivery %d of %s failed, retry in %.1fs: %s", delivered, msg.subject,
+                        delay, exc, extra={"consumer": self.consumer.name})
+            RETRIED.labels(self.consumer.name).inc()
+            await msg.nak(delay=delay)
+
+    async def dead_letter(self, msg: Msg, reason: str, detail: str) -> None:
+        seq = msg.metadata.sequence.stream
+        headers = {
+            **(msg.headers or {}),
+            "Nats-Msg-Id": f"{self.consumer.name}:{seq}",
+            "Fleet-Dead-Reason": reason,
+            "Fleet-Dead-Detail": detail[:1000],
+            "Fleet-Consumer": self.consumer.name,
+            "Fleet-Original-Subject": msg.subject,
+            "Fleet-Original-Sequence": str(seq),
+            "Fleet-Delivered": str(msg.metadata.num_delivered),
+        }
+        # stored (PubAck awaited) before the original is terminated: never lost in between
+        await self.js.publish(dead_letter_subject(msg.subject), msg.data, headers=headers,
+                              stream=DEAD_LETTER_STREAM.name)
+        await msg.term()
+        DEAD_LETTERED.labels(self.consumer.name, reason).inc()
+        log.error("dead-lettered %s #%d (%s): %s", msg.subject, seq, reason, detail,
+                  extra={"consumer": self.consumer.name})
+
+
+def _short(exc: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'message'}: {e['msg']}"
+                     for e in exc.errors()[:5])
+
+
+async def _no_decode(msg: Any, original: Any = None) -> None:
+    """Bodies are validated by the processor; FastStream's JSON decoding would be wasted."""
+    return None
+
+
+def attach(broker: NatsBroker, consumer: Consumer[Any], pool: asyncpg.Pool,
+           js: JetStreamContext, *, max_deliver: int, ack_wait_s: float) -> None:
+    processor: Processor[Any] = Processor(consumer, pool, js, max_deliver)
+    stream = stream_for(consumer.event.subject)
+
+    @broker.subscriber(
+        consumer.event.subject,
+        stream=JStream(stream.name, declare=False),
+        durable=consumer.name,
+        pull_sub=PullSub(batch_size=consumer.batch_size, timeout=1.0, batch=True),
+        # unlimited on the server: the processor dead-letters at max_deliver itself
+        config=ConsumerConfig(max_deliver=-1, ack_wait=ack_wait_s,
+                              deliver_policy=DeliverPolicy.ALL),
+        ack_policy=AckPolicy.MANUAL,
+        decoder=_no_decode,
+        title=consumer.name,
+        description=f"{consumer.name}: applies {consumer.event.__name__} exactly once",
+    )
+    async def on_batch(message: NatsBatchMessage = Context("message")) -> None:
+        with trace.get_tracer(__name__).start_as_current_span(
+            f"{consumer.name} apply", attributes={"messaging.batch.message_count":
+                                                   len(message.raw_message)}
+        ):
+            await processor.process(message.raw_message)

@@ -1,0 +1,133 @@
+"""Transactional outbox: events are rows written in the same transaction as the state change;
+the relay publishes them to JetStream with `Nats-Msg-Id = event_id` and marks them sent.
+
+A crash after commit and before publish loses nothing (the row stays unsent); a crash after
+publish and before mark-sent republishes, and JetStream's duplicate window drops the copy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterable, Sequence
+
+import asyncpg
+from nats.js import JetStreamContext
+from opentelemetry import trace
+from prometheus_client import Counter, Gauge
+
+from contracts import Event
+from contracts.catalog import stream_for
+from services.runtime.telemetry import context_from_headers, current_trace_headers
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer(__name__)
+
+PUBLISHED = Counter("fleet_outbox_published_total", "Events published by the outbox relay",
+                    ["subject"])
+PENDING = Gauge("fleet_outbox_pending", "Outbox rows not yet published")
+
+
+async def add(conn: asyncpg.Connection, events: Iterable[Event]) -> None:
+    """Record events to publish; call inside the transaction that changes the state.
+    An event whose id is already recorded is ignored, so retried writes stay single."""
+    headers = current_trace_headers()
+    rows = [(e.event_id, e.subject, e.model_dump_json().encode(), headers) for e in events]
+    if rows:
+        await conn.executemany(
+            "INSERT INTO outbox (event_id, subject, payload, headers) VALUES ($1, $2, $3, $4)"
+            " ON CONFLICT (event_id) DO NOTHING",
+            rows,
+        )
+
+
+class Relay:
+    """Publishes unsent outbox rows in id order, woken by NOTIFY and by a fallback poll."""
+
+    def __init__(self, pool: asyncpg.Pool, js: JetStreamContext, schema: str,
+                 poll_interval: float = 0.5, batch_size: int = 500) -> None:
+        self.pool = pool
+        self.js = js
+        self.channel = f"{schema}_outbox"
+        self.poll_interval = poll_interval
+        self.batch_size = batch_size
+        self._wake = asyncio.Event()
+
+    async def run(self) -> None:
+        listener = await self.pool.acquire()
+
+        def wake(*_: object) -> None:
+            self._wake.set()
+
+        await listener.add_listener(self.channel, wake)
+        try:
+            while True:
+                try:
+                    sent = await self.relay_once()
+                except (asyncpg.PostgresError, OSError, TimeoutError) as exc:
+                    log.warning("outbox relay failed, will retry: %s", exc)
+                    sent = 0
+                    await asyncio.sleep(self.poll_interval)
+                if sent == self.batch_size:
+                    continue  # more waiting
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+                self._wake.clear()
+        finally:
+            with contextlib.suppress(Exception):
+                await listener.remove_listener(self.channel, wake)
+            await self.pool.release(listener)
+
+    async def relay_once(self) -> int:
+        """Publish one batch of unsent rows and mark them sent; returns how many."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(
+                "SELECT id, event_id, subject, payload, headers FROM outbox"
+                " WHERE sent_at IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+                self.batch_size,
+            )
+            if not rows:
+                PENDING.set(0)
+                return 0
+            await self.publish(rows)
+            await self.mark_sent(conn, [r["id"] for r in rows])
+        return len(rows)
+
+    async def publish(self, rows: Sequence[asyncpg.Record]) -> None:
+        # publish_async keeps the outbox order on the wire; then wait for every PubAck
+        acks = []
+        for row in rows:
+            stored: dict[str, str] = row["headers"]
+            with tracer.start_as_current_span(
+                f"{row['subject']} publish", context=context_from_headers(stored),
+                kind=trace.SpanKind.PRODUCER,
+                attributes={"messaging.system": "nats",
+                            "messaging.destination.name": row["subject"],
+                            "messaging.message.id": str(row["event_id"])},
+            ):
+                headers = {**stored, **current_trace_headers(), "Nats-Msg-Id": str(row["event_id"])}
+                acks.append(await self.js.publish_async(
+                    row["subject"], bytes(row["payload"]), headers=headers,
+                    stream=stream_for(row["subject"]).name,
+                ))
+        await asyncio.gather(*acks)
+        for row in rows:
+            PUBLISHED.labels(row["subject"]).inc()
+
+    async def mark_sent(self, conn: asyncpg.Connection, ids: list[int]) -> None:
+        await conn.execute("UPDATE outbox SET sent_at = now() WHERE id = ANY($1::bigint[])", ids)
+
+
+async def purge(pool: asyncpg.Pool, sent_older_than_hours: float, inbox_older_than_days: float) -> None:
+    """Housekeeping: drop published outbox rows and old inbox ids (far past any redelivery)."""
+    async with pool.acquire() as conn:
+        await conn.execute(
+            "DELETE FROM outbox WHERE sent_at < now() - make_interval(secs => $1)",
+            sent_older_than_hours * 3600,
+        )
+        await conn.execute(
+            "DELETE FROM inbox WHERE applied_at < now() - make_interval(secs => $1)",
+            inbox_older_than_days * 86400,
+        )
+        PENDING.set(await conn.fetchval("SELECT count(*) FROM outbox WHERE sent_at IS NULL"))

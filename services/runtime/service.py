@@ -1,0 +1,276 @@
+"""The app factory: one FastAPI app per service, whose lifespan runs the whole service.
+
+Start: logs and tracing, migrations (under an advisory lock), the database pool, NATS and
+the streams, the consumers, the outbox relay, the heartbeat and the service's own loops.
+Every service gets `/health/live`, `/health/ready`, `/metrics` and OpenAPI at `/docs`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import nats
+import uvicorn
+from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from faststream.nats import NatsBroker
+from faststream.nats.opentelemetry import NatsTelemetryMiddleware
+from faststream.nats.prometheus import NatsPrometheusMiddleware
+from nats.aio.client import Client as Nats
+from nats.js import JetStreamContext
+from nats.js.api import StreamConfig
+from nats.js.errors import NotFoundError
+from prometheus_client import REGISTRY, CONTENT_TYPE_LATEST, Gauge, generate_latest
+
+from contracts import STREAMS, StreamSpec
+from contracts.events import ServiceHeartbeat, utcnow
+from services.runtime import outbox
+from services.runtime.config import RuntimeSettings
+from services.runtime.consumer import Consumer, attach
+from services.runtime.db import RUNTIME_MIGRATIONS, create_pool, load_migrations, migrate
+from services.runtime.logs import setup_logging
+from services.runtime.telemetry import setup_tracing
+
+log = logging.getLogger(__name__)
+
+READY = Gauge("fleet_ready", "1 when NATS and PostgreSQL answer")
+VERSION = "0.1.0"
+
+
+@dataclass
+class Runtime:
+    """What a running service holds; handlers and routes reach it as `app.state.runtime`."""
+
+    name: str
+    settings: RuntimeSettings
+    pool: asyncpg.Pool
+    nc: Nats
+    js: JetStreamContext
+    broker: NatsBroker
+    started_at: Any = field(default_factory=utcnow)
+    instance: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+
+    async def readiness(self, timeout: float = 1.0) -> dict[str, str]:
+        checks: dict[str, str] = {}
+        try:
+            if not self.nc.is_connected:
+                raise ConnectionError("not connected")
+            await asyncio.wait_for(self.js.account_info(), timeout)  # a real round trip
+            checks["nats"] = "ok"
+        except Exception as exc:
+            checks["nats"] = f"error: {type(exc).__name__} {exc}".strip()
+        try:
+            async with asyncio.timeout(timeout):
+                async with self.pool.acquire() as conn:
+                    await conn.fetchval("SELECT 1")
+            checks["postgres"] = "ok"
+        except Exception as exc:
+            checks["postgres"] = f"error: {type(exc).__name__} {exc}".strip()
+        READY.set(all(v == "ok" for v in checks.values()))
+        return checks
+
+
+Task = Callable[[Runtime], Awaitable[None]]
+
+
+@dataclass
+class ServiceSpec:
+    """Everything that makes one service; built in its `app.py`."""
+
+    name: str
+    settings: RuntimeSettings
+    migrations: Path | None = None
+    consumers: Sequence[Consumer[Any]] = ()
+    routers: Sequence[APIRouter] = ()
+    tasks: Sequence[Task] = ()  # long-running loops, restarted if they crash
+    description: str = ""
+
+
+def stream_config(spec: StreamSpec) -> StreamConfig:
+    return StreamConfig(
+        name=spec.name, subjects=list(spec.subjects), description=spec.description,
+        max_age=spec.max_age_days * 86400.0, duplicate_window=120.0,
+    )
+
+
+async def ensure_streams(js: JetStreamContext) -> None:
+    """Create or update every stream of the catalog; the definitions live in `contracts`,
+    so every service declares them identically."""
+    for spec in STREAMS:
+        config = stream_config(spec)
+        try:
+            await js.stream_info(spec.name)
+        except NotFoundError:
+            try:
+                await js.add_stream(config)
+                continue
+            except Exception:  # another service created it a moment ago
+                pass
+        await js.update_stream(config)
+
+
+async def connect_nats(url: str, name: str) -> Nats:
+    async def error_cb(exc: Exception) -> None:
+        log.warning("nats: %s", exc)
+
+    async def disconnected_cb() -> None:
+        log.warning("nats disconnected")
+
+    async def reconnected_cb() -> None:
+        log.info("nats reconnected")
+
+    return await nats.connect(
+        url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+        error_cb=error_cb, disconnected_cb=disconnected_cb, reconnected_cb=reconnected_cb,
+    )
+
+
+async def _supervise(name: str, task: Task, runtime: Runtime) -> None:
+    while True:
+        try:
+            await task(runtime)
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("background task %s crashed; restarting in 1s", name)
+            await asyncio.sleep(1)
+
+
+async def _heartbeat(runtime: Runtime) -> None:
+    url = f"http://{runtime.settings.http_host}:{runtime.settings.http_port}"
+    while True:
+        checks = await runtime.readiness()
+        beat = ServiceHeartbeat(
+            service=runtime.name, instance=runtime.instance, started_at=runtime.started_at,
+            ready=all(v == "ok" for v in checks.values()), http_url=url,
+        )
+        if runtime.nc.is_connected:
+            await runtime.nc.publish(beat.subject, beat.model_dump_json().encode())
+        await asyncio.sleep(runtime.settings.heartbeat_interval_s)
+
+
+async def _housekeeping(runtime: Runtime) -> None:
+    while True:
+        await outbox.purge(runtime.pool, sent_older_than_hours=24, inbox_older_than_days=7)
+        await asyncio.sleep(600)
+
+
+def health_router() -> APIRouter:
+    router = APIRouter(tags=["health"])
+
+    @router.get("/health/live", summary="The process is up")
+    async def live() -> dict[str, str]:
+        return {"status": "alive"}
+
+    @router.get("/health/ready", summary="NATS connected and PostgreSQL answering")
+    async def ready(request: Request) -> JSONResponse:
+        runtime: Runtime | None = getattr(request.app.state, "runtime", None)
+        if runtime is None:
+            return JSONResponse({"status": "starting"}, status_code=503)
+        checks = await runtime.readiness()
+        ok = all(v == "ok" for v in checks.values())
+        return JSONResponse(
+            {"status": "ready" if ok else "not_ready", "service": runtime.name, "checks": checks},
+            status_code=200 if ok else 503,
+        )
+
+    @router.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    return router
+
+
+async def start_runtime(spec: ServiceSpec) -> tuple[Runtime, list[asyncio.Task[None]]]:
+    s = spec.settings
+    t0 = time.monotonic()
+    dirs = [RUNTIME_MIGRATIONS] + ([spec.migrations] if spec.migrations else [])
+    await migrate(s.database_url, spec.name, load_migrations(*dirs))
+    pool = await create_pool(s.database_url, spec.name, s.db_role or spec.name, s.db_pool_size,
+                             application=spec.name)
+    nc = await connect_nats(s.nats_url, spec.name)
+    js = nc.jetstream()
+    await ensure_streams(js)
+    broker = NatsBroker(
+        s.nats_url,
+        middlewares=[NatsTelemetryMiddleware(),
+                     NatsPrometheusMiddleware(registry=REGISTRY, app_name=spec.name)],
+        logger=logging.getLogger(f"faststream.{spec.name}"),
+        log_level=logging.DEBUG,  # per-message access lines only at DEBUG
+        max_reconnect_attempts=-1,
+    )
+    runtime = Runtime(spec.name, s, pool, nc, js, broker)
+    for consumer in spec.consumers:
+        attach(broker, consumer, pool, js, max_deliver=s.consumer_max_deliver,
+               ack_wait_s=s.consumer_ack_wait_s)
+    await broker.start()
+    relay = outbox.Relay(pool, js, spec.name, poll_interval=s.outbox_poll_interval_s)
+
+    async def run_relay(_: Runtime) -> None:
+        await relay.run()
+
+    loops: list[tuple[str, Task]] = [("outbox-relay", run_relay), ("heartbeat", _heartbeat),
+                                     ("housekeeping", _housekeeping)]
+    loops += [(getattr(t, "__name__", "task"), t) for t in spec.tasks]
+    tasks = [asyncio.create_task(_supervise(n, t, runtime), name=n) for n, t in loops]
+    log.info("%s started in %.2fs", spec.name, time.monotonic() - t0,
+             extra={"consumers": [c.name for c in spec.consumers]})
+    return runtime, tasks
+
+
+async def stop_runtime(runtime: Runtime, tasks: list[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+    await runtime.broker.stop()
+    with contextlib.suppress(Exception):
+        await runtime.nc.drain()
+    await runtime.pool.close()
+
+
+def create_app(spec: ServiceSpec) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        runtime, tasks = await start_runtime(spec)
+        app.state.runtime = runtime
+        try:
+            yield
+        finally:
+            await stop_runtime(runtime, tasks)
+
+    app = FastAPI(title=f"LLM Fleet {spec.name}", version=VERSION,
+                  description=spec.description, lifespan=lifespan)
+    app.include_router(health_router())
+    for router in spec.routers:
+        app.include_router(router)
+    return app
+
+
+def runtime_of(request: Request) -> Runtime:
+    """FastAPI dependency: the running service's runtime."""
+    runtime: Runtime = request.app.state.runtime
+    return runtime
+
+
+def serve(spec: ServiceSpec) -> None:
+    """Run one service until SIGINT/SIGTERM."""
+    setup_logging(spec.name, spec.settings.log_level)
+    setup_tracing(spec.name)
+    config = uvicorn.Config(create_app(spec), host=spec.settings.http_host,
+                            port=spec.settings.http_port, log_config=None, access_log=False,
+                            lifespan="on")
+    uvicorn.Server(config).run()

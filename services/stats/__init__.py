@@ -1,0 +1,1 @@
+"""stats: each model's work record per user and session."""

@@ -1,0 +1,26 @@
+"""stats: the one place its parts are put together."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from contracts.events import SubtaskCompleted
+from services.runtime.consumer import Consumer
+from services.runtime.service import ServiceSpec
+from services.stats import api, handlers
+from services.stats.config import StatsSettings
+
+
+def build(settings: StatsSettings | None = None) -> ServiceSpec:
+    settings = settings or StatsSettings()
+    return ServiceSpec(
+        name="stats",
+        settings=settings,
+        description="Each model's work record per user and session.",
+        migrations=Path(__file__).parent / "migrations",
+        consumers=[
+            Consumer("stats-subtask-completed", SubtaskCompleted, handlers.on_subtask_completed,
+                     batch_size=settings.stats_batch_size),
+        ],
+        routers=[api.router],
+    )

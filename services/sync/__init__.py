@@ -1,0 +1,1 @@
+"""sync: the model catalog (OpenRouter and local Ollama devices)."""
