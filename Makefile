@@ -20,6 +20,7 @@ up: $(STAMP)
 
 check: $(STAMP)
 	$(BIN)/ruff check contracts services tests benchmarks
+	$(BIN)/ruff format --check contracts services tests benchmarks
 	$(BIN)/mypy
 	$(BIN)/python -m contracts.export --check
 

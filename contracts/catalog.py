@@ -43,9 +43,14 @@ BENCHMARK_STREAM = StreamSpec(
 PLANS_STREAM = StreamSpec(
     "PLANS",
     (
-        "plan.created", "plan.completed",
-        "subtask.ready", "subtask.started", "subtask.completed", "subtask.failed",
-        "approval.requested", "approval.resolved",
+        "plan.created",
+        "plan.completed",
+        "subtask.ready",
+        "subtask.started",
+        "subtask.completed",
+        "subtask.failed",
+        "approval.requested",
+        "approval.resolved",
     ),
     "Execution plans, the lifecycle of their subtasks, approvals.",
 )
@@ -69,7 +74,11 @@ DEAD_LETTER_STREAM = StreamSpec(
 )
 
 STREAMS: tuple[StreamSpec, ...] = (
-    CATALOG_STREAM, BENCHMARK_STREAM, PLANS_STREAM, FEEDBACK_STREAM, SERVICES_STREAM,
+    CATALOG_STREAM,
+    BENCHMARK_STREAM,
+    PLANS_STREAM,
+    FEEDBACK_STREAM,
+    SERVICES_STREAM,
     DEAD_LETTER_STREAM,
 )
 
@@ -95,8 +104,12 @@ CHANNELS: tuple[Channel, ...] = (
     Channel(ev.ServiceDown, SERVICES_STREAM, ("guardian",), ("alerting",)),
     Channel(ev.ServiceRecovered, SERVICES_STREAM, ("guardian",), ("alerting",)),
     Channel(ev.ServiceEscalated, SERVICES_STREAM, ("guardian",), ("alerting",)),
-    Channel(ev.ServiceHeartbeat, None, ("sync", "benchmark", "planner", "guardian", "stats"),
-            ("guardian",)),
+    Channel(
+        ev.ServiceHeartbeat,
+        None,
+        ("sync", "benchmark", "planner", "guardian", "stats"),
+        ("guardian",),
+    ),
 )
 
 BY_SUBJECT: dict[str, Channel] = {c.subject: c for c in CHANNELS}

@@ -1,7 +1,7 @@
 """Export the JSON Schema of every message and an AsyncAPI 3.0 document of the system.
 
-    python -m contracts.export          # write contracts/schema/
-    python -m contracts.export --check  # exit 1 when the committed files are stale
+python -m contracts.export          # write contracts/schema/
+python -m contracts.export --check  # exit 1 when the committed files are stale
 """
 
 from __future__ import annotations
@@ -86,8 +86,11 @@ def documents() -> dict[str, str]:
 def stale_files(directory: Path = SCHEMA_DIR) -> list[str]:
     wanted = documents()
     present = {p.name for p in directory.glob("*.json")} if directory.exists() else set()
-    stale = [n for n, text in wanted.items()
-             if not (directory / n).exists() or (directory / n).read_text() != text]
+    stale = [
+        n
+        for n, text in wanted.items()
+        if not (directory / n).exists() or (directory / n).read_text() != text
+    ]
     return sorted(stale + sorted(present - wanted.keys()))
 
 

@@ -1,10 +1,10 @@
 """`fleet`: run LLM Fleet.
 
-    fleet up                 embedded NATS + PostgreSQL (unless NATS_URL / DATABASE_URL are
-                             set) and the five services; Ctrl-C stops everything
-    fleet run <service>      one service in the foreground (what a container runs)
-    fleet migrate [service]  apply database migrations and exit (a deployment's migration job)
-    fleet status             the services of a running `fleet up`, their health and URLs
+fleet up                 embedded NATS + PostgreSQL (unless NATS_URL / DATABASE_URL are
+                         set) and the five services; Ctrl-C stops everything
+fleet run <service>      one service in the foreground (what a container runs)
+fleet migrate [service]  apply database migrations and exit (a deployment's migration job)
+fleet status             the services of a running `fleet up`, their health and URLs
 """
 
 from __future__ import annotations
@@ -73,8 +73,9 @@ def cmd_status(_: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fleet", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="fleet", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("up", help="run the whole system").set_defaults(func=cmd_up)
     run = sub.add_parser("run", help="run one service")
@@ -84,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     mig.add_argument("services", nargs="*", choices=[[], *SERVICES], metavar="service")
     mig.set_defaults(func=cmd_migrate)
     sub.add_parser("status", help="health and URLs of a running stack").set_defaults(
-        func=cmd_status)
+        func=cmd_status
+    )
     args = parser.parse_args(argv)
     code: int = args.func(args)
     return code

@@ -13,10 +13,9 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import warnings
 
 with warnings.catch_warnings():  # it warns about XDG_RUNTIME_DIR at import; we don't use that dir
     warnings.simplefilter("ignore")
@@ -81,9 +80,21 @@ class EmbeddedNats:
         self.monitor_port = self.monitor_port or free_port()
         log = (self.datadir / "nats.log").open("ab")
         self.proc = subprocess.Popen(
-            [binary, "-js", "-sd", str(self.datadir), "-a", "127.0.0.1",
-             "-p", str(self.port), "-m", str(self.monitor_port)],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                binary,
+                "-js",
+                "-sd",
+                str(self.datadir),
+                "-a",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-m",
+                str(self.monitor_port),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         wait_for_port(self.port, self.proc, timeout, "nats-server")
 
@@ -109,7 +120,8 @@ class EmbeddedPostgres:
     def _run_as(self) -> dict[str, object]:
         if os.geteuid() != 0:
             return {}
-        entry = pg_utils.ensure_user_exists(PG_SYSTEM_USER)
+        pg_utils.ensure_user_exists(PG_SYSTEM_USER)
+        entry = pwd.getpwnam(PG_SYSTEM_USER)
         return {"user": entry.pw_uid, "group": entry.pw_gid}
 
     def _initdb(self, run_as: dict[str, object]) -> None:
@@ -122,9 +134,19 @@ class EmbeddedPostgres:
             os.chown(self.datadir, entry.pw_uid, entry.pw_gid)
             self.datadir.chmod(0o700)
         subprocess.run(
-            [str(PG_BIN / "initdb"), "-D", str(self.datadir), "--auth=trust",
-             "--encoding=utf8", "-U", "postgres", "--no-sync"],
-            check=True, capture_output=True, **run_as,  # type: ignore[call-overload]
+            [
+                str(PG_BIN / "initdb"),
+                "-D",
+                str(self.datadir),
+                "--auth=trust",
+                "--encoding=utf8",
+                "-U",
+                "postgres",
+                "--no-sync",
+            ],
+            check=True,
+            capture_output=True,
+            **run_as,  # type: ignore[call-overload]
         )
 
     def start(self, timeout: float = 30) -> None:
@@ -136,10 +158,26 @@ class EmbeddedPostgres:
         self.port = self.port or free_port()
         log = (self.datadir.parent / f"{self.datadir.name}.log").open("ab")
         self.proc = subprocess.Popen(
-            [str(PG_BIN / "postgres"), "-D", str(self.datadir), "-h", "127.0.0.1",
-             "-p", str(self.port), "-k", "", "-c", "max_connections=200",
-             "-c", "fsync=on", "-c", "synchronous_commit=on"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                str(PG_BIN / "postgres"),
+                "-D",
+                str(self.datadir),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-k",
+                "",
+                "-c",
+                "max_connections=200",
+                "-c",
+                "fsync=on",
+                "-c",
+                "synchronous_commit=on",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
             **run_as,  # type: ignore[call-overload]
         )
         wait_for_port(self.port, self.proc, timeout, "postgres")

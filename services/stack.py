@@ -25,7 +25,11 @@ import httpx
 from services.embedded import EmbeddedNats, EmbeddedPostgres, free_port
 
 SERVICES: dict[str, int] = {
-    "sync": 8101, "benchmark": 8102, "planner": 8103, "guardian": 8104, "stats": 8105,
+    "sync": 8101,
+    "benchmark": 8102,
+    "planner": 8103,
+    "guardian": 8104,
+    "stats": 8105,
 }
 
 
@@ -84,11 +88,11 @@ class Stack:
             ) from None
         self._lock = lock
 
-    def _step(self, what: str, action: Callable[[], str]) -> None:
+    def _step(self, what: str, action: Callable[[], object]) -> None:
         t0 = time.monotonic()
         self.say(f"  {what:<34} ...")
-        detail = action()
-        self.say(f"  {what:<34} ok  {time.monotonic() - t0:5.2f}s  {detail}")
+        action()
+        self.say(f"  {what:<34} ok  {time.monotonic() - t0:5.2f}s")
 
     def up(self, timeout: float = 60) -> None:
         self._acquire_lock()
@@ -97,48 +101,66 @@ class Stack:
         nats_url = self.env.get("NATS_URL")
         if not nats_url:
             nats = self.nats = EmbeddedNats(self.home / "nats", port=port_or_free(4222))
-            self._step("NATS (JetStream, embedded)", lambda: (nats.start(), nats.url)[1])
+            self._step("NATS (JetStream, embedded)", nats.start)
+            self.say(f"    {nats.url}")
             nats_url = nats.url
         database_url = self.env.get("DATABASE_URL")
         if not database_url:
             pg = self.postgres = EmbeddedPostgres(self.home / "postgres", port=port_or_free(5432))
-            self._step("PostgreSQL (embedded)", lambda: (pg.start(), pg.url)[1])
+            self._step("PostgreSQL (embedded)", pg.start)
+            self.say(f"    {pg.url}")
             database_url = pg.url
         for name, port in SERVICES.items():
             port = int(self.env.get(f"{name.upper()}_HTTP_PORT") or port_or_free(port))
             self.urls[name] = f"http://127.0.0.1:{port}"
-            child_env = {**self.env, "NATS_URL": nats_url, "DATABASE_URL": database_url,
-                         "HTTP_PORT": str(port), "HTTP_HOST": "127.0.0.1"}
+            child_env = {
+                **self.env,
+                "NATS_URL": nats_url,
+                "DATABASE_URL": database_url,
+                "HTTP_PORT": str(port),
+                "HTTP_HOST": "127.0.0.1",
+            }
             log = (self.home / "logs" / f"{name}.log").open("ab")
             self.procs[name] = subprocess.Popen(
                 [sys.executable, "-m", "services.cli", "run", name],
-                env=child_env, stdout=log, stderr=subprocess.STDOUT,
+                env=child_env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
         self._step("services (migrate, connect, ready)", lambda: self._wait_ready(timeout))
-        self.state_file.write_text(json.dumps({
-            "pid": os.getpid(), "nats_url": nats_url, "database_url": database_url,
-            "services": self.urls, "started_in_s": round(time.monotonic() - t0, 2),
-        }, indent=2))
+        self.state_file.write_text(
+            json.dumps(
+                {
+                    "pid": os.getpid(),
+                    "nats_url": nats_url,
+                    "database_url": database_url,
+                    "services": self.urls,
+                    "started_in_s": round(time.monotonic() - t0, 2),
+                },
+                indent=2,
+            )
+        )
         self.say(f"LLM Fleet is up in {time.monotonic() - t0:.1f}s\n")
         self.say(status_table(self.urls, nats_url, database_url))
         self.say(f"\nlogs: {self.home / 'logs'}   stop: Ctrl-C")
 
-    def _wait_ready(self, timeout: float) -> str:
+    def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         pending = set(self.urls)
         while pending and time.monotonic() < deadline:
             for name in sorted(pending):
                 code = self.procs[name].poll()
                 if code is not None:
-                    raise RuntimeError(f"{name} exited with code {code} while starting; "
-                                       f"see {self.home / 'logs' / (name + '.log')}")
+                    raise RuntimeError(
+                        f"{name} exited with code {code} while starting; "
+                        f"see {self.home / 'logs' / (name + '.log')}"
+                    )
                 if health(self.urls[name], timeout=0.5) == "ready":
                     pending.discard(name)
                     self.say(f"    {name} ready")
             time.sleep(0.1)
         if pending:
             raise TimeoutError(f"not ready after {timeout:.0f}s: {', '.join(sorted(pending))}")
-        return f"{len(self.urls)} services"
 
     def wait(self) -> None:
         """Block until a signal; report services that exit."""
@@ -155,8 +177,10 @@ class Stack:
             for name, proc in self.procs.items():
                 if proc.poll() is not None and name not in reported:
                     reported.add(name)
-                    self.say(f"{name} exited with code {proc.returncode}; "
-                             f"see {self.home / 'logs' / (name + '.log')}")
+                    self.say(
+                        f"{name} exited with code {proc.returncode}; "
+                        f"see {self.home / 'logs' / (name + '.log')}"
+                    )
             time.sleep(0.2)
 
     def down(self) -> None:
@@ -186,8 +210,12 @@ def status_table(urls: Mapping[str, str], nats_url: str, database_url: str) -> s
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    lines += ["", f"NATS:       {nats_url}", f"PostgreSQL: {_hide_password(database_url)}",
-              "API docs:   <url>/docs   metrics: <url>/metrics"]
+    lines += [
+        "",
+        f"NATS:       {nats_url}",
+        f"PostgreSQL: {_hide_password(database_url)}",
+        "API docs:   <url>/docs   metrics: <url>/metrics",
+    ]
     return "\n".join(lines)
 
 

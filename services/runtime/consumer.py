@@ -12,39 +12,47 @@ counted.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import asyncpg
-from faststream import AckPolicy, Context
-from faststream.nats import JStream, NatsBroker, PullSub
-from faststream.nats.message import NatsBatchMessage
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from opentelemetry import trace
-from prometheus_client import Counter
+from prometheus_client import Counter, Histogram
 from pydantic import ValidationError
 
 from contracts import Event, dead_letter_subject
 from contracts.catalog import DEAD_LETTER_STREAM, stream_for
 from contracts.events import INBOUND
 from services.runtime import inbox
+from services.runtime.db import Connection
+from services.runtime.telemetry import context_from_headers
 
 log = logging.getLogger(__name__)
+tracer = trace.get_tracer(__name__)
 
 E = TypeVar("E", bound=Event)
-Handler = Callable[[asyncpg.Connection, list[E]], Awaitable[None]]
+Handler = Callable[[Connection, list[E]], Awaitable[None]]
 
 APPLIED = Counter("fleet_events_applied_total", "Events applied by a consumer", ["consumer"])
-DUPLICATES = Counter("fleet_events_duplicate_total", "Redelivered events skipped by the inbox",
-                     ["consumer"])
-RETRIED = Counter("fleet_events_retried_total", "Deliveries that failed and were retried",
-                  ["consumer"])
-DEAD_LETTERED = Counter("fleet_dead_letters_total", "Messages parked on the dead-letter subject",
-                        ["consumer", "reason"])
+DUPLICATES = Counter(
+    "fleet_events_duplicate_total", "Redelivered events skipped by the inbox", ["consumer"]
+)
+RETRIED = Counter(
+    "fleet_events_retried_total", "Deliveries that failed and were retried", ["consumer"]
+)
+BATCH_SECONDS = Histogram(
+    "fleet_consumer_batch_seconds", "Time to apply and ack one batch", ["consumer"]
+)
+DEAD_LETTERED = Counter(
+    "fleet_dead_letters_total", "Messages parked on the dead-letter subject", ["consumer", "reason"]
+)
 
 
 @dataclass(frozen=True)
@@ -68,8 +76,9 @@ def backoff_seconds(delivered: int, base: float = 0.5, cap: float = 30.0) -> flo
 
 
 class Processor(Generic[E]):
-    def __init__(self, consumer: Consumer[E], pool: asyncpg.Pool, js: JetStreamContext,
-                 max_deliver: int) -> None:
+    def __init__(
+        self, consumer: Consumer[E], pool: asyncpg.Pool, js: JetStreamContext, max_deliver: int
+    ) -> None:
         self.consumer = consumer
         self.pool = pool
         self.js = js
@@ -95,8 +104,12 @@ class Processor(Generic[E]):
             if len(valid) == 1:
                 await self.failed(valid[0][0], exc)
                 return
-            log.warning("batch of %d failed, applying one by one: %s", len(valid), exc,
-                        extra={"consumer": self.consumer.name})
+            log.warning(
+                "batch of %d failed, applying one by one: %s",
+                len(valid),
+                exc,
+                extra={"consumer": self.consumer.name},
+            )
             for msg, event in valid:
                 try:
                     await self.apply([event])
@@ -130,8 +143,14 @@ class Processor(Generic[E]):
             await self.dead_letter(msg, "max_deliver", f"{type(exc).__name__}: {exc}")
         else:
             delay = backoff_seconds(delivered)
-            log.warning("delivery %d of %s failed, retry in %.1fs: %s", delivered, msg.subject,
-                        delay, exc, extra={"consumer": self.consumer.name})
+            log.warning(
+                "delivery %d of %s failed, retry in %.1fs: %s",
+                delivered,
+                msg.subject,
+                delay,
+                exc,
+                extra={"consumer": self.consumer.name},
+            )
             RETRIED.labels(self.consumer.name).inc()
             await msg.nak(delay=delay)
 
@@ -148,45 +167,107 @@ class Processor(Generic[E]):
             "Fleet-Delivered": str(msg.metadata.num_delivered),
         }
         # stored (PubAck awaited) before the original is terminated: never lost in between
-        await self.js.publish(dead_letter_subject(msg.subject), msg.data, headers=headers,
-                              stream=DEAD_LETTER_STREAM.name)
+        await self.js.publish(
+            dead_letter_subject(msg.subject),
+            msg.data,
+            headers=headers,
+            stream=DEAD_LETTER_STREAM.name,
+        )
         await msg.term()
         DEAD_LETTERED.labels(self.consumer.name, reason).inc()
-        log.error("dead-lettered %s #%d (%s): %s", msg.subject, seq, reason, detail,
-                  extra={"consumer": self.consumer.name})
+        log.error(
+            "dead-lettered %s #%d (%s): %s",
+            msg.subject,
+            seq,
+            reason,
+            detail,
+            extra={"consumer": self.consumer.name},
+        )
 
 
 def _short(exc: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'message'}: {e['msg']}"
-                     for e in exc.errors()[:5])
-
-
-async def _no_decode(msg: Any, original: Any = None) -> None:
-    """Bodies are validated by the processor; FastStream's JSON decoding would be wasted."""
-    return None
-
-
-def attach(broker: NatsBroker, consumer: Consumer[Any], pool: asyncpg.Pool,
-           js: JetStreamContext, *, max_deliver: int, ack_wait_s: float) -> None:
-    processor: Processor[Any] = Processor(consumer, pool, js, max_deliver)
-    stream = stream_for(consumer.event.subject)
-
-    @broker.subscriber(
-        consumer.event.subject,
-        stream=JStream(stream.name, declare=False),
-        durable=consumer.name,
-        pull_sub=PullSub(batch_size=consumer.batch_size, timeout=1.0, batch=True),
-        # unlimited on the server: the processor dead-letters at max_deliver itself
-        config=ConsumerConfig(max_deliver=-1, ack_wait=ack_wait_s,
-                              deliver_policy=DeliverPolicy.ALL),
-        ack_policy=AckPolicy.MANUAL,
-        decoder=_no_decode,
-        title=consumer.name,
-        description=f"{consumer.name}: applies {consumer.event.__name__} exactly once",
+    return "; ".join(
+        f"{'.'.join(map(str, e['loc'])) or 'message'}: {e['msg']}" for e in exc.errors()[:5]
     )
-    async def on_batch(message: NatsBatchMessage = Context("message")) -> None:
-        with trace.get_tracer(__name__).start_as_current_span(
-            f"{consumer.name} apply", attributes={"messaging.batch.message_count":
-                                                   len(message.raw_message)}
-        ):
-            await processor.process(message.raw_message)
+
+
+class Subscription:
+    """One durable pull consumer and the loop that feeds its processor.
+
+    It waits for one message, then takes what else is already pending (up to the batch
+    size, as the message's `num_pending` tells) without waiting: a lone message is handled
+    at once, and a backlog is drained in batches."""
+
+    def __init__(
+        self,
+        consumer: Consumer[Any],
+        pool: asyncpg.Pool,
+        js: JetStreamContext,
+        *,
+        max_deliver: int,
+        ack_wait_s: float,
+        idle_wait_s: float = 5.0,
+    ) -> None:
+        self.consumer = consumer
+        self.js = js
+        self.processor: Processor[Any] = Processor(consumer, pool, js, max_deliver)
+        self.stream = stream_for(consumer.event.subject).name
+        self.ack_wait_s = ack_wait_s
+        self.idle_wait_s = idle_wait_s
+        self.sub: JetStreamContext.PullSubscription | None = None
+
+    async def open(self) -> None:
+        config = ConsumerConfig(
+            durable_name=self.consumer.name,
+            filter_subject=self.consumer.event.subject,
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            max_deliver=-1,  # the processor dead-letters at its own limit, with a reason
+            ack_wait=self.ack_wait_s,
+            max_ack_pending=max(1000, 4 * self.consumer.batch_size),
+        )
+        await self.js.add_consumer(self.stream, config)  # creates, or updates editable fields
+        self.sub = await self.js.pull_subscribe_bind(durable=self.consumer.name, stream=self.stream)
+
+    async def next_batch(self) -> list[Msg]:
+        assert self.sub is not None
+        try:
+            msgs: list[Msg] = await self.sub.fetch(1, timeout=self.idle_wait_s)
+        except TimeoutError:
+            return []
+        pending = msgs[-1].metadata.num_pending
+        want = min(self.consumer.batch_size - 1, pending)
+        if want > 0:
+            with contextlib.suppress(TimeoutError):
+                msgs += await self.sub.fetch(want, timeout=0.05)
+        return msgs
+
+    async def run(self) -> None:
+        if self.sub is None:
+            await self.open()
+        while True:
+            msgs = await self.next_batch()
+            if not msgs:
+                continue
+            started = time.perf_counter()
+            with tracer.start_as_current_span(
+                f"{self.consumer.event.subject} process",
+                kind=trace.SpanKind.CONSUMER,
+                context=context_from_headers(msgs[0].headers) if len(msgs) == 1 else None,
+                links=[
+                    trace.Link(
+                        trace.get_current_span(context_from_headers(m.headers)).get_span_context()
+                    )
+                    for m in msgs[:32]
+                ]
+                if len(msgs) > 1
+                else None,
+                attributes={
+                    "messaging.system": "nats",
+                    "messaging.destination.name": self.consumer.event.subject,
+                    "messaging.consumer.group.name": self.consumer.name,
+                    "messaging.batch.message_count": len(msgs),
+                },
+            ):
+                await self.processor.process(msgs)
+            BATCH_SECONDS.labels(self.consumer.name).observe(time.perf_counter() - started)

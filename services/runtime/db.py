@@ -15,8 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
 log = logging.getLogger(__name__)
+
+Connection = asyncpg.Connection | PoolConnectionProxy
+"""A connection, straight or borrowed from a pool; what handlers and queries receive."""
 
 RUNTIME_MIGRATIONS = Path(__file__).parent / "migrations"
 _IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -76,8 +80,10 @@ async def migrate(
                 " name text PRIMARY KEY, checksum text NOT NULL,"
                 " applied_at timestamptz NOT NULL DEFAULT now())"
             )
-            done = {r["name"]: r["checksum"]
-                    for r in await conn.fetch("SELECT name, checksum FROM schema_migrations")}
+            done = {
+                r["name"]: r["checksum"]
+                for r in await conn.fetch("SELECT name, checksum FROM schema_migrations")
+            }
             applied: list[str] = []
             for m in migrations:
                 if m.name in done:
@@ -88,7 +94,8 @@ async def migrate(
                     await conn.execute(m.sql)
                     await conn.execute(
                         "INSERT INTO schema_migrations (name, checksum) VALUES ($1, $2)",
-                        m.name, m.checksum,
+                        m.name,
+                        m.checksum,
                     )
                 applied.append(m.name)
                 log.info("applied migration %s", m.name, extra={"schema": schema})

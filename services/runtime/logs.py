@@ -10,7 +10,12 @@ from typing import Any
 
 from opentelemetry import trace
 
-_STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName", "color_message"}
+_STANDARD = set(logging.makeLogRecord({}).__dict__) | {
+    "message",
+    "asctime",
+    "taskName",
+    "color_message",
+}
 
 
 class JsonFormatter(logging.Formatter):
@@ -42,7 +47,6 @@ def setup_logging(service: str, level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for name in ("faststream", "faststream.access", "uvicorn", "uvicorn.error"):
+    for name in ("uvicorn", "uvicorn.error"):
         logging.getLogger(name).handlers[:] = []  # their own handlers would print plain text
         logging.getLogger(name).propagate = True
-    logging.getLogger("faststream").setLevel(logging.WARNING)  # per-message lines are noise

@@ -19,17 +19,19 @@ from prometheus_client import Counter, Gauge
 
 from contracts import Event
 from contracts.catalog import stream_for
+from services.runtime.db import Connection
 from services.runtime.telemetry import context_from_headers, current_trace_headers
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
 
-PUBLISHED = Counter("fleet_outbox_published_total", "Events published by the outbox relay",
-                    ["subject"])
+PUBLISHED = Counter(
+    "fleet_outbox_published_total", "Events published by the outbox relay", ["subject"]
+)
 PENDING = Gauge("fleet_outbox_pending", "Outbox rows not yet published")
 
 
-async def add(conn: asyncpg.Connection, events: Iterable[Event]) -> None:
+async def add(conn: Connection, events: Iterable[Event]) -> None:
     """Record events to publish; call inside the transaction that changes the state.
     An event whose id is already recorded is ignored, so retried writes stay single."""
     headers = current_trace_headers()
@@ -45,8 +47,14 @@ async def add(conn: asyncpg.Connection, events: Iterable[Event]) -> None:
 class Relay:
     """Publishes unsent outbox rows in id order, woken by NOTIFY and by a fallback poll."""
 
-    def __init__(self, pool: asyncpg.Pool, js: JetStreamContext, schema: str,
-                 poll_interval: float = 0.5, batch_size: int = 500) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        js: JetStreamContext,
+        schema: str,
+        poll_interval: float = 0.5,
+        batch_size: int = 500,
+    ) -> None:
         self.pool = pool
         self.js = js
         self.channel = f"{schema}_outbox"
@@ -100,26 +108,35 @@ class Relay:
         for row in rows:
             stored: dict[str, str] = row["headers"]
             with tracer.start_as_current_span(
-                f"{row['subject']} publish", context=context_from_headers(stored),
+                f"{row['subject']} publish",
+                context=context_from_headers(stored),
                 kind=trace.SpanKind.PRODUCER,
-                attributes={"messaging.system": "nats",
-                            "messaging.destination.name": row["subject"],
-                            "messaging.message.id": str(row["event_id"])},
+                attributes={
+                    "messaging.system": "nats",
+                    "messaging.destination.name": row["subject"],
+                    "messaging.message.id": str(row["event_id"]),
+                },
             ):
                 headers = {**stored, **current_trace_headers(), "Nats-Msg-Id": str(row["event_id"])}
-                acks.append(await self.js.publish_async(
-                    row["subject"], bytes(row["payload"]), headers=headers,
-                    stream=stream_for(row["subject"]).name,
-                ))
+                acks.append(
+                    await self.js.publish_async(
+                        row["subject"],
+                        bytes(row["payload"]),
+                        headers=headers,
+                        stream=stream_for(row["subject"]).name,
+                    )
+                )
         await asyncio.gather(*acks)
         for row in rows:
             PUBLISHED.labels(row["subject"]).inc()
 
-    async def mark_sent(self, conn: asyncpg.Connection, ids: list[int]) -> None:
+    async def mark_sent(self, conn: Connection, ids: list[int]) -> None:
         await conn.execute("UPDATE outbox SET sent_at = now() WHERE id = ANY($1::bigint[])", ids)
 
 
-async def purge(pool: asyncpg.Pool, sent_older_than_hours: float, inbox_older_than_days: float) -> None:
+async def purge(
+    pool: asyncpg.Pool, sent_older_than_hours: float, inbox_older_than_days: float
+) -> None:
     """Housekeeping: drop published outbox rows and old inbox ids (far past any redelivery)."""
     async with pool.acquire() as conn:
         await conn.execute(

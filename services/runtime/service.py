@@ -24,20 +24,17 @@ import nats
 import uvicorn
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
-from faststream.nats import NatsBroker
-from faststream.nats.opentelemetry import NatsTelemetryMiddleware
-from faststream.nats.prometheus import NatsPrometheusMiddleware
 from nats.aio.client import Client as Nats
 from nats.js import JetStreamContext
 from nats.js.api import StreamConfig
 from nats.js.errors import NotFoundError
-from prometheus_client import REGISTRY, CONTENT_TYPE_LATEST, Gauge, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Gauge, generate_latest
 
 from contracts import STREAMS, StreamSpec
 from contracts.events import ServiceHeartbeat, utcnow
 from services.runtime import outbox
 from services.runtime.config import RuntimeSettings
-from services.runtime.consumer import Consumer, attach
+from services.runtime.consumer import Consumer, Subscription
 from services.runtime.db import RUNTIME_MIGRATIONS, create_pool, load_migrations, migrate
 from services.runtime.logs import setup_logging
 from services.runtime.telemetry import setup_tracing
@@ -57,7 +54,6 @@ class Runtime:
     pool: asyncpg.Pool
     nc: Nats
     js: JetStreamContext
-    broker: NatsBroker
     started_at: Any = field(default_factory=utcnow)
     instance: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
 
@@ -99,8 +95,11 @@ class ServiceSpec:
 
 def stream_config(spec: StreamSpec) -> StreamConfig:
     return StreamConfig(
-        name=spec.name, subjects=list(spec.subjects), description=spec.description,
-        max_age=spec.max_age_days * 86400.0, duplicate_window=120.0,
+        name=spec.name,
+        subjects=list(spec.subjects),
+        description=spec.description,
+        max_age=spec.max_age_days * 86400.0,
+        duplicate_window=120.0,
     )
 
 
@@ -131,9 +130,21 @@ async def connect_nats(url: str, name: str) -> Nats:
         log.info("nats reconnected")
 
     return await nats.connect(
-        url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
-        error_cb=error_cb, disconnected_cb=disconnected_cb, reconnected_cb=reconnected_cb,
+        url,
+        name=name,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        error_cb=error_cb,
+        disconnected_cb=disconnected_cb,
+        reconnected_cb=reconnected_cb,
     )
+
+
+def _runner(subscription: Subscription) -> Task:
+    async def run(_: Runtime) -> None:
+        await subscription.run()
+
+    return run
 
 
 async def _supervise(name: str, task: Task, runtime: Runtime) -> None:
@@ -153,8 +164,11 @@ async def _heartbeat(runtime: Runtime) -> None:
     while True:
         checks = await runtime.readiness()
         beat = ServiceHeartbeat(
-            service=runtime.name, instance=runtime.instance, started_at=runtime.started_at,
-            ready=all(v == "ok" for v in checks.values()), http_url=url,
+            service=runtime.name,
+            instance=runtime.instance,
+            started_at=runtime.started_at,
+            ready=all(v == "ok" for v in checks.values()),
+            http_url=url,
         )
         if runtime.nc.is_connected:
             await runtime.nc.publish(beat.subject, beat.model_dump_json().encode())
@@ -198,35 +212,33 @@ async def start_runtime(spec: ServiceSpec) -> tuple[Runtime, list[asyncio.Task[N
     t0 = time.monotonic()
     dirs = [RUNTIME_MIGRATIONS] + ([spec.migrations] if spec.migrations else [])
     await migrate(s.database_url, spec.name, load_migrations(*dirs))
-    pool = await create_pool(s.database_url, spec.name, s.db_role or spec.name, s.db_pool_size,
-                             application=spec.name)
+    pool = await create_pool(
+        s.database_url, spec.name, s.db_role or spec.name, s.db_pool_size, application=spec.name
+    )
     nc = await connect_nats(s.nats_url, spec.name)
     js = nc.jetstream()
     await ensure_streams(js)
-    broker = NatsBroker(
-        s.nats_url,
-        middlewares=[NatsTelemetryMiddleware(),
-                     NatsPrometheusMiddleware(registry=REGISTRY, app_name=spec.name)],
-        logger=logging.getLogger(f"faststream.{spec.name}"),
-        log_level=logging.DEBUG,  # per-message access lines only at DEBUG
-        max_reconnect_attempts=-1,
-    )
-    runtime = Runtime(spec.name, s, pool, nc, js, broker)
-    for consumer in spec.consumers:
-        attach(broker, consumer, pool, js, max_deliver=s.consumer_max_deliver,
-               ack_wait_s=s.consumer_ack_wait_s)
-    await broker.start()
+    runtime = Runtime(spec.name, s, pool, nc, js)
     relay = outbox.Relay(pool, js, spec.name, poll_interval=s.outbox_poll_interval_s)
-
-    async def run_relay(_: Runtime) -> None:
-        await relay.run()
-
-    loops: list[tuple[str, Task]] = [("outbox-relay", run_relay), ("heartbeat", _heartbeat),
-                                     ("housekeeping", _housekeeping)]
+    loops: list[tuple[str, Task]] = [
+        ("outbox-relay", lambda _: relay.run()),
+        ("heartbeat", _heartbeat),
+        ("housekeeping", _housekeeping),
+    ]
+    for consumer in spec.consumers:
+        subscription = Subscription(
+            consumer, pool, js, max_deliver=s.consumer_max_deliver, ack_wait_s=s.consumer_ack_wait_s
+        )
+        await subscription.open()  # durable consumers exist before the service says ready
+        loops.append((consumer.name, _runner(subscription)))
     loops += [(getattr(t, "__name__", "task"), t) for t in spec.tasks]
     tasks = [asyncio.create_task(_supervise(n, t, runtime), name=n) for n, t in loops]
-    log.info("%s started in %.2fs", spec.name, time.monotonic() - t0,
-             extra={"consumers": [c.name for c in spec.consumers]})
+    log.info(
+        "%s started in %.2fs",
+        spec.name,
+        time.monotonic() - t0,
+        extra={"consumers": [c.name for c in spec.consumers]},
+    )
     return runtime, tasks
 
 
@@ -236,7 +248,6 @@ async def stop_runtime(runtime: Runtime, tasks: list[asyncio.Task[None]]) -> Non
     for task in tasks:
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task
-    await runtime.broker.stop()
     with contextlib.suppress(Exception):
         await runtime.nc.drain()
     await runtime.pool.close()
@@ -252,8 +263,12 @@ def create_app(spec: ServiceSpec) -> FastAPI:
         finally:
             await stop_runtime(runtime, tasks)
 
-    app = FastAPI(title=f"LLM Fleet {spec.name}", version=VERSION,
-                  description=spec.description, lifespan=lifespan)
+    app = FastAPI(
+        title=f"LLM Fleet {spec.name}",
+        version=VERSION,
+        description=spec.description,
+        lifespan=lifespan,
+    )
     app.include_router(health_router())
     for router in spec.routers:
         app.include_router(router)
@@ -270,7 +285,12 @@ def serve(spec: ServiceSpec) -> None:
     """Run one service until SIGINT/SIGTERM."""
     setup_logging(spec.name, spec.settings.log_level)
     setup_tracing(spec.name)
-    config = uvicorn.Config(create_app(spec), host=spec.settings.http_host,
-                            port=spec.settings.http_port, log_config=None, access_log=False,
-                            lifespan="on")
+    config = uvicorn.Config(
+        create_app(spec),
+        host=spec.settings.http_host,
+        port=spec.settings.http_port,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+    )
     uvicorn.Server(config).run()

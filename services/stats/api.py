@@ -43,8 +43,11 @@ class ModelRecord(BaseModel):
     sessions: list[SessionRecord]
 
 
-@router.get("/models/{model_id:path}/stats", response_model=ModelRecord,
-            responses={404: {"description": "The model has no record for this user"}})
+@router.get(
+    "/models/{model_id:path}/stats",
+    response_model=ModelRecord,
+    responses={404: {"description": "The model has no record for this user"}},
+)
 async def model_stats(
     model_id: str,
     user_id: Annotated[str, Query(min_length=1, description="Whose record")],
@@ -58,13 +61,15 @@ async def model_stats(
     firsts = [s.first_used_at for s in sessions if s.first_used_at]
     lasts = [s.last_used_at for s in sessions if s.last_used_at]
     return ModelRecord(
-        model_id=model_id, user_id=user_id,
+        model_id=model_id,
+        user_id=user_id,
         response_count=sum(s.response_count for s in sessions),
         total_brains=sum(s.total_brains for s in sessions),
         dismissal_count=sum(s.dismissal_count for s in sessions),
         prompt_tokens=sum(s.prompt_tokens for s in sessions),
         completion_tokens=sum(s.completion_tokens for s in sessions),
         cost_usd=sum((s.cost_usd for s in sessions), Decimal(0)),
-        first_used_at=min(firsts, default=None), last_used_at=max(lasts, default=None),
+        first_used_at=min(firsts, default=None),
+        last_used_at=max(lasts, default=None),
         sessions=sessions,
     )

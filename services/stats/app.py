@@ -19,8 +19,12 @@ def build(settings: StatsSettings | None = None) -> ServiceSpec:
         description="Each model's work record per user and session.",
         migrations=Path(__file__).parent / "migrations",
         consumers=[
-            Consumer("stats-subtask-completed", SubtaskCompleted, handlers.on_subtask_completed,
-                     batch_size=settings.stats_batch_size),
+            Consumer(
+                "stats-subtask-completed",
+                SubtaskCompleted,
+                handlers.on_subtask_completed,
+                batch_size=settings.stats_batch_size,
+            ),
         ],
         routers=[api.router],
     )

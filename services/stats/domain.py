@@ -33,9 +33,17 @@ def response_deltas(events: Iterable[SubtaskCompleted]) -> list[ResponseDelta]:
         used_at = e.completed_at
         d = deltas.get(key)
         if d is None:
-            deltas[key] = ResponseDelta(e.user_id, e.model_id, e.session_id, 1, e.prompt_tokens,
-                                        e.completion_tokens, e.cost_usd or Decimal(0),
-                                        used_at, used_at)
+            deltas[key] = ResponseDelta(
+                e.user_id,
+                e.model_id,
+                e.session_id,
+                1,
+                e.prompt_tokens,
+                e.completion_tokens,
+                e.cost_usd or Decimal(0),
+                used_at,
+                used_at,
+            )
             continue
         d.responses += 1
         d.prompt_tokens += e.prompt_tokens

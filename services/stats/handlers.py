@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import asyncpg
-
 from contracts.events import SubtaskCompleted
+from services.runtime.db import Connection
 from services.stats import db
 from services.stats.domain import response_deltas
 
 
-async def on_subtask_completed(conn: asyncpg.Connection, events: list[SubtaskCompleted]) -> None:
+async def on_subtask_completed(conn: Connection, events: list[SubtaskCompleted]) -> None:
     await db.add_responses(conn, response_deltas(events))

@@ -6,8 +6,8 @@ with its own issue.
 
 from __future__ import annotations
 
-from services.sync.config import SyncSettings
 from services.runtime.service import ServiceSpec
+from services.sync.config import SyncSettings
 
 
 def build(settings: SyncSettings | None = None) -> ServiceSpec:

@@ -1,0 +1,137 @@
+"""Real NATS (JetStream) and real PostgreSQL for the whole suite.
+
+When NATS_URL and DATABASE_URL are set, the tests use those servers; otherwise they start
+the embedded ones (the same as `make up`) in a temporary folder for the session. Each test
+that asks for `database_url` gets a fresh database; `js` gives a JetStream with every stream
+emptied and declared anew.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+import httpx
+import nats
+import pytest
+from nats.aio.client import Client as Nats
+from nats.js import JetStreamContext
+
+from contracts import STREAMS
+from services.embedded import EmbeddedNats, EmbeddedPostgres
+from services.runtime.service import (
+    Runtime,
+    ServiceSpec,
+    create_app,
+    ensure_streams,
+    start_runtime,
+    stop_runtime,
+)
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@dataclass
+class Infra:
+    nats_url: str
+    database_url: str
+    nats: EmbeddedNats | None
+    postgres: EmbeddedPostgres | None
+
+
+@pytest.fixture(scope="session")
+def infra() -> Iterator[Infra]:
+    nats_url, database_url = os.environ.get("NATS_URL"), os.environ.get("DATABASE_URL")
+    tmp = Path(tempfile.mkdtemp(prefix="fleet-test-"))
+    embedded_nats = embedded_pg = None
+    try:
+        if not nats_url:
+            embedded_nats = EmbeddedNats(tmp / "nats")
+            embedded_nats.start()
+            nats_url = embedded_nats.url
+        if not database_url:
+            embedded_pg = EmbeddedPostgres(tmp / "postgres")
+            embedded_pg.start()
+            database_url = embedded_pg.url
+        yield Infra(nats_url, database_url, embedded_nats, embedded_pg)
+    finally:
+        if embedded_nats:
+            embedded_nats.stop()
+        if embedded_pg:
+            embedded_pg.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _with_database(url: str, name: str) -> str:
+    base, _, _ = url.rpartition("/")
+    query = url.split("?", 1)[1] if "?" in url else ""
+    return f"{base}/{name}" + (f"?{query}" if query else "")
+
+
+@pytest.fixture
+async def database_url(infra: Infra) -> AsyncIterator[str]:
+    """A fresh, empty database for one test."""
+    name = f"test_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(infra.database_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        yield _with_database(infra.database_url, name)
+        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+async def nc(infra: Infra) -> AsyncIterator[Nats]:
+    client = await nats.connect(infra.nats_url)
+    yield client
+    await client.drain()
+
+
+@pytest.fixture
+async def js(nc: Nats) -> JetStreamContext:
+    """JetStream with every catalog stream deleted and declared again: no test sees
+    another's messages or durable consumers."""
+    context = nc.jetstream()
+    for spec in STREAMS:
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await context.delete_stream(spec.name)
+    await ensure_streams(context)
+    return context
+
+
+@asynccontextmanager
+async def running(spec: ServiceSpec) -> AsyncIterator[tuple[Runtime, httpx.AsyncClient]]:
+    """A service started in this process (its real lifespan) with an HTTP client to its app."""
+    app = create_app(spec)
+    runtime, tasks = await start_runtime(spec)
+    app.state.runtime = runtime
+    try:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://test"
+        ) as client:
+            yield runtime, client
+    finally:
+        await stop_runtime(runtime, tasks)
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool]], timeout: float = 10.0, what: str = "condition"
+) -> None:
+    """Poll `check` until it holds; fail with `what` after `timeout` seconds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        if await check():
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.05)
