@@ -1,0 +1,209 @@
+"""stats ingest: 50,000 `subtask.completed` published as fast as possible, timed from the
+first publish to the last row committed, next to the raw ceiling of this machine measured
+in the same run (nats-py JetStream fetch in batches of 100 + a plain batched INSERT, no inbox).
+
+    python -m benchmarks.stats_ingest [--events 50000] [--rounds 3]
+
+Both consumers run as their own process, as in production; the publisher is this process.
+Every round starts on a fresh database and a fresh stream, and checks exactly-once at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import asyncpg
+import httpx
+import nats
+from nats.js import JetStreamContext
+
+from contracts.catalog import PLANS_STREAM
+from contracts.events import SubtaskCompleted
+from services.embedded import EmbeddedNats, EmbeddedPostgres, free_port
+from services.runtime.service import ensure_streams
+
+USERS, MODELS, SESSIONS = 50, 20, 5  # 5,000 distinct (user, model, session) records
+
+
+def payloads(n: int) -> list[bytes]:
+    return [
+        SubtaskCompleted(
+            plan_id=f"plan-{i // 10}",
+            subtask_id=f"st-{i}",
+            model_id=f"vendor/model-{(i // USERS) % MODELS}",
+            user_id=f"user-{i % USERS}",
+            session_id=f"session-{(i // (USERS * MODELS)) % SESSIONS}",
+            prompt_tokens=100,
+            completion_tokens=50,
+        )
+        .model_dump_json()
+        .encode()
+        for i in range(n)
+    ]
+
+
+async def fresh_stream(js: JetStreamContext) -> None:
+    await js.delete_stream(PLANS_STREAM.name)
+    await ensure_streams(js)
+
+
+async def fresh_database(admin_url: str) -> str:
+    name = f"bench_{uuid.uuid4().hex[:8]}"
+    conn = await asyncpg.connect(admin_url)
+    await conn.execute(f'CREATE DATABASE "{name}"')
+    await conn.close()
+    return admin_url.rsplit("/", 1)[0] + f"/{name}"
+
+
+async def publish_all(js: JetStreamContext, bodies: list[bytes]) -> float:
+    t0 = time.perf_counter()
+    acks = [await js.publish_async("subtask.completed", b) for b in bodies]
+    await asyncio.gather(*acks)
+    return t0
+
+
+async def wait_rows(db_url: str, query: str, expected: int, timeout: float = 300) -> float:
+    conn = await asyncpg.connect(db_url)
+    try:
+        deadline = time.perf_counter() + timeout
+        while time.perf_counter() < deadline:
+            if (await conn.fetchval(query) or 0) >= expected:
+                return time.perf_counter()
+            await asyncio.sleep(0.005)
+        raise TimeoutError(f"{query} did not reach {expected}")
+    finally:
+        await conn.close()
+
+
+# --- the ceiling: raw nats-py fetch(100) + plain INSERT, no inbox, no validation ----------
+
+
+async def ceiling_consumer(nats_url: str, db_url: str, total: int) -> None:
+    conn = await asyncpg.connect(db_url)
+    await conn.execute("CREATE TABLE raw_events (id bigserial PRIMARY KEY, body bytea NOT NULL)")
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    sub = await js.pull_subscribe("subtask.completed", durable="ceiling", stream="PLANS")
+    print("ready", flush=True)
+    done = 0
+    while done < total:
+        try:
+            msgs = await sub.fetch(100, timeout=1)
+        except TimeoutError:
+            continue
+        await conn.execute(
+            "INSERT INTO raw_events (body) SELECT unnest($1::bytea[])", [m.data for m in msgs]
+        )
+        for m in msgs:
+            await m.ack()
+        done += len(msgs)
+    await nc.drain()
+    await conn.close()
+
+
+def spawn(args: list[str], env: dict[str, str], log: Path | None = None) -> subprocess.Popen[str]:
+    out = log.open("a") if log else subprocess.PIPE
+    return subprocess.Popen(
+        [sys.executable, *args], env={**os.environ, **env}, stdout=out, stderr=out, text=True
+    )
+
+
+async def round_ceiling(nats_url: str, admin_url: str, js: JetStreamContext, n: int) -> float:
+    await fresh_stream(js)
+    db = await fresh_database(admin_url)
+    proc = spawn(["-m", "benchmarks.stats_ingest", "--ceiling", nats_url, db, str(n)], {})
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "ready"
+    t0 = await publish_all(js, payloads(n))
+    t1 = await wait_rows(db, "SELECT count(*) FROM raw_events", n)
+    proc.wait(30)
+    return n / (t1 - t0)
+
+
+async def round_fleet(
+    nats_url: str, admin_url: str, js: JetStreamContext, n: int, db_dir: Path
+) -> float:
+    await fresh_stream(js)
+    db = await fresh_database(admin_url)
+    port = free_port()
+    env = {
+        "NATS_URL": nats_url,
+        "DATABASE_URL": db,
+        "HTTP_PORT": str(port),
+        "LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "WARNING"),
+    }
+    proc = spawn(["-m", "services.cli", "run", "stats"], env, log=db_dir / "stats.log")
+    try:
+        async with httpx.AsyncClient() as client:
+            for _ in range(300):
+                try:
+                    r = await client.get(f"http://127.0.0.1:{port}/health/ready")
+                    if r.status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                await asyncio.sleep(0.1)
+        t0 = await publish_all(js, payloads(n))
+        t1 = await wait_rows(db, "SELECT sum(response_count) FROM stats.model_statistics", n)
+        print(f"    service log: {db_dir / 'stats.log'}", flush=True)
+        await asyncio.sleep(1)  # a late duplicate would land here
+        conn = await asyncpg.connect(db)
+        total = await conn.fetchval("SELECT sum(response_count) FROM stats.model_statistics")
+        inbox = await conn.fetchval("SELECT count(*) FROM stats.inbox")
+        records = await conn.fetchval("SELECT count(*) FROM stats.model_statistics")
+        await conn.close()
+        if (total, inbox) != (n, n):
+            raise AssertionError(f"not exactly once: counted {total}, inbox {inbox}, sent {n}")
+        print(f"    exactly once: {total} counted, {records} records", flush=True)
+        return n / (t1 - t0)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+async def main(n: int, rounds: int) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="fleet-bench-"))
+    nats_server, pg = EmbeddedNats(tmp / "nats"), EmbeddedPostgres(tmp / "pg")
+    nats_server.start()
+    pg.start()
+    try:
+        nc = await nats.connect(nats_server.url)
+        js = nc.jetstream()
+        await ensure_streams(js)
+        ceiling: list[float] = []
+        fleet: list[float] = []
+        for r in range(1, rounds + 1):
+            ceiling.append(await round_ceiling(nats_server.url, pg.url, js, n))
+            print(f"round {r}: ceiling {ceiling[-1]:8.0f} events/s", flush=True)
+            fleet.append(await round_fleet(nats_server.url, pg.url, js, n, tmp))
+            print(f"round {r}: stats   {fleet[-1]:8.0f} events/s", flush=True)
+        await nc.drain()
+    finally:
+        pg.stop()
+        nats_server.stop()
+    c, f = statistics.median(ceiling), statistics.median(fleet)
+    print(f"\n{n} events, {rounds} rounds, {os.cpu_count()} cores, {platform.processor() or '?'}")
+    print(f"ceiling (fetch 100 + plain INSERT): median {c:.0f} events/s")
+    print(f"stats service (exactly once):       median {f:.0f} events/s  = {f / c:.2f}x ceiling")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--events", type=int, default=50_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--ceiling", nargs=3, metavar=("NATS_URL", "DB_URL", "N"))
+    args = parser.parse_args()
+    if args.ceiling:
+        asyncio.run(ceiling_consumer(args.ceiling[0], args.ceiling[1], int(args.ceiling[2])))
+    else:
+        asyncio.run(main(args.events, args.rounds))
