@@ -12,7 +12,6 @@ counted.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import asyncpg
+from nats.aio.client import Client as Nats
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
@@ -32,6 +32,7 @@ from contracts.catalog import DEAD_LETTER_STREAM, stream_for
 from contracts.events import INBOUND
 from services.runtime import inbox
 from services.runtime.db import Connection
+from services.runtime.pull import Puller
 from services.runtime.telemetry import context_from_headers
 
 log = logging.getLogger(__name__)
@@ -192,29 +193,24 @@ def _short(exc: ValidationError) -> str:
 
 
 class Subscription:
-    """One durable pull consumer and the loop that feeds its processor.
-
-    It waits for one message, then takes what else is already pending (up to the batch
-    size, as the message's `num_pending` tells) without waiting: a lone message is handled
-    at once, and a backlog is drained in batches."""
+    """One durable pull consumer and the loop that applies what it delivers, batch by batch
+    (a lone message at once, a backlog up to `batch_size` per transaction)."""
 
     def __init__(
         self,
         consumer: Consumer[Any],
         pool: asyncpg.Pool,
-        js: JetStreamContext,
+        nc: Nats,
         *,
         max_deliver: int,
         ack_wait_s: float,
-        idle_wait_s: float = 5.0,
     ) -> None:
         self.consumer = consumer
-        self.js = js
-        self.processor: Processor[Any] = Processor(consumer, pool, js, max_deliver)
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.processor: Processor[Any] = Processor(consumer, pool, self.js, max_deliver)
         self.stream = stream_for(consumer.event.subject).name
         self.ack_wait_s = ack_wait_s
-        self.idle_wait_s = idle_wait_s
-        self.sub: JetStreamContext.PullSubscription | None = None
 
     async def open(self) -> None:
         config = ConsumerConfig(
@@ -227,47 +223,40 @@ class Subscription:
             max_ack_pending=max(1000, 4 * self.consumer.batch_size),
         )
         await self.js.add_consumer(self.stream, config)  # creates, or updates editable fields
-        self.sub = await self.js.pull_subscribe_bind(durable=self.consumer.name, stream=self.stream)
-
-    async def next_batch(self) -> list[Msg]:
-        assert self.sub is not None
-        try:
-            msgs: list[Msg] = await self.sub.fetch(1, timeout=self.idle_wait_s)
-        except TimeoutError:
-            return []
-        pending = msgs[-1].metadata.num_pending
-        want = min(self.consumer.batch_size - 1, pending)
-        if want > 0:
-            with contextlib.suppress(TimeoutError):
-                msgs += await self.sub.fetch(want, timeout=0.05)
-        return msgs
 
     async def run(self) -> None:
-        if self.sub is None:
-            await self.open()
-        while True:
-            msgs = await self.next_batch()
-            if not msgs:
-                continue
-            started = time.perf_counter()
-            with tracer.start_as_current_span(
-                f"{self.consumer.event.subject} process",
-                kind=trace.SpanKind.CONSUMER,
-                context=context_from_headers(msgs[0].headers) if len(msgs) == 1 else None,
-                links=[
-                    trace.Link(
-                        trace.get_current_span(context_from_headers(m.headers)).get_span_context()
-                    )
-                    for m in msgs[:32]
-                ]
-                if len(msgs) > 1
-                else None,
-                attributes={
-                    "messaging.system": "nats",
-                    "messaging.destination.name": self.consumer.event.subject,
-                    "messaging.consumer.group.name": self.consumer.name,
-                    "messaging.batch.message_count": len(msgs),
-                },
-            ):
-                await self.processor.process(msgs)
-            BATCH_SECONDS.labels(self.consumer.name).observe(time.perf_counter() - started)
+        puller = Puller(self.nc, self.stream, self.consumer.name, self.consumer.batch_size)
+        await puller.start()
+        try:
+            while True:
+                await self._apply(await puller.next_batch())
+        finally:
+            await puller.stop()
+
+    async def _apply(self, msgs: list[Msg]) -> None:
+        # one message continues its producer's trace; a batch links to (up to 32 of) them
+        if len(msgs) == 1:
+            parent, links = context_from_headers(msgs[0].headers), None
+        else:
+            parent = None
+            links = [
+                trace.Link(
+                    trace.get_current_span(context_from_headers(m.headers)).get_span_context()
+                )
+                for m in msgs[:32]
+            ]
+        started = time.perf_counter()
+        with tracer.start_as_current_span(
+            f"{self.consumer.event.subject} process",
+            context=parent,
+            links=links,
+            kind=trace.SpanKind.CONSUMER,
+            attributes={
+                "messaging.system": "nats",
+                "messaging.destination.name": self.consumer.event.subject,
+                "messaging.consumer.group.name": self.consumer.name,
+                "messaging.batch.message_count": len(msgs),
+            },
+        ):
+            await self.processor.process(msgs)
+        BATCH_SECONDS.labels(self.consumer.name).observe(time.perf_counter() - started)

@@ -227,7 +227,7 @@ async def start_runtime(spec: ServiceSpec) -> tuple[Runtime, list[asyncio.Task[N
     ]
     for consumer in spec.consumers:
         subscription = Subscription(
-            consumer, pool, js, max_deliver=s.consumer_max_deliver, ack_wait_s=s.consumer_ack_wait_s
+            consumer, pool, nc, max_deliver=s.consumer_max_deliver, ack_wait_s=s.consumer_ack_wait_s
         )
         await subscription.open()  # durable consumers exist before the service says ready
         loops.append((consumer.name, _runner(subscription)))

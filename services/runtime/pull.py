@@ -1,0 +1,103 @@
+"""Continuous pull from a durable JetStream consumer (what nats.go calls `Consume()`).
+
+nats-py's `fetch()` either returns only what is there already or, on a long poll, waits
+until the whole batch is filled or the timeout passes; and it pays an `asyncio.wait_for`
+per message. Here one pull request is kept open at a time; its messages land in a buffer
+through a subscription callback as they arrive, and `next_batch()` hands out whatever is
+buffered (at least one message, at most `batch_size`). A lone message is handed out at
+once, a backlog in full batches, and the next batch is fetched while this one is applied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+
+from nats.aio.client import Client as Nats
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+log = logging.getLogger(__name__)
+
+_NO_MESSAGES, _REQUEST_TIMEOUT, _CONFLICT, _HEARTBEAT = "404", "408", "409", "100"
+
+
+class Puller:
+    def __init__(
+        self, nc: Nats, stream: str, durable: str, batch_size: int, expires_s: float = 5.0
+    ) -> None:
+        self.nc = nc
+        self.api = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
+        self.request_size = 2 * batch_size
+        self.batch_size = batch_size
+        self.expires_s = expires_s
+        self.buffer: list[Msg] = []
+        self._has_messages = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+        self._request_done = asyncio.Event()
+        self._delivered = 0
+        self._inbox = ""
+        self._sub: Subscription | None = None
+        self._requests: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._inbox = self.nc.new_inbox()
+        self._sub = await self.nc.subscribe(self._inbox, cb=self._on_message)
+        self._requests = asyncio.create_task(self._request_loop(), name=f"pull {self.api}")
+
+    async def stop(self) -> None:
+        if self._requests:
+            self._requests.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._requests
+        if self._sub:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+
+    async def next_batch(self) -> list[Msg]:
+        """Wait for at least one message; return at most `batch_size` of those buffered."""
+        while not self.buffer:
+            self._has_messages.clear()
+            await self._has_messages.wait()
+        batch = self.buffer[: self.batch_size]
+        del self.buffer[: self.batch_size]
+        if len(self.buffer) < self.batch_size:
+            self._room.set()
+        return batch
+
+    async def _on_message(self, msg: Msg) -> None:
+        status = msg.headers.get("Status") if msg.headers else None
+        if status is None and msg.reply:
+            self.buffer.append(msg)
+            self._has_messages.set()
+            self._delivered += 1
+            if self._delivered >= self.request_size:
+                self._request_done.set()
+        elif status in (_NO_MESSAGES, _REQUEST_TIMEOUT, _CONFLICT):
+            self._request_done.set()  # expired, or the server dropped it: ask again
+        elif status != _HEARTBEAT:
+            log.warning("pull request answered %s: %s", status, msg.headers)
+            self._request_done.set()
+
+    async def _request_loop(self) -> None:
+        request = json.dumps(
+            {"batch": self.request_size, "expires": int(self.expires_s * 1e9)}
+        ).encode()
+        while True:
+            while len(self.buffer) >= self.batch_size:  # backpressure: apply before asking
+                self._room.clear()
+                await self._room.wait()
+            self._request_done.clear()
+            self._delivered = 0
+            try:
+                await self.nc.publish(self.api, request, reply=self._inbox)
+                # no answer by then (connection lost and server forgot it): ask again
+                await asyncio.wait_for(self._request_done.wait(), self.expires_s + 1)
+            except TimeoutError:
+                continue
+            except Exception as exc:  # disconnected; nats-py reconnects by itself
+                log.warning("pull request failed, retrying: %s", exc)
+                await asyncio.sleep(0.5)
