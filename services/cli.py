@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import signal
 import sys
 from typing import Any
 
@@ -22,23 +23,31 @@ def service_spec(name: str) -> Any:
     return importlib.import_module(f"services.{name}.app").build()
 
 
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM stops the stack the way Ctrl-C does
+
+
 def cmd_up(_: argparse.Namespace) -> int:
+    signal.signal(signal.SIGTERM, _interrupt)
     stack = Stack(fleet_home())
     print(f"LLM Fleet: starting from {stack.home}")
+    code = 0
     try:
         stack.up()
+        stack.wait()
     except AlreadyRunning as exc:
         print(exc, file=sys.stderr)
-        return 1
+        return 1  # nothing of ours to stop
+    except KeyboardInterrupt:
+        pass
     except (RuntimeError, TimeoutError, OSError) as exc:
         print(f"start failed: {exc}", file=sys.stderr)
-        stack.down()
-        return 1
-    try:
-        stack.wait()
+        code = 1
     finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut cleanup
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         stack.down()
-    return 0
+    return code
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -163,17 +163,9 @@ class Stack:
             raise TimeoutError(f"not ready after {timeout:.0f}s: {', '.join(sorted(pending))}")
 
     def wait(self) -> None:
-        """Block until a signal; report services that exit."""
+        """Run until interrupted (KeyboardInterrupt); report services that exit."""
         reported: set[str] = set()
-        stop = False
-
-        def on_signal(signum: int, _frame: object) -> None:
-            nonlocal stop
-            stop = True
-
-        signal.signal(signal.SIGINT, on_signal)
-        signal.signal(signal.SIGTERM, on_signal)
-        while not stop:
+        while True:
             for name, proc in self.procs.items():
                 if proc.poll() is not None and name not in reported:
                     reported.add(name)
@@ -184,6 +176,8 @@ class Stack:
             time.sleep(0.2)
 
     def down(self) -> None:
+        if self._lock is None:
+            return  # never started: another stack holds the home
         self.say("stopping ...")
         for proc in self.procs.values():
             if proc.poll() is None:
