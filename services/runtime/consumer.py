@@ -12,6 +12,7 @@ counted.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -78,12 +79,18 @@ def backoff_seconds(delivered: int, base: float = 0.5, cap: float = 30.0) -> flo
 
 class Processor(Generic[E]):
     def __init__(
-        self, consumer: Consumer[E], pool: asyncpg.Pool, js: JetStreamContext, max_deliver: int
+        self,
+        consumer: Consumer[E],
+        pool: asyncpg.Pool,
+        js: JetStreamContext,
+        max_deliver: int,
+        ack_wait_s: float = 30.0,
     ) -> None:
         self.consumer = consumer
         self.pool = pool
         self.js = js
         self.max_deliver = max_deliver
+        self.ack_wait_s = ack_wait_s
 
     async def process(self, msgs: list[Msg]) -> None:
         valid: list[tuple[Msg, E]] = []
@@ -99,6 +106,22 @@ class Processor(Generic[E]):
             valid.append((msg, event))
         if not valid:
             return
+        keepalive = asyncio.create_task(self._keep_alive([m for m, _ in valid]))  # noqa: RUF006
+        try:
+            await self._apply_all(valid)
+        finally:
+            keepalive.cancel()
+
+    async def _keep_alive(self, msgs: list[Msg]) -> None:
+        """A slow handler must not see its messages redelivered elsewhere meanwhile: tell
+        the server they are in progress, well within the ack wait."""
+        while True:
+            await asyncio.sleep(self.ack_wait_s / 3)
+            for msg in msgs:
+                if not msg._ackd:
+                    await msg.in_progress()
+
+    async def _apply_all(self, valid: list[tuple[Msg, E]]) -> None:
         try:
             await self.apply([e for _, e in valid])
         except Exception as exc:
@@ -208,7 +231,7 @@ class Subscription:
         self.consumer = consumer
         self.nc = nc
         self.js = nc.jetstream()
-        self.processor: Processor[Any] = Processor(consumer, pool, self.js, max_deliver)
+        self.processor: Processor[Any] = Processor(consumer, pool, self.js, max_deliver, ack_wait_s)
         self.stream = stream_for(consumer.event.subject).name
         self.ack_wait_s = ack_wait_s
 

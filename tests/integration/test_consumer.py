@@ -3,6 +3,7 @@ redelivery with backoff and the dead-letter subject."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from typing import Any
@@ -156,3 +157,33 @@ async def test_a_handler_can_reject_a_message_outright(
     assert msg.headers is not None
     assert msg.headers["Fleet-Dead-Reason"] == "rejected"
     assert msg.headers["Fleet-Delivered"] == "1"
+
+
+async def test_a_slow_handler_keeps_its_message_from_being_redelivered(
+    infra: Infra, database_url: str, js: JetStreamContext
+) -> None:
+    calls: list[uuid.UUID] = []
+
+    async def handle(conn: Connection, events: list[ModelRewarded]) -> None:
+        calls.extend(e.event_id for e in events)
+        await asyncio.sleep(2.5)  # longer than the ack wait below
+
+    spec = ServiceSpec(
+        name="svc",
+        settings=RuntimeSettings(
+            nats_url=infra.nats_url, database_url=database_url, consumer_ack_wait_s=1.0
+        ),
+        consumers=[Consumer("svc-model-rewarded", ModelRewarded, handle)],
+    )
+    async with running(spec):
+        e = ModelRewarded(user_id="u", session_id="s", model_id="x")
+        await js.publish(e.subject, e.model_dump_json().encode())
+
+        async def acked() -> bool:
+            info = await js.consumer_info("FEEDBACK", "svc-model-rewarded")
+            return bool(info.num_ack_pending == 0 and info.delivered.stream_seq == 1)
+
+        await eventually(acked, timeout=10, what="the slow message acknowledged")
+        info = await js.consumer_info("FEEDBACK", "svc-model-rewarded")
+    assert calls == [e.event_id]
+    assert info.num_redelivered == 0
