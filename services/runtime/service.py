@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,7 @@ class Runtime:
     pool: asyncpg.Pool
     nc: Nats
     js: JetStreamContext
-    started_at: Any = field(default_factory=utcnow)
+    started_at: datetime = field(default_factory=utcnow)
     instance: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
 
     async def readiness(self, timeout: float = 1.0) -> dict[str, str]:
