@@ -53,15 +53,15 @@ def load_migrations(*directories: Path) -> list[Migration]:
 
 
 async def ensure_schema(conn: asyncpg.Connection, schema: str, owner: str) -> None:
-    """Create the owner role and its schema when missing (needs CREATEROLE; in a managed
-    database an administrator creates them once and this becomes a no-op)."""
-    exists = await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", owner)
-    if not exists:
+    """Create the owner role and its schema when missing, and let the connected user act as
+    it. Each step runs only when needed, so a service that logs in with just its own role
+    (schema made by an administrator or the migration job) needs no further privilege."""
+    if not await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", owner):
         await conn.execute(f"CREATE ROLE {ident(owner)} NOLOGIN")
-    is_super = await conn.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
-    if not is_super:
+    if not await conn.fetchval("SELECT pg_has_role(current_user, $1, 'MEMBER')", owner):
         await conn.execute(f"GRANT {ident(owner)} TO current_user")
-    await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {ident(schema)} AUTHORIZATION {ident(owner)}")
+    if not await conn.fetchval("SELECT 1 FROM pg_namespace WHERE nspname = $1", schema):
+        await conn.execute(f"CREATE SCHEMA {ident(schema)} AUTHORIZATION {ident(owner)}")
 
 
 async def migrate(

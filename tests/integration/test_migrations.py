@@ -69,3 +69,18 @@ async def test_each_service_schema_is_closed_to_the_other_services(database_url:
             await conn.fetch("SELECT * FROM stats.model_statistics")
     finally:
         await conn.close()
+
+
+async def test_a_service_logging_in_as_its_own_role_needs_no_admin_rights(
+    database_url: str,
+) -> None:
+    migrations = load_migrations(RUNTIME_MIGRATIONS, STATS_MIGRATIONS)
+    await migrate(database_url, "stats", migrations)  # the migration job, as an administrator
+    admin = await asyncpg.connect(database_url)
+    try:
+        await admin.execute("ALTER ROLE stats LOGIN")
+    finally:
+        await admin.close()
+    own_url = database_url.replace("postgres@", "stats@", 1)
+    assert own_url != database_url, "expects the embedded server's postgres user"
+    assert await migrate(own_url, "stats", migrations) == []  # a restart of the service
