@@ -59,12 +59,16 @@ class Event(BaseModel):
 
 
 class ModelSynced(Event):
-    """A catalog entry was added, changed (price, context length, name) or removed."""
+    """A catalog entry was added, changed (price, context length, name, or availability: its
+    Ollama device went offline or came back) or removed (no longer in the kept set)."""
 
     subject: ClassVar[str] = "model.synced"
 
     provider: str = NonEmpty
     model_id: str = NonEmpty
+    device: str | None = Field(
+        None, description="The Ollama device serving the model; null for hosted providers."
+    )
     name: str
     change: Literal["added", "changed", "removed"]
     status: Literal["active", "removed", "unavailable"]
@@ -122,24 +126,31 @@ class DeviceOnline(Event):
 
 
 class BenchmarkRequested(Event):
-    """A benchmark job was accepted and waits for a worker."""
+    """A benchmark job was accepted and waits for a worker. Published by the benchmark API
+    (after its price guard) or by any client; a worker applies the price guard again."""
 
     subject: ClassVar[str] = "benchmark.requested"
 
     job_id: uuid.UUID
     provider: Literal["ollama", "openrouter", "openai"]
     model: str = NonEmpty
-    task_type: str = NonEmpty
-    prompt: str
-    runs: int = Field(ge=1, le=1000)
-    warmup_runs: int = Field(0, ge=0, le=100)
-    concurrency: int = Field(1, ge=1, le=256)
+    task_type: Literal["generate", "chat"] = Field(
+        description="ollama: /api/generate or /api/chat; openrouter and openai: both send the "
+        "prompt as one user message to /chat/completions."
+    )
+    prompt: str = Field(min_length=1)
+    runs: int = Field(ge=1, le=1000, description="Measured runs.")
+    warmup_runs: int = Field(
+        0, ge=0, le=100, description="Runs before the measured ones, not counted."
+    )
+    concurrency: int = Field(1, ge=1, le=256, description="Measured runs in flight at once.")
     max_tokens: int | None = Field(None, ge=1)
-    timeout_s: float = Field(120.0, gt=0)
+    timeout_s: float = Field(120.0, gt=0, description="Limit of one run, request to last byte.")
 
 
 class LatencySummary(BaseModel):
-    """Distribution of one measurement across runs, in milliseconds."""
+    """Distribution of one measurement (mean and percentiles, linear interpolation); the
+    unit is in the field's name: `*_ms` milliseconds, `tokens_per_s` tokens per second."""
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 
@@ -150,19 +161,36 @@ class LatencySummary(BaseModel):
 
 
 class BenchmarkSummary(BaseModel):
+    """The measured runs of one job (warm-up runs are not in it)."""
+
     model_config = ConfigDict(extra="ignore", frozen=True)
 
     runs_ok: int
     runs_failed: int
-    ttft_ms: LatencySummary | None = None
-    inter_token_ms: LatencySummary | None = None
-    e2e_ms: LatencySummary | None = None
-    tokens_per_s: LatencySummary | None = None
-    output_tokens: int = 0
-    cost_usd: Decimal | None = None
+    ttft_ms: LatencySummary | None = Field(None, description="Time to first token, per run.")
+    inter_token_ms: LatencySummary | None = Field(
+        None, description="Gaps between content chunks, pooled over the runs."
+    )
+    tpot_ms: LatencySummary | None = Field(
+        None, description="Time per output token after the first, per run."
+    )
+    e2e_ms: LatencySummary | None = Field(None, description="Request to last byte, per run.")
+    tokens_per_s: LatencySummary | None = Field(
+        None, description="Output tokens (server's count) over end-to-end time, per run."
+    )
+    output_tokens: int = Field(0, description="Sum of the server's output token counts.")
+    prompt_tokens: int = Field(0, description="Sum of the server's prompt token counts.")
+    cost_usd: Decimal | None = Field(
+        None, description="Server-reported cost, else catalog price times tokens; null if unknown."
+    )
+    errors: dict[str, int] = Field(
+        default_factory=dict, description="Failed runs by kind (timeout, http_status, ...)."
+    )
 
 
 class BenchmarkCompleted(Event):
+    """A job ended with at least one successful run."""
+
     subject: ClassVar[str] = "benchmark.completed"
 
     job_id: uuid.UUID
@@ -173,6 +201,9 @@ class BenchmarkCompleted(Event):
 
 
 class BenchmarkFailed(Event):
+    """A job ended without a successful run: every run failed, the price guard refused it
+    when it was about to start, or its workers kept dying."""
+
     subject: ClassVar[str] = "benchmark.failed"
 
     job_id: uuid.UUID
@@ -180,6 +211,7 @@ class BenchmarkFailed(Event):
     model: str
     task_type: str
     error: str
+    summary: BenchmarkSummary | None = Field(None, description="Present when runs were made.")
 
 
 # --- planner and agents ------------------------------------------------------------------
@@ -195,6 +227,10 @@ class PlannedSubtask(BaseModel):
     estimated_time: str | None = None
     depends_on: list[Id] = []
     requires_approval: bool = False
+    max_attempts: int | None = Field(None, ge=1, description="Attempts before it fails.")
+    timeout_s: float | None = Field(
+        None, gt=0, description="Seconds an attempt may take before it counts as failed."
+    )
 
 
 class PlanCreated(Event):
@@ -206,6 +242,15 @@ class PlanCreated(Event):
     session_id: Id = NonEmpty
     original_task: str
     subtasks: list[PlannedSubtask]
+    requires_approval: bool = Field(
+        False, description="The plan as a whole waits for an approval of type `plan`."
+    )
+    subtask_count: int | None = Field(None, ge=0, description="Subtasks in the plan.")
+    subtasks_truncated: bool = Field(
+        False,
+        description="True when `subtasks` lists only the first ones, to keep the message under "
+        "the broker's size limit; GET /v1/plans/{plan_id} has them all.",
+    )
 
 
 class PlanCompleted(Event):
@@ -234,6 +279,9 @@ class SubtaskReady(Event):
     attempt: int = Field(1, ge=1)
     description: str
     timeout_s: float | None = None
+    deadline_at: datetime | None = Field(
+        None, description="After this the planner counts the attempt as failed (timed out)."
+    )
 
 
 class SubtaskStarted(Event):
@@ -290,6 +338,7 @@ class ApprovalRequested(Event):
     type: Literal["tool", "plan"]
     payload: dict[str, Any] = {}
     expires_at: datetime
+    session_id: Id | None = None
 
 
 class ApprovalResolved(Event):
@@ -300,6 +349,8 @@ class ApprovalResolved(Event):
     subtask_id: Id | None = None
     status: Literal["approved", "rejected", "timeout"]
     decision: str | None = Field(None, description="The approver's comment.")
+    user_id: Id | None = None
+    session_id: Id | None = None
 
 
 # --- feedback from the UI ----------------------------------------------------------------

@@ -1,18 +1,25 @@
-"""sync: the one place its parts are put together.
-
-For now it runs the chassis only (schema, health, metrics, heartbeat); its features come
-with its own issue.
-"""
+"""sync: the one place its parts are put together."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from services.runtime.service import ServiceSpec
+from services.sync import api
 from services.sync.config import SyncSettings
+from services.sync.handlers import CatalogSync, DeviceDiscovery
 
 
 def build(settings: SyncSettings | None = None) -> ServiceSpec:
+    settings = settings or SyncSettings()
+    catalog = CatalogSync(settings)
+    discovery = DeviceDiscovery(settings)
     return ServiceSpec(
         name="sync",
-        settings=settings or SyncSettings(),
-        description="The model catalog (OpenRouter and local Ollama devices).",
+        settings=settings,
+        description="The model catalog: OpenRouter's models on a schedule and the models of "
+        "local Ollama devices, with offline handling.",
+        migrations=Path(__file__).parent / "migrations",
+        routers=[api.build_router(catalog, discovery)],
+        tasks=[catalog.openrouter_loop, discovery.discovery_loop],
     )

@@ -1,0 +1,228 @@
+"""HTTP routes of sync."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from decimal import Decimal
+from typing import Annotated, Any, Literal
+
+import asyncpg
+from fastapi import APIRouter, Depends, HTTPException, Query, Response
+from pydantic import BaseModel
+
+from services.runtime.service import Runtime, runtime_of
+from services.sync import db
+from services.sync.handlers import CatalogSync, DeviceDiscovery, SyncInProgress
+
+Provider = Literal["openrouter", "ollama"]
+RuntimeDep = Annotated[Runtime, Depends(runtime_of)]
+
+
+class CatalogModel(BaseModel):
+    provider: str
+    model_id: str
+    device: str | None
+    name: str
+    context_length: int | None
+    prompt_price_per_1m: Decimal | None
+    completion_price_per_1m: Decimal | None
+    variable_price: bool
+    status: Literal["active", "removed", "unavailable"]
+    available: bool
+    first_seen_at: datetime
+    last_seen_at: datetime
+
+
+class PricePoint(BaseModel):
+    prompt_price_per_1m: Decimal | None
+    completion_price_per_1m: Decimal | None
+    variable_price: bool
+    recorded_at: datetime
+
+
+class CatalogModelDetail(CatalogModel):
+    raw: dict[str, Any]
+    price_history: list[PricePoint]
+
+
+class ProviderCount(BaseModel):
+    provider: str
+    count: int
+    by_status: dict[str, int]
+
+
+class RunAccepted(BaseModel):
+    run_id: uuid.UUID
+    status: Literal["running"] = "running"
+
+
+class SyncRun(BaseModel):
+    run_id: uuid.UUID
+    trigger: str
+    status: Literal["running", "succeeded", "not_modified", "failed"]
+    started_at: datetime
+    finished_at: datetime | None
+    fetched: int
+    filtered: int
+    selected: int
+    added: int
+    changed: int
+    removed: int
+    skipped: int
+    error: str | None
+
+
+class Device(BaseModel):
+    name: str
+    base_url: str
+    status: Literal["online", "offline"]
+    version: str | None
+    model_count: int | None
+    last_error: str | None
+    status_since: datetime
+    last_checked_at: datetime
+    last_seen_at: datetime | None
+
+
+def _model(r: asyncpg.Record) -> CatalogModel:
+    return CatalogModel(
+        **{k: r[k] for k in CatalogModel.model_fields if k != "available"},
+        available=r["status"] == "active",
+    )
+
+
+def _run(r: asyncpg.Record) -> SyncRun:
+    return SyncRun(run_id=r["id"], **{k: r[k] for k in SyncRun.model_fields if k != "run_id"})
+
+
+def build_router(catalog: CatalogSync, discovery: DeviceDiscovery) -> APIRouter:
+    router = APIRouter(prefix="/v1", tags=["sync"])
+
+    @router.get("/models", response_model=list[CatalogModel], summary="The catalog")
+    async def list_models(
+        runtime: RuntimeDep,
+        provider: Annotated[Provider | None, Query(description="Only this provider")] = None,
+        max_price_per_1m: Annotated[
+            Decimal | None,
+            Query(
+                ge=0,
+                description="USD per 1M tokens: prompt and completion price both at most "
+                "this (variable-price models are left out)",
+            ),
+        ] = None,
+        available: Annotated[
+            bool | None,
+            Query(description="true: usable now (active); false: removed or unavailable"),
+        ] = None,
+    ) -> list[CatalogModel]:
+        async with runtime.pool.acquire() as conn:
+            rows = await db.models(conn, provider, max_price_per_1m, available)
+        return [_model(r) for r in rows]
+
+    @router.get(
+        "/models/{model_id:path}",
+        response_model=CatalogModelDetail,
+        summary="One model, with its raw entry and price history",
+        responses={
+            404: {"description": "No such model"},
+            409: {"description": "Several devices serve it: name one with `device`"},
+        },
+    )
+    async def get_model(
+        model_id: str,
+        runtime: RuntimeDep,
+        device: Annotated[str | None, Query(description="The Ollama device serving it")] = None,
+    ) -> CatalogModelDetail:
+        async with runtime.pool.acquire() as conn:
+            rows = await db.model(conn, model_id, device)
+            if len(rows) > 1:
+                served_by = ", ".join(r["device"] or r["provider"] for r in rows)
+                raise HTTPException(
+                    409, f"{model_id!r} is served by several devices ({served_by}); add ?device="
+                )
+            if not rows:
+                where = f" on device {device!r}" if device else ""
+                raise HTTPException(404, f"no model {model_id!r}{where} in the catalog")
+            history = await db.price_history(conn, model_id)
+        row = rows[0]
+        return CatalogModelDetail(
+            **_model(row).model_dump(),
+            raw=row["raw"],
+            price_history=[
+                PricePoint(**{k: h[k] for k in PricePoint.model_fields})
+                for h in history
+                if (h["provider"], h["device"]) == (row["provider"], row["device"])
+            ],
+        )
+
+    @router.get(
+        "/providers",
+        response_model=list[ProviderCount],
+        summary="Models per provider: `count` is the available ones",
+    )
+    async def providers(runtime: RuntimeDep) -> list[ProviderCount]:
+        async with runtime.pool.acquire() as conn:
+            rows = await db.provider_counts(conn)
+        by_provider: dict[str, dict[str, int]] = {}
+        for r in rows:
+            by_provider.setdefault(r["provider"], {})[r["status"]] = r["count"]
+        return [
+            ProviderCount(provider=p, count=statuses.get("active", 0), by_status=statuses)
+            for p, statuses in sorted(by_provider.items())
+        ]
+
+    @router.post(
+        "/sync/run",
+        status_code=202,
+        response_model=RunAccepted,
+        summary="Sync the OpenRouter catalog now, in the background",
+        responses={409: {"description": "A run is in progress; its id is in the answer"}},
+    )
+    async def run_sync(runtime: RuntimeDep, response: Response) -> RunAccepted:
+        try:
+            run_id = await catalog.request_run(runtime.pool)
+        except SyncInProgress as exc:
+            raise HTTPException(
+                409,
+                {"error": "sync_in_progress", "run_id": str(exc.run_id) if exc.run_id else None},
+            ) from None
+        response.headers["Location"] = f"/v1/sync/runs/{run_id}"
+        return RunAccepted(run_id=run_id)
+
+    @router.get("/sync/runs", response_model=list[SyncRun], summary="The latest runs")
+    async def list_runs(
+        runtime: RuntimeDep, limit: Annotated[int, Query(ge=1, le=500)] = 20
+    ) -> list[SyncRun]:
+        async with runtime.pool.acquire() as conn:
+            return [_run(r) for r in await db.runs(conn, limit)]
+
+    @router.get(
+        "/sync/runs/{run_id}",
+        response_model=SyncRun,
+        summary="A run's status and counts",
+        responses={404: {"description": "No such run"}},
+    )
+    async def get_run(run_id: uuid.UUID, runtime: RuntimeDep) -> SyncRun:
+        async with runtime.pool.acquire() as conn:
+            row = await db.run(conn, run_id)
+        if row is None:
+            raise HTTPException(404, f"no sync run {run_id}")
+        return _run(row)
+
+    @router.get("/devices", response_model=list[Device], summary="Ollama devices as last checked")
+    async def devices(runtime: RuntimeDep) -> list[Device]:
+        async with runtime.pool.acquire() as conn:
+            return [Device(**dict(r)) for r in await db.devices(conn)]
+
+    @router.post(
+        "/discovery/run",
+        response_model=list[Device],
+        summary="Check every Ollama device now; answers when done",
+    )
+    async def run_discovery(runtime: RuntimeDep) -> list[Device]:
+        await discovery.run(runtime.pool)
+        async with runtime.pool.acquire() as conn:
+            return [Device(**dict(r)) for r in await db.devices(conn)]
+
+    return router
