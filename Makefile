@@ -33,6 +33,7 @@ schema: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.startup
 	$(BIN)/python -m benchmarks.stats_ingest
+	$(BIN)/python -m benchmarks.sync_catalog
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
