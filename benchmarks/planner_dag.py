@@ -1,0 +1,305 @@
+"""planner DAG: a random layered DAG of 10,000 subtasks (seeded) driven to completion by a
+fake agent pool that answers every `subtask.ready` at once with `subtask.completed`.
+
+    python -m benchmarks.planner_dag [--subtasks 10000] [--rounds 3] [--seed 42]
+
+The planner runs as its own process (`fleet run planner`), against embedded NATS and
+PostgreSQL started here; the agent pool is a task in this process. Every round starts on a
+fresh database and a fresh PLANS stream. Printed per round and as medians:
+
+- subtasks/s: subtasks / (time from sending POST /v1/plans to plan.completed arriving at
+  the agent pool); also without the plan's creation (from the first subtask.ready).
+- dispatch latency, per dependent subtask: from the moment the agent pool publishes the
+  subtask.completed of the dependency that made it ready (the last of its dependencies to
+  complete) to the moment its subtask.ready arrives at the agent pool. Both instants are
+  read from one monotonic clock in this process, so this is the whole path: JetStream,
+  the planner's consumer and transaction, the outbox relay, JetStream again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import nats
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from contracts.catalog import PLANS_STREAM
+from contracts.events import PlanCompleted, SubtaskCompleted, SubtaskReady
+from services.embedded import EmbeddedNats, EmbeddedPostgres, free_port
+from services.runtime.service import ensure_streams
+
+
+def layered_dag(n: int, seed: int) -> list[dict[str, Any]]:
+    """Layers of 50-150 subtasks; each subtask after the first layer depends on 1-3 of the
+    layer before it, and now and then on one of an earlier layer."""
+    rng = random.Random(seed)
+    subtasks: list[dict[str, Any]] = []
+    previous: list[str] = []
+    earlier: list[str] = []
+    layer = 0
+    while len(subtasks) < n:
+        width = min(rng.randint(50, 150), n - len(subtasks))
+        current = []
+        for i in range(width):
+            sid = f"L{layer}-{i}"
+            deps = rng.sample(previous, min(len(previous), rng.randint(1, 3))) if previous else []
+            if earlier and rng.random() < 0.1:
+                far = rng.choice(earlier)
+                if far not in deps:
+                    deps.append(far)
+            subtasks.append(
+                {
+                    "subtask_id": sid,
+                    "description": f"step {i} of layer {layer}",
+                    "agent": f"vendor/model-{rng.randint(0, 9)}",
+                    "estimated_time": f"{rng.randint(1, 30)}s",
+                    "depends_on": deps,
+                }
+            )
+            current.append(sid)
+        earlier += previous
+        previous = current
+        layer += 1
+    return subtasks
+
+
+@dataclass
+class AgentPool:
+    """Answers each subtask.ready immediately with subtask.completed, timing both ends."""
+
+    js: JetStreamContext
+    deps: dict[str, list[str]]
+    ready_at: dict[str, float] = field(default_factory=dict)
+    completed_published_at: dict[str, float] = field(default_factory=dict)
+    duplicates: int = 0
+    plan_completed: asyncio.Future[tuple[float, PlanCompleted]] | None = None
+    acks: list[Any] = field(default_factory=list)
+
+    async def start(self) -> None:
+        self.plan_completed = asyncio.get_running_loop().create_future()
+        self.subs = [
+            await self.js.subscribe("subtask.ready", ordered_consumer=True, cb=self._on_ready),
+            await self.js.subscribe("plan.completed", ordered_consumer=True, cb=self._on_done),
+        ]
+
+    async def stop(self) -> None:
+        for sub in self.subs:
+            await sub.unsubscribe()
+        await asyncio.gather(*self.acks)
+
+    async def _on_ready(self, msg: Msg) -> None:
+        arrived = time.perf_counter()
+        ready = SubtaskReady.model_validate_json(msg.data)
+        if ready.subtask_id in self.ready_at:
+            self.duplicates += 1
+            return
+        self.ready_at[ready.subtask_id] = arrived
+        done = SubtaskCompleted(
+            plan_id=ready.plan_id,
+            subtask_id=ready.subtask_id,
+            model_id=ready.agent,
+            user_id=ready.user_id,
+            session_id=ready.session_id,
+            agent=ready.agent,
+            attempt=ready.attempt,
+            result="ok",
+        )
+        self.completed_published_at[ready.subtask_id] = time.perf_counter()
+        self.acks.append(
+            await self.js.publish_async(
+                done.subject,
+                done.model_dump_json().encode(),
+                headers={"Nats-Msg-Id": str(done.event_id)},
+            )
+        )
+
+    async def _on_done(self, msg: Msg) -> None:
+        assert self.plan_completed is not None
+        if not self.plan_completed.done():
+            event = PlanCompleted.model_validate_json(msg.data)
+            self.plan_completed.set_result((time.perf_counter(), event))
+
+    def latencies_ms(self) -> list[float]:
+        found = []
+        for sid, deps in self.deps.items():
+            if deps and sid in self.ready_at:
+                enabled_at = max(self.completed_published_at[d] for d in deps)
+                found.append((self.ready_at[sid] - enabled_at) * 1000)
+        return found
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+@dataclass
+class Round:
+    subtasks_per_s: float
+    execution_per_s: float
+    create_s: float
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+
+
+async def fresh_database(admin_url: str) -> str:
+    name = f"bench_{uuid.uuid4().hex[:8]}"
+    conn = await asyncpg.connect(admin_url)
+    await conn.execute(f'CREATE DATABASE "{name}"')
+    await conn.close()
+    return admin_url.rsplit("/", 1)[0] + f"/{name}"
+
+
+async def wait_ready(port: int, proc: subprocess.Popen[bytes]) -> None:
+    async with httpx.AsyncClient() as client:
+        for _ in range(300):
+            if proc.poll() is not None:
+                raise RuntimeError("planner exited while starting")
+            try:
+                r = await client.get(f"http://127.0.0.1:{port}/health/ready")
+                if r.status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.1)
+    raise TimeoutError("planner did not become ready")
+
+
+def spawn_planner(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "services.cli", "run", "planner"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+async def one_round(
+    nats_url: str, admin_url: str, js: JetStreamContext, subtasks: list[dict[str, Any]], log: Path
+) -> Round:
+    await js.delete_stream(PLANS_STREAM.name)
+    await ensure_streams(js)
+    db = await fresh_database(admin_url)
+    port = free_port()
+    env = {
+        **os.environ,
+        "NATS_URL": nats_url,
+        "DATABASE_URL": db,
+        "HTTP_PORT": str(port),
+        "LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "WARNING"),
+    }
+    proc = spawn_planner(env, log)
+    pool = AgentPool(js, {s["subtask_id"]: s["depends_on"] for s in subtasks})
+    try:
+        await wait_ready(port, proc)
+        await pool.start()
+        body = {
+            "task_id": f"bench-{uuid.uuid4()}",
+            "user_id": "bench",
+            "session_id": "bench",
+            "original_task": "a random layered DAG",
+            "subtasks": subtasks,
+        }
+        async with httpx.AsyncClient(timeout=300) as client:
+            t0 = time.perf_counter()
+            r = await client.post(f"http://127.0.0.1:{port}/v1/plans", json=body)
+            created = time.perf_counter()
+            r.raise_for_status()
+        assert pool.plan_completed is not None
+        finished, event = await asyncio.wait_for(pool.plan_completed, timeout=600)
+        await pool.stop()
+        n = len(subtasks)
+        if event.status != "completed" or len(pool.ready_at) != n or pool.duplicates:
+            raise AssertionError(
+                f"plan {event.status}: {len(pool.ready_at)} of {n} dispatched,"
+                f" {pool.duplicates} duplicates"
+            )
+        first_ready = min(pool.ready_at.values())
+        latencies = pool.latencies_ms()
+        return Round(
+            subtasks_per_s=n / (finished - t0),
+            execution_per_s=n / (finished - first_ready),
+            create_s=created - t0,
+            p50_ms=percentile(latencies, 0.50),
+            p99_ms=percentile(latencies, 0.99),
+            max_ms=max(latencies),
+        )
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+async def main(n: int, rounds: int, seed: int) -> None:
+    subtasks = layered_dag(n, seed)
+    layers = len({s["subtask_id"].split("-")[0] for s in subtasks})
+    edges = sum(len(s["depends_on"]) for s in subtasks)
+    tmp = Path(tempfile.mkdtemp(prefix="fleet-bench-"))
+    nats_server, pg = EmbeddedNats(tmp / "nats"), EmbeddedPostgres(tmp / "pg")
+    nats_server.start()
+    pg.start()
+    results: list[Round] = []
+    try:
+        nc = await nats.connect(nats_server.url)
+        js = nc.jetstream()
+        await ensure_streams(js)
+        for i in range(1, rounds + 1):
+            r = await one_round(nats_server.url, pg.url, js, subtasks, tmp / "planner.log")
+            results.append(r)
+            print(
+                f"round {i}: {r.subtasks_per_s:7.0f} subtasks/s"
+                f" ({r.execution_per_s:.0f}/s after creation, created in {r.create_s:.2f}s);"
+                f" dispatch latency p50 {r.p50_ms:.1f} ms, p99 {r.p99_ms:.1f} ms,"
+                f" max {r.max_ms:.1f} ms",
+                flush=True,
+            )
+        await nc.close()
+    finally:
+        pg.stop()
+        nats_server.stop()
+    print(f"    planner log: {tmp / 'planner.log'}")
+    print(
+        f"\n{n} subtasks in {layers} layers, {edges} dependencies, seed {seed}; {rounds} rounds;"
+        f" {os.cpu_count()} cores, {platform.processor() or '?'}"
+    )
+
+    def median(attr: str) -> float:
+        return float(statistics.median(getattr(r, attr) for r in results))
+
+    print(
+        f"subtasks/s (POST to plan.completed):  median {median('subtasks_per_s'):.0f}"
+        f"  (target >= 1000)"
+    )
+    print(f"subtasks/s after creation:            median {median('execution_per_s'):.0f}")
+    print(
+        f"dispatch latency (dependency's subtask.completed published -> dependent's"
+        f" subtask.ready received):\n    p50 median {median('p50_ms'):.1f} ms,"
+        f" p99 median {median('p99_ms'):.1f} ms (target <= 25), max median"
+        f" {median('max_ms'):.1f} ms"
+    )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--subtasks", type=int, default=10_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=42)
+    args = parser.parse_args()
+    asyncio.run(main(args.subtasks, args.rounds, args.seed))

@@ -1,0 +1,300 @@
+"""HTTP routes of planner: plans, their metrics, cancel, approvals."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+import asyncpg
+from fastapi import APIRouter, Depends, HTTPException, Query, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from contracts.events import utcnow
+from services.planner import db, domain
+from services.planner.domain import PlanRequest
+from services.planner.handlers import Conflict, NotFound, Planner
+from services.runtime.service import Runtime, runtime_of
+
+PlanStatus = Literal["awaiting_approval", "running", "completed", "failed", "cancelled"]
+ApprovalStatus = Literal["pending", "approved", "rejected", "timeout"]
+RuntimeDep = Annotated[Runtime, Depends(runtime_of)]
+
+
+class SubtaskView(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    subtask_id: str
+    sequence_number: int
+    description: str
+    agent: str
+    estimated_time: str | None
+    status: str = Field(description=", ".join(domain.SUBTASK_STATUSES))
+    dependencies: list[str]
+    attempt: int = Field(description="Attempts dispatched so far.")
+    max_attempts: int
+    timeout_s: float
+    requires_approval: bool
+    started_at: datetime | None
+    completed_at: datetime | None
+    duration_seconds: float | None
+    result: str | None
+    error: str | None
+    next_attempt_at: datetime | None = Field(description="When the next attempt goes out.")
+    deadline_at: datetime | None = Field(description="When the current attempt times out.")
+
+
+class ApprovalView(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    approval_id: uuid.UUID
+    plan_id: str
+    subtask_id: str | None = Field(description="Null for an approval of the whole plan.")
+    user_id: str
+    session_id: str | None
+    type: Literal["tool", "plan"]
+    payload: dict[str, Any]
+    status: ApprovalStatus
+    created_at: datetime
+    expires_at: datetime
+    resolved_at: datetime | None
+    decision: str | None = Field(description="The approver's comment.")
+
+
+class PlanSummary(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    plan_id: str
+    task_id: str
+    user_id: str
+    session_id: str
+    original_task: str
+    subtask_count: int
+    status: PlanStatus
+    requires_approval: bool
+    created_at: datetime
+    completed_at: datetime | None
+    is_complete: bool
+    metadata: dict[str, Any]
+
+
+class PlanView(PlanSummary):
+    subtasks: list[SubtaskView]
+    approvals: list[ApprovalView]
+
+
+class Decision(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    decision: Literal["approved", "rejected"]
+    comment: str | None = Field(None, max_length=10_000)
+
+
+class Assignment(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    agent: str = Field(min_length=1, max_length=512)
+
+
+class ProblemView(BaseModel):
+    kind: str
+    subtask_ids: list[str]
+    message: str
+
+
+class InvalidPlan(BaseModel):
+    detail: str
+    problems: list[ProblemView]
+
+
+def build_router(planner: Planner) -> APIRouter:
+    router = APIRouter(prefix="/v1", tags=["planner"])
+
+    async def plan_view(runtime: Runtime, plan_id: str) -> PlanView:
+        async with runtime.pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
+            plan = await db.plan(conn, plan_id)
+            if plan is None:
+                raise HTTPException(404, f"no plan {plan_id}")
+            subtasks = await db.plan_subtasks(conn, plan_id)
+            approvals = await db.approvals_of_plan(conn, plan_id)
+        return PlanView(
+            **PlanSummary.model_validate(plan).model_dump(),
+            subtasks=[SubtaskView.model_validate(s) for s in subtasks],
+            approvals=[ApprovalView.model_validate(a) for a in approvals],
+        )
+
+    @router.post(
+        "/plans",
+        status_code=201,
+        response_model=PlanSummary,
+        summary="Create a plan; its first subtasks are dispatched at once (GET it for them)",
+        responses={
+            200: {"description": "The same request was posted before: the existing plan"},
+            409: {"description": "The task already has a different plan, or the plan id is taken"},
+            422: {
+                "model": InvalidPlan,
+                "description": "Duplicate ids, unknown dependencies, cycles",
+            },
+        },
+    )
+    async def create_plan(request: PlanRequest, response: Response, runtime: RuntimeDep) -> Any:
+        problems = domain.validate(
+            [(s.subtask_id, s.depends_on) for s in request.subtasks],
+            planner.settings.planner_max_subtasks,
+        )
+        if problems:
+            body = InvalidPlan(
+                detail="; ".join(p.message for p in problems),
+                problems=[
+                    ProblemView(kind=p.kind, subtask_ids=list(p.subtask_ids), message=p.message)
+                    for p in problems
+                ],
+            )
+            return JSONResponse(body.model_dump(), status_code=422)
+        try:
+            async with runtime.pool.acquire() as conn, conn.transaction():
+                plan, created = await planner.create_plan(conn, request)
+        except Conflict as exc:
+            raise HTTPException(409, str(exc)) from exc
+        except asyncpg.UniqueViolationError as exc:
+            raise HTTPException(409, f"plan id {request.plan_id} is taken") from exc
+        if not created:
+            response.status_code = 200
+        # the summary only: rendering thousands of subtasks back would hold up the event
+        # loop (and the dispatch of what this plan just sent out) for nothing the client
+        # does not already have
+        return PlanSummary.model_validate(plan)
+
+    @router.get("/plans", response_model=list[PlanSummary], summary="Plans, newest first")
+    async def list_plans(
+        runtime: RuntimeDep,
+        status: PlanStatus | None = None,
+        user_id: str | None = None,
+        session_id: str | None = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    ) -> list[PlanSummary]:
+        async with runtime.pool.acquire() as conn:
+            plans = await db.list_plans(
+                conn, status=status, user_id=user_id, session_id=session_id, limit=limit
+            )
+        return [PlanSummary.model_validate(p) for p in plans]
+
+    @router.get(
+        "/plans/{plan_id}",
+        response_model=PlanView,
+        summary="A plan with its subtasks and approvals",
+        responses={404: {"description": "No such plan"}},
+    )
+    async def get_plan(plan_id: str, runtime: RuntimeDep) -> PlanView:
+        return await plan_view(runtime, plan_id)
+
+    @router.get(
+        "/plans/{plan_id}/metrics",
+        summary="Durations in total and per agent, counts by status, estimated versus actual, "
+        "attempts, the critical path",
+        responses={404: {"description": "No such plan"}},
+    )
+    async def plan_metrics(plan_id: str, runtime: RuntimeDep) -> dict[str, Any]:
+        async with runtime.pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
+            plan = await db.plan(conn, plan_id)
+            if plan is None:
+                raise HTTPException(404, f"no plan {plan_id}")
+            subtasks = await db.plan_subtasks(conn, plan_id)
+        return {
+            "plan_id": plan.plan_id,
+            "status": plan.status,
+            **domain.metrics(subtasks, plan.created_at, plan.completed_at, utcnow()),
+        }
+
+    @router.post(
+        "/plans/{plan_id}/cancel",
+        response_model=PlanSummary,
+        summary="Cancel a plan: nothing more is dispatched, open subtasks end as cancelled",
+        responses={
+            404: {"description": "No such plan"},
+            409: {"description": "The plan already completed or failed"},
+        },
+    )
+    async def cancel_plan(plan_id: str, runtime: RuntimeDep) -> PlanSummary:
+        try:
+            async with runtime.pool.acquire() as conn, conn.transaction():
+                plan = await planner.cancel_plan(conn, plan_id)
+        except NotFound as exc:
+            raise HTTPException(404, str(exc)) from exc
+        except Conflict as exc:
+            raise HTTPException(409, str(exc)) from exc
+        return PlanSummary.model_validate(plan)
+
+    @router.post(
+        "/plans/{plan_id}/subtasks/{subtask_id}/assign",
+        response_model=SubtaskView,
+        summary="Give a subtask not dispatched yet to another agent; a held one is released",
+        responses={
+            404: {"description": "No such plan or subtask"},
+            409: {"description": "The subtask was dispatched already or has finished"},
+        },
+    )
+    async def assign(
+        plan_id: str, subtask_id: str, body: Assignment, runtime: RuntimeDep
+    ) -> SubtaskView:
+        try:
+            async with runtime.pool.acquire() as conn, conn.transaction():
+                subtask = await planner.assign(conn, plan_id, subtask_id, body.agent)
+        except NotFound as exc:
+            raise HTTPException(404, str(exc)) from exc
+        except Conflict as exc:
+            raise HTTPException(409, str(exc)) from exc
+        return SubtaskView.model_validate(subtask)
+
+    @router.get("/approvals", response_model=list[ApprovalView], summary="Approval requests")
+    async def list_approvals(
+        runtime: RuntimeDep,
+        status: ApprovalStatus | None = None,
+        user_id: str | None = None,
+        plan_id: str | None = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    ) -> list[ApprovalView]:
+        async with runtime.pool.acquire() as conn:
+            found = await db.list_approvals(
+                conn, status=status, user_id=user_id, plan_id=plan_id, limit=limit
+            )
+        return [ApprovalView.model_validate(a) for a in found]
+
+    @router.get(
+        "/approvals/{approval_id}",
+        response_model=ApprovalView,
+        responses={404: {"description": "No such approval"}},
+    )
+    async def get_approval(approval_id: uuid.UUID, runtime: RuntimeDep) -> ApprovalView:
+        async with runtime.pool.acquire() as conn:
+            found = await db.approval(conn, approval_id)
+        if found is None:
+            raise HTTPException(404, f"no approval {approval_id}")
+        return ApprovalView.model_validate(found)
+
+    @router.post(
+        "/approvals/{approval_id}",
+        response_model=ApprovalView,
+        summary="Approve or reject: approved sends the subtask (or the plan) on, rejected "
+        "skips what depends on it",
+        responses={
+            404: {"description": "No such approval"},
+            409: {"description": "Already resolved (approved, rejected or timed out)"},
+        },
+    )
+    async def resolve_approval(
+        approval_id: uuid.UUID, body: Decision, runtime: RuntimeDep
+    ) -> ApprovalView:
+        try:
+            async with runtime.pool.acquire() as conn, conn.transaction():
+                resolved = await planner.resolve_approval(
+                    conn, approval_id, body.decision == "approved", body.comment
+                )
+        except NotFound as exc:
+            raise HTTPException(404, str(exc)) from exc
+        except Conflict as exc:
+            raise HTTPException(409, str(exc)) from exc
+        return ApprovalView.model_validate(resolved)
+
+    return router

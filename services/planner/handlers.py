@@ -1,0 +1,731 @@
+"""Planner's imperative shell: subscribers, commands from the API and the timer loop.
+
+Each runs in one transaction: lock the plan's row (so that concurrent events of one plan
+take turns), read, decide with `domain`, write, and record the events to publish with
+`outbox.add`. Outgoing event ids are derived from the state change (`domain.derived_id`),
+so a retried transaction produces the same events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from typing import Any, Protocol, TypeVar
+
+import asyncpg
+from prometheus_client import Counter, Histogram
+
+from contracts.events import (
+    ApprovalRequested,
+    ApprovalResolved,
+    ModelDismissed,
+    PlanCompleted,
+    PlanCreated,
+    PlannedSubtask,
+    SubtaskCompleted,
+    SubtaskFailed,
+    SubtaskReady,
+    SubtaskStarted,
+    utcnow,
+)
+from services.planner import db, domain
+from services.planner.config import PlannerSettings
+from services.planner.db import Approval, Plan
+from services.planner.domain import (
+    AWAITING_APPROVAL,
+    CANCELLED,
+    COMPLETED,
+    DEAD_ENDS,
+    HELD,
+    PENDING,
+    PLAN_AWAITING_APPROVAL,
+    PLAN_RUNNING,
+    PLAN_TERMINAL,
+    REJECTED,
+    RETRYING,
+    SKIPPED,
+    TERMINAL,
+    PlanOutcome,
+    PlanRequest,
+    Resolution,
+    Subtask,
+)
+from services.runtime import outbox
+from services.runtime.db import Connection
+from services.runtime.service import Runtime
+
+log = logging.getLogger(__name__)
+
+PLANS = Counter("planner_plans_total", "Plans that entered a status", ["status"])
+SUBTASKS = Counter("planner_subtasks_total", "Subtasks that entered a status", ["status"])
+DISPATCH_LATENCY = Histogram(
+    "planner_dispatch_latency_seconds",
+    "From a dependency's subtask.completed (its occurred_at) to the dependent's subtask.ready "
+    "written in the transaction that applies it",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+RETRIES = Counter("planner_retries_total", "Attempts dispatched after a failed one")
+TIMEOUTS = Counter(
+    "planner_timeouts_total", "Attempts and approvals that ran out of time", ["kind"]
+)
+
+
+class NotFound(Exception):
+    pass
+
+
+class Conflict(Exception):
+    """The request contradicts the state: e.g. the task has another plan, the approval was
+    already resolved, the plan already finished."""
+
+
+@dataclass(frozen=True)
+class Change:
+    before: Subtask
+    after: Subtask
+
+
+class AgentReport(Protocol):
+    @property
+    def plan_id(self) -> str: ...
+    @property
+    def subtask_id(self) -> str: ...
+    @property
+    def occurred_at(self) -> datetime: ...
+
+
+R = TypeVar("R", bound=AgentReport)
+
+
+class Planner:
+    def __init__(self, settings: PlannerSettings) -> None:
+        self.settings = settings
+        self.policy = domain.RetryPolicy(
+            settings.planner_retry_base_s, settings.planner_retry_max_s
+        )
+
+    # --- creating a plan ------------------------------------------------------------------
+
+    async def create_plan(self, conn: Connection, request: PlanRequest) -> tuple[Plan, bool]:
+        """The new plan and True; or the task's existing plan and False when the same
+        request was posted before. Raises Conflict when the task has a different plan."""
+        now = utcnow()
+        fingerprint = request.fingerprint()
+        plan = await db.insert_plan(
+            conn,
+            plan_id=request.plan_id or str(uuid.uuid4()),
+            task_id=request.task_id,
+            user_id=request.user_id,
+            session_id=request.session_id,
+            original_task=request.original_task,
+            subtask_count=len(request.subtasks),
+            status=PLAN_AWAITING_APPROVAL if request.requires_approval else PLAN_RUNNING,
+            requires_approval=request.requires_approval,
+            created_at=now,
+            metadata=request.metadata,
+            fingerprint=fingerprint,
+        )
+        if plan is None:
+            existing = await db.plan_of_task(conn, request.task_id)
+            assert existing is not None
+            if existing.fingerprint != fingerprint:
+                raise Conflict(
+                    f"task {request.task_id} already has plan {existing.plan_id}"
+                    " with different content"
+                )
+            return existing, False
+        subtasks = [
+            Subtask(
+                plan_id=plan.plan_id,
+                subtask_id=s.subtask_id,
+                sequence_number=s.sequence_number if s.sequence_number is not None else i,
+                description=s.description,
+                agent=s.agent,
+                estimated_time=s.estimated_time,
+                status=PENDING,
+                dependencies=tuple(dict.fromkeys(s.depends_on)),
+                attempt=0,
+                max_attempts=s.max_attempts or self.settings.planner_max_attempts,
+                timeout_s=s.timeout_s or self.settings.planner_default_timeout_s,
+                requires_approval=s.requires_approval,
+            )
+            for i, s in enumerate(request.subtasks, start=1)
+        ]
+        await db.insert_subtasks(conn, subtasks)
+        await outbox.add(conn, [self._plan_created(plan, subtasks)])
+        PLANS.labels(plan.status).inc()
+        SUBTASKS.labels(PENDING).inc(len(subtasks))
+        if request.requires_approval:
+            await self._request_approvals(conn, plan, [None], now)
+        else:
+            deps = {s.subtask_id: s.dependencies for s in subtasks}
+            roots = set(domain.roots(deps))
+            await self._dispatch(conn, plan, [s for s in subtasks if s.subtask_id in roots], now)
+        return plan, True
+
+    def _plan_created(self, plan: Plan, subtasks: Sequence[Subtask]) -> PlanCreated:
+        event = PlanCreated(
+            event_id=domain.derived_id("plan.created", plan.plan_id),
+            plan_id=plan.plan_id,
+            task_id=plan.task_id,
+            user_id=plan.user_id,
+            session_id=plan.session_id,
+            original_task=plan.original_task,
+            subtasks=[],
+            requires_approval=plan.requires_approval,
+            subtask_count=len(subtasks),
+        )
+        # NATS refuses a message over its max_payload and the outbox would retry it forever
+        budget = self.settings.planner_event_max_bytes - len(event.model_dump_json())
+        listed: list[PlannedSubtask] = []
+        for s in subtasks:
+            planned = PlannedSubtask(
+                subtask_id=s.subtask_id,
+                sequence_number=s.sequence_number,
+                description=s.description,
+                agent=s.agent,
+                estimated_time=s.estimated_time,
+                depends_on=list(s.dependencies),
+                requires_approval=s.requires_approval,
+                max_attempts=s.max_attempts,
+                timeout_s=s.timeout_s,
+            )
+            budget -= len(planned.model_dump_json()) + 1
+            if budget < 0:
+                break
+            listed.append(planned)
+        return event.model_copy(
+            update={"subtasks": listed, "subtasks_truncated": len(listed) < len(subtasks)}
+        )
+
+    # --- agents' reports ------------------------------------------------------------------
+
+    async def on_subtask_started(self, conn: Connection, events: list[SubtaskStarted]) -> None:
+        await self._apply_reports(
+            conn, events, lambda s, e, now: domain.started(s, e.attempt, e.started_at, now)
+        )
+
+    async def on_subtask_completed(self, conn: Connection, events: list[SubtaskCompleted]) -> None:
+        await self._apply_reports(
+            conn,
+            events,
+            lambda s, e, now: domain.completed(
+                s,
+                e.attempt,
+                e.completed_at,
+                started_at=e.started_at,
+                duration_seconds=e.duration_seconds,
+                result=e.result,
+            ),
+            completion=True,
+        )
+
+    async def on_subtask_failed(self, conn: Connection, events: list[SubtaskFailed]) -> None:
+        await self._apply_reports(
+            conn,
+            events,
+            lambda s, e, now: domain.failed(s, e.attempt, e.error, e.retryable, now, self.policy),
+        )
+
+    async def _apply_reports(
+        self,
+        conn: Connection,
+        events: Sequence[R],
+        transition: Callable[[Subtask, R, datetime], Subtask | None],
+        completion: bool = False,
+    ) -> None:
+        by_plan: dict[str, list[R]] = defaultdict(list)
+        for e in events:
+            by_plan[e.plan_id].append(e)
+        plans = await db.lock_plans(conn, sorted(by_plan))
+        now = utcnow()
+        for plan_id in sorted(by_plan):
+            plan = plans.get(plan_id)
+            if plan is None:  # a plan some other orchestrator runs: not ours to follow
+                continue
+            reports = by_plan[plan_id]
+            current = await db.subtasks(conn, plan_id, [e.subtask_id for e in reports])
+            changes: dict[str, Change] = {}
+            completed_at: dict[str, datetime] = {}
+            for e in reports:
+                s = current.get(e.subtask_id)
+                if s is None:
+                    continue
+                after = transition(s, e, now)
+                if after is None:
+                    continue  # a duplicate, a stale attempt, or too late to matter
+                first = changes.get(s.subtask_id)
+                changes[s.subtask_id] = Change(first.before if first else s, after)
+                current[s.subtask_id] = after
+                if completion and after.status == COMPLETED:
+                    completed_at[s.subtask_id] = e.occurred_at
+            await self._settle(conn, plan, list(changes.values()), now, completed_at)
+
+    # --- what follows from changes ---------------------------------------------------------
+
+    async def _settle(
+        self,
+        conn: Connection,
+        plan: Plan,
+        changes: Sequence[Change],
+        now: datetime,
+        completed_at: dict[str, datetime] | None = None,
+    ) -> None:
+        """Write the changes, then what follows: dependents that became ready go out,
+        dependents of a dead end are skipped, and the plan finishes once nothing is open."""
+        if not changes:
+            return
+        for c in changes:
+            if c.after.status != c.before.status:
+                SUBTASKS.labels(c.after.status).inc()
+        done = [c.after.subtask_id for c in changes if _entered(c, {COMPLETED})]
+        dead = [c.after.subtask_id for c in changes if _entered(c, DEAD_ENDS)]
+        dispatched: list[Subtask] = []
+        if done and plan.status == PLAN_RUNNING:
+            found = await db.save_and_find_dependents(conn, plan, [c.after for c in changes], done)
+            statuses = found.statuses | {c.after.subtask_id: c.after.status for c in changes}
+            deps = {s.subtask_id: s.dependencies for s in found.pending}
+            statuses.update({s.subtask_id: s.status for s in found.pending})
+            ready = set(domain.newly_ready(deps, statuses, deps))
+            dispatched = await self._dispatch(
+                conn,
+                plan,
+                [s for s in found.pending if s.subtask_id in ready],
+                now,
+                dismissed=found.dismissed,
+            )
+            if completed_at:
+                _observe_dispatch_latency(dispatched, completed_at)
+        else:
+            await db.save_subtasks(conn, [c.after for c in changes])
+        if dead:
+            await self._skip_dependents(conn, plan, dead, now)
+        if dispatched or not any(_entered(c, TERMINAL) for c in changes):
+            return  # something is still open: the plan goes on
+        await self._finish_if_done(conn, plan, now)
+
+    async def _dispatch(
+        self,
+        conn: Connection,
+        plan: Plan,
+        subtasks: Sequence[Subtask],
+        now: datetime,
+        approved: bool = False,
+        dismissed: set[str] | None = None,
+    ) -> list[Subtask]:
+        """Send out the next attempt of each subtask, unless it needs an approval first or
+        its agent was dismissed from the session; returns those sent."""
+        if not subtasks:
+            return []
+        asking = [s for s in subtasks if s.requires_approval and not approved]
+        going = [s for s in subtasks if not (s.requires_approval and not approved)]
+        if asking:
+            await self._request_approvals(conn, plan, asking, now)
+        if not going:
+            return []
+        if dismissed is None:
+            dismissed = await db.dismissed_models(conn, plan.user_id, plan.session_id)
+        sent: list[Subtask] = []
+        held: list[Subtask] = []
+        for s in going:
+            agent = domain.route(s.agent, dismissed, self.settings.planner_fallback_agent)
+            if agent is None:
+                held.append(
+                    replace(
+                        s,
+                        status=HELD,
+                        error=f"held: model {s.agent} was dismissed from session"
+                        f" {plan.session_id} and no fallback agent is configured",
+                        deadline_at=None,
+                        next_attempt_at=None,
+                    )
+                )
+            else:
+                sent.append(domain.dispatch(s, agent, now))
+        await db.save_subtasks(conn, [*sent, *held])
+        await outbox.add(conn, [_subtask_ready(plan, s) for s in sent])
+        SUBTASKS.labels(HELD).inc(len(held))
+        SUBTASKS.labels(domain.READY).inc(len(sent))
+        RETRIES.inc(sum(1 for s in sent if s.attempt > 1))
+        return sent
+
+    async def _request_approvals(
+        self,
+        conn: Connection,
+        plan: Plan,
+        subtasks: Sequence[Subtask | None],
+        now: datetime,
+    ) -> None:
+        """Ask for an approval of each subtask (type tool), or of the whole plan (None)."""
+        expires_at = now + timedelta(seconds=self.settings.planner_approval_timeout_s)
+        approvals: list[Approval] = []
+        for s in subtasks:
+            payload: dict[str, Any] = {"original_task": plan.original_task[:2000]}
+            if s is not None:
+                payload |= {
+                    "subtask_id": s.subtask_id,
+                    "description": s.description[:2000],
+                    "agent": s.agent,
+                }
+            else:
+                payload |= {"subtask_count": plan.subtask_count}
+            approvals.append(
+                Approval(
+                    approval_id=domain.approval_id(plan.plan_id, s.subtask_id if s else None),
+                    user_id=plan.user_id,
+                    session_id=plan.session_id,
+                    plan_id=plan.plan_id,
+                    subtask_id=s.subtask_id if s else None,
+                    type="tool" if s else "plan",
+                    payload=payload,
+                    status="pending",
+                    created_at=now,
+                    expires_at=expires_at,
+                    resolved_at=None,
+                    decision=None,
+                )
+            )
+        waiting = [replace(s, status=AWAITING_APPROVAL) for s in subtasks if s is not None]
+        await db.save_subtasks(conn, waiting)
+        SUBTASKS.labels(AWAITING_APPROVAL).inc(len(waiting))
+        await db.insert_approvals(conn, approvals)
+        await outbox.add(
+            conn,
+            [
+                ApprovalRequested(
+                    event_id=domain.derived_id("approval.requested", a.approval_id),
+                    approval_id=a.approval_id,
+                    plan_id=a.plan_id,
+                    subtask_id=a.subtask_id,
+                    user_id=a.user_id,
+                    session_id=a.session_id,
+                    type="tool" if a.subtask_id else "plan",
+                    payload=a.payload,
+                    expires_at=a.expires_at,
+                )
+                for a in approvals
+            ],
+        )
+
+    async def _skip_dependents(
+        self, conn: Connection, plan: Plan, dead: Sequence[str], now: datetime
+    ) -> None:
+        subtasks = await db.plan_subtasks(conn, plan.plan_id)
+        by_id = {s.subtask_id: s for s in subtasks}
+        deps = {s.subtask_id: s.dependencies for s in subtasks}
+        statuses = {s.subtask_id: s.status for s in subtasks}
+        skipped = [
+            domain.finish(
+                by_id[sid],
+                SKIPPED,
+                f"skipped: depends on {cause}, which {by_id[cause].status}",
+                now,
+            )
+            for sid, cause in domain.to_skip(deps, statuses, dead).items()
+        ]
+        await db.save_subtasks(conn, skipped)
+        SUBTASKS.labels(SKIPPED).inc(len(skipped))
+
+    async def _finish_if_done(self, conn: Connection, plan: Plan, now: datetime) -> None:
+        if plan.status in PLAN_TERMINAL or await db.has_open_subtasks(conn, plan.plan_id):
+            return
+        subtasks = await db.plan_subtasks(conn, plan.plan_id)
+        outcome = domain.plan_outcome(s.status for s in subtasks)
+        assert outcome is not None
+        await self._finish(conn, plan, outcome, subtasks, now)
+
+    async def _finish(
+        self,
+        conn: Connection,
+        plan: Plan,
+        status: PlanOutcome,
+        subtasks: Sequence[Subtask],
+        now: datetime,
+    ) -> None:
+        metrics = domain.metrics(subtasks, plan.created_at, now, now)
+        if not await db.finish_plan(conn, plan.plan_id, status, now, metrics):
+            return  # finished earlier in this transaction
+        await outbox.add(
+            conn,
+            [
+                PlanCompleted(
+                    event_id=domain.derived_id("plan.completed", plan.plan_id),
+                    plan_id=plan.plan_id,
+                    task_id=plan.task_id,
+                    user_id=plan.user_id,
+                    session_id=plan.session_id,
+                    status=status,
+                    metrics=metrics,
+                )
+            ],
+        )
+        PLANS.labels(status).inc()
+
+    # --- approvals ------------------------------------------------------------------------
+
+    async def resolve_approval(
+        self, conn: Connection, approval_id: uuid.UUID, approved: bool, comment: str | None
+    ) -> Approval:
+        found = await db.approval(conn, approval_id)
+        if found is None:
+            raise NotFound(f"no approval {approval_id}")
+        plan = await db.lock_plan(conn, found.plan_id)
+        assert plan is not None
+        found = await db.approval(conn, approval_id)  # read again under the plan's lock
+        assert found is not None
+        if found.status != "pending":
+            raise Conflict(f"approval {approval_id} is already {found.status}")
+        return await self._resolve(
+            conn, plan, found, "approved" if approved else "rejected", comment, utcnow()
+        )
+
+    async def _resolve(
+        self,
+        conn: Connection,
+        plan: Plan,
+        approval: Approval,
+        status: Resolution,
+        decision: str | None,
+        now: datetime,
+    ) -> Approval:
+        resolved = await db.resolve_approval(conn, approval.approval_id, status, decision, now)
+        await outbox.add(
+            conn,
+            [
+                ApprovalResolved(
+                    event_id=domain.derived_id("approval.resolved", approval.approval_id),
+                    approval_id=approval.approval_id,
+                    plan_id=plan.plan_id,
+                    subtask_id=approval.subtask_id,
+                    status=status,
+                    decision=decision,
+                    user_id=plan.user_id,
+                    session_id=plan.session_id,
+                )
+            ],
+        )
+        if plan.status in PLAN_TERMINAL:
+            return resolved
+        why = f"approval {status}" + (f": {decision}" if decision else "")
+        if approval.subtask_id is None:  # the whole plan
+            subtasks = await db.plan_subtasks(conn, plan.plan_id)
+            if status == "approved":
+                plan = replace(plan, status=PLAN_RUNNING)
+                await db.set_plan_status(conn, plan.plan_id, PLAN_RUNNING)
+                PLANS.labels(PLAN_RUNNING).inc()
+                deps = {s.subtask_id: s.dependencies for s in subtasks}
+                statuses = {s.subtask_id: s.status for s in subtasks}
+                ready = set(domain.newly_ready(deps, statuses, deps))
+                await self._dispatch(
+                    conn, plan, [s for s in subtasks if s.subtask_id in ready], now
+                )
+            else:
+                changes = [
+                    Change(s, domain.finish(s, SKIPPED, f"skipped: plan {why}", now))
+                    for s in subtasks
+                    if s.status not in TERMINAL
+                ]
+                await self._settle(conn, plan, changes, now)
+            return resolved
+        current = (await db.subtasks(conn, plan.plan_id, [approval.subtask_id])).get(
+            approval.subtask_id
+        )
+        if current is None or current.status != AWAITING_APPROVAL:
+            return resolved
+        if status == "approved":
+            await self._dispatch(conn, plan, [current], now, approved=True)
+        else:
+            await self._settle(
+                conn, plan, [Change(current, domain.finish(current, REJECTED, why, now))], now
+            )
+        return resolved
+
+    # --- cancel, reassign -----------------------------------------------------------------
+
+    async def cancel_plan(self, conn: Connection, plan_id: str) -> Plan:
+        plan = await db.lock_plan(conn, plan_id)
+        if plan is None:
+            raise NotFound(f"no plan {plan_id}")
+        if plan.status == CANCELLED:
+            return plan
+        if plan.status in PLAN_TERMINAL:
+            raise Conflict(f"plan {plan_id} already {plan.status}")
+        now = utcnow()
+        for a in await db.pending_approvals_of_plan(conn, plan_id):
+            await db.resolve_approval(conn, a.approval_id, "rejected", "plan cancelled", now)
+            await outbox.add(
+                conn,
+                [
+                    ApprovalResolved(
+                        event_id=domain.derived_id("approval.resolved", a.approval_id),
+                        approval_id=a.approval_id,
+                        plan_id=plan_id,
+                        subtask_id=a.subtask_id,
+                        status="rejected",
+                        decision="plan cancelled",
+                        user_id=plan.user_id,
+                        session_id=plan.session_id,
+                    )
+                ],
+            )
+        subtasks = await db.plan_subtasks(conn, plan_id)
+        cancelled = {
+            s.subtask_id: domain.finish(s, CANCELLED, "plan cancelled", now)
+            for s in subtasks
+            if s.status not in TERMINAL
+        }
+        await db.save_subtasks(conn, cancelled.values())
+        SUBTASKS.labels(CANCELLED).inc(len(cancelled))
+        final = [cancelled.get(s.subtask_id, s) for s in subtasks]
+        await self._finish(conn, plan, CANCELLED, final, now)
+        found = await db.plan(conn, plan_id)
+        assert found is not None
+        return found
+
+    async def assign(self, conn: Connection, plan_id: str, subtask_id: str, agent: str) -> Subtask:
+        """Give a subtask that has not gone out yet (held, pending, retrying, awaiting
+        approval) to another agent; a held one is released and dispatched when it may."""
+        plan = await db.lock_plan(conn, plan_id)
+        if plan is None:
+            raise NotFound(f"no plan {plan_id}")
+        s = (await db.subtasks(conn, plan_id, [subtask_id])).get(subtask_id)
+        if s is None:
+            raise NotFound(f"plan {plan_id} has no subtask {subtask_id}")
+        if s.status not in (HELD, PENDING, RETRYING, AWAITING_APPROVAL):
+            raise Conflict(f"subtask {subtask_id} is {s.status}; only one not dispatched yet moves")
+        if s.status != HELD:
+            moved = replace(s, agent=agent)
+            await db.save_subtasks(conn, [moved])
+            return moved
+        released = replace(s, agent=agent, status=PENDING, error=None)
+        await db.save_subtasks(conn, [released])
+        if plan.status != PLAN_RUNNING:
+            return released
+        deps = await db.subtasks(conn, plan_id, list(s.dependencies))
+        statuses = {d.subtask_id: d.status for d in deps.values()} | {subtask_id: PENDING}
+        if not domain.newly_ready({subtask_id: s.dependencies}, statuses, [subtask_id]):
+            return released
+        decision = await db.approval(conn, domain.approval_id(plan_id, subtask_id))
+        approved = decision is not None and decision.status == "approved"
+        await self._dispatch(conn, plan, [released], utcnow(), approved=approved)
+        after = (await db.subtasks(conn, plan_id, [subtask_id]))[subtask_id]
+        return after
+
+    # --- dismissals -----------------------------------------------------------------------
+
+    async def on_model_dismissed(self, conn: Connection, events: list[ModelDismissed]) -> None:
+        """From now on no subtask of the session goes to that model: what has not gone out
+        yet moves to the fallback agent, or is held where there is none."""
+        await db.add_dismissals(
+            conn,
+            [(e.user_id, e.session_id, e.model_id, e.reason, e.occurred_at) for e in events],
+        )
+        sessions = sorted({(e.user_id, e.session_id) for e in events})
+        plans = await db.lock_open_plans_of_sessions(conn, sessions)
+        now = utcnow()
+        for plan in plans:
+            dismissed = await db.dismissed_models(conn, plan.user_id, plan.session_id)
+            gone = [
+                e.model_id
+                for e in events
+                if (e.user_id, e.session_id) == (plan.user_id, plan.session_id)
+            ]
+            changes: list[Change] = []
+            for model in dict.fromkeys(gone):
+                waiting = await db.subtasks_of_agent(
+                    conn, [plan.plan_id], model, (PENDING, AWAITING_APPROVAL, RETRYING)
+                )
+                agent = domain.route(model, dismissed, self.settings.planner_fallback_agent)
+                for s in waiting:
+                    if agent is not None:
+                        changes.append(Change(s, replace(s, agent=agent)))
+                    elif s.status != AWAITING_APPROVAL:  # held once approved, at dispatch
+                        changes.append(
+                            Change(
+                                s,
+                                replace(
+                                    s,
+                                    status=HELD,
+                                    next_attempt_at=None,
+                                    error=f"held: model {model} was dismissed from session"
+                                    f" {plan.session_id} and no fallback agent is configured",
+                                ),
+                            )
+                        )
+            await self._settle(conn, plan, changes, now)
+
+    # --- the timer loop -------------------------------------------------------------------
+
+    async def timers(self, runtime: Runtime) -> None:
+        """Every tick: attempts past their deadline count as failed, due retries go out,
+        expired approvals resolve as timeout."""
+        while True:
+            try:
+                await self.tick(runtime.pool)
+            except (asyncpg.PostgresError, OSError) as exc:
+                log.warning("planner timers: %s", exc)
+            await asyncio.sleep(self.settings.planner_tick_s)
+
+    async def tick(self, pool: asyncpg.Pool) -> None:
+        async with pool.acquire() as conn:
+            plan_ids = await db.plans_with_due_work(conn, utcnow(), limit=100)
+        for plan_id in plan_ids:
+            async with pool.acquire() as conn, conn.transaction():
+                # a plan locked by a consumer right now is looked at again next tick
+                plan = await db.lock_plan(conn, plan_id, skip_locked=True)
+                if plan is not None:
+                    await self._due_work(conn, plan)
+
+    async def _due_work(self, conn: Connection, plan: Plan) -> None:
+        now = utcnow()
+        changes: list[Change] = []
+        for s in await db.past_deadline(conn, plan.plan_id, now):
+            after = domain.timed_out(s, now, self.policy)
+            if after is not None:
+                TIMEOUTS.labels("subtask").inc()
+                changes.append(Change(s, after))
+        await self._settle(conn, plan, changes, now)
+        if plan.status == PLAN_RUNNING:
+            await self._dispatch(
+                conn, plan, await db.due_retries(conn, plan.plan_id, now), now, approved=True
+            )
+        for a in await db.expired_approvals(conn, plan.plan_id, now):
+            TIMEOUTS.labels("approval").inc()
+            current = await db.plan(conn, plan.plan_id)  # what the steps above changed
+            assert current is not None
+            await self._resolve(conn, current, a, "timeout", "no answer in time", now)
+
+
+def _entered(change: Change, statuses: Iterable[str]) -> bool:
+    group = set(statuses)
+    return change.after.status in group and change.before.status not in group
+
+
+def _subtask_ready(plan: Plan, s: Subtask) -> SubtaskReady:
+    return SubtaskReady(
+        event_id=domain.derived_id("subtask.ready", plan.plan_id, s.subtask_id, s.attempt),
+        plan_id=plan.plan_id,
+        subtask_id=s.subtask_id,
+        user_id=plan.user_id,
+        session_id=plan.session_id,
+        agent=s.agent,
+        attempt=s.attempt,
+        description=s.description,
+        timeout_s=s.timeout_s,
+        deadline_at=s.deadline_at,
+    )
+
+
+def _observe_dispatch_latency(
+    dispatched: Sequence[Subtask], completed_at: dict[str, datetime]
+) -> None:
+    now = utcnow()
+    for s in dispatched:
+        enabling = [completed_at[d] for d in s.dependencies if d in completed_at]
+        if enabling:
+            DISPATCH_LATENCY.observe(max(0.0, (now - max(enabling)).total_seconds()))
