@@ -1,7 +1,7 @@
 """planner DAG: a random layered DAG of 10,000 subtasks (seeded) driven to completion by a
 fake agent pool that answers every `subtask.ready` at once with `subtask.completed`.
 
-    python -m benchmarks.planner_dag [--subtasks 10000] [--rounds 3] [--seed 42]
+    python -m benchmarks.planner_dag [--subtasks 10000] [--rounds 3] [--seed 42] [--agent-ms 0]
 
 The planner runs as its own process (`fleet run planner`), against embedded NATS and
 PostgreSQL started here; the agent pool is a task in this process. Every round starts on a
@@ -85,6 +85,9 @@ class AgentPool:
 
     js: JetStreamContext
     deps: dict[str, list[str]]
+    work_ms: float = 0.0  # each subtask takes uniform(0, work_ms); 0: answered at once
+    rng: random.Random = field(default_factory=lambda: random.Random(7))
+    working: set[asyncio.Task[None]] = field(default_factory=set)
     ready_at: dict[str, float] = field(default_factory=dict)
     completed_published_at: dict[str, float] = field(default_factory=dict)
     duplicates: int = 0
@@ -110,6 +113,18 @@ class AgentPool:
             self.duplicates += 1
             return
         self.ready_at[ready.subtask_id] = arrived
+        if self.work_ms:
+            task = asyncio.create_task(self._work(ready, self.rng.uniform(0, self.work_ms)))
+            self.working.add(task)
+            task.add_done_callback(self.working.discard)
+        else:
+            await self._complete(ready)
+
+    async def _work(self, ready: SubtaskReady, ms: float) -> None:
+        await asyncio.sleep(ms / 1000)
+        await self._complete(ready)
+
+    async def _complete(self, ready: SubtaskReady) -> None:
         done = SubtaskCompleted(
             plan_id=ready.plan_id,
             subtask_id=ready.subtask_id,
@@ -193,7 +208,12 @@ def spawn_planner(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
 
 
 async def one_round(
-    nats_url: str, admin_url: str, js: JetStreamContext, subtasks: list[dict[str, Any]], log: Path
+    nats_url: str,
+    admin_url: str,
+    js: JetStreamContext,
+    subtasks: list[dict[str, Any]],
+    log: Path,
+    work_ms: float,
 ) -> Round:
     await js.delete_stream(PLANS_STREAM.name)
     await ensure_streams(js)
@@ -207,7 +227,7 @@ async def one_round(
         "LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "WARNING"),
     }
     proc = spawn_planner(env, log)
-    pool = AgentPool(js, {s["subtask_id"]: s["depends_on"] for s in subtasks})
+    pool = AgentPool(js, {s["subtask_id"]: s["depends_on"] for s in subtasks}, work_ms)
     try:
         await wait_ready(port, proc)
         await pool.start()
@@ -247,7 +267,7 @@ async def one_round(
         proc.wait(30)
 
 
-async def main(n: int, rounds: int, seed: int) -> None:
+async def main(n: int, rounds: int, seed: int, work_ms: float) -> None:
     subtasks = layered_dag(n, seed)
     layers = len({s["subtask_id"].split("-")[0] for s in subtasks})
     edges = sum(len(s["depends_on"]) for s in subtasks)
@@ -261,7 +281,7 @@ async def main(n: int, rounds: int, seed: int) -> None:
         js = nc.jetstream()
         await ensure_streams(js)
         for i in range(1, rounds + 1):
-            r = await one_round(nats_server.url, pg.url, js, subtasks, tmp / "planner.log")
+            r = await one_round(nats_server.url, pg.url, js, subtasks, tmp / "planner.log", work_ms)
             results.append(r)
             print(
                 f"round {i}: {r.subtasks_per_s:7.0f} subtasks/s"
@@ -277,6 +297,7 @@ async def main(n: int, rounds: int, seed: int) -> None:
     print(f"    planner log: {tmp / 'planner.log'}")
     print(
         f"\n{n} subtasks in {layers} layers, {edges} dependencies, seed {seed}; {rounds} rounds;"
+        f" agents answer after uniform(0, {work_ms:g}) ms;"
         f" {os.cpu_count()} cores, {platform.processor() or '?'}"
     )
 
@@ -301,5 +322,12 @@ if __name__ == "__main__":
     parser.add_argument("--subtasks", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument(
+        "--agent-ms",
+        type=float,
+        default=0.0,
+        help="each fake agent works uniform(0, this) ms per subtask; 0 (default) answers at"
+        " once, so every layer completes in one burst (the worst case for dispatch latency)",
+    )
     args = parser.parse_args()
-    asyncio.run(main(args.subtasks, args.rounds, args.seed))
+    asyncio.run(main(args.subtasks, args.rounds, args.seed, args.agent_ms))

@@ -81,6 +81,12 @@ def cmd_status(_: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from services.benchmark.cli import main as bench_main
+
+    return bench_main(args.args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="fleet", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -96,6 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("status", help="health and URLs of a running stack").set_defaults(
         func=cmd_status
     )
+    bench = sub.add_parser(
+        "bench",
+        help="submit a benchmark and show its results (fleet bench run --help)",
+        add_help=False,
+    )
+    bench.add_argument("args", nargs=argparse.REMAINDER)
+    bench.set_defaults(func=cmd_bench)
     args = parser.parse_args(argv)
     code: int = args.func(args)
     return code

@@ -1,0 +1,376 @@
+"""Pure decisions of benchmark: the price guard, what one streamed run measured, the summary
+of a job, and how a job ends. No I/O here.
+
+The price guard
+---------------
+The service keeps its own copy of the catalog's prices from `model.synced`. A request is
+judged by the catalog price of the model it names, whatever provider it goes through (the
+seed refuses `openai/gpt-4` asked through `ollama`):
+
+1. Every catalog entry whose id is the model's (for provider `openai`, `gpt-4o` is also
+   looked up as `openai/gpt-4o`) is considered; the strictest decides. An entry of
+   provider `ollama` is free (a local model).
+2. A prompt or completion price per 1M tokens above `BENCHMARK_MAX_PRICE_PER_1M` → blocked,
+   naming the price and the cap. A price equal to the cap is allowed.
+3. A variable price (`variable_price`, a negative price such as OpenRouter's `-1`, or no
+   price) → blocked unless `BENCHMARK_ALLOW_VARIABLE_PRICE` (its cost is then unknown
+   unless the server reports it).
+4. A model the catalog does not know → allowed for provider `ollama` (a local model is
+   free); blocked for `openrouter` and `openai` unless `BENCHMARK_ALLOW_UNKNOWN_MODELS`.
+
+A removed catalog entry keeps its last known price, so the guard still knows what it costs.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Literal
+
+from contracts.events import (
+    BenchmarkCompleted,
+    BenchmarkFailed,
+    BenchmarkRequested,
+    BenchmarkSummary,
+    LatencySummary,
+)
+
+Provider = Literal["ollama", "openrouter", "openai"]
+LOCAL_PROVIDER = "ollama"
+MILLION = Decimal(1_000_000)
+
+
+# --- the price guard ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Policy:
+    max_price_per_1m: Decimal
+    allow_variable_price: bool = False
+    allow_unknown_models: bool = False
+
+
+@dataclass(frozen=True)
+class CatalogPrice:
+    """One entry of the service's price table (from `model.synced`)."""
+
+    provider: str
+    model_id: str
+    prompt_per_1m: Decimal | None
+    completion_per_1m: Decimal | None
+    variable_price: bool = False
+
+    @property
+    def is_local(self) -> bool:
+        return self.provider == LOCAL_PROVIDER
+
+    @property
+    def is_variable(self) -> bool:
+        if self.is_local:
+            return False
+        prices = (self.prompt_per_1m, self.completion_per_1m)
+        return self.variable_price or any(p is None or p < 0 for p in prices)
+
+    @property
+    def highest(self) -> Decimal:
+        if self.is_local or self.is_variable:
+            return Decimal(0)
+        return max(self.prompt_per_1m or Decimal(0), self.completion_per_1m or Decimal(0))
+
+
+@dataclass(frozen=True)
+class Price:
+    """USD per 1M tokens, as used for the cost of a run."""
+
+    prompt_per_1m: Decimal
+    completion_per_1m: Decimal
+
+
+FREE = Price(Decimal(0), Decimal(0))
+
+
+@dataclass(frozen=True)
+class Verdict:
+    allowed: bool
+    reason: str
+    price: Price | None  # None: the cost is unknown (variable or unknown price)
+
+
+def catalog_ids(provider: str, model: str) -> list[str]:
+    """The catalog ids a requested model may have: OpenAI's own API names models without
+    the vendor prefix the catalog (OpenRouter) uses."""
+    ids = [model]
+    if provider == "openai" and "/" not in model:
+        ids.append(f"openai/{model}")
+    return ids
+
+
+def _usd(value: Decimal) -> str:
+    return f"${value.normalize():f}"
+
+
+def check_price(
+    provider: str, model: str, catalog: Sequence[CatalogPrice], policy: Policy
+) -> Verdict:
+    """May `model` be benchmarked through `provider`? See the module's docstring."""
+    cap = _usd(policy.max_price_per_1m)
+    entries = [c for c in catalog if c.model_id in catalog_ids(provider, model)]
+    priced = [c for c in entries if not c.is_local and not c.is_variable]
+    if priced:
+        dearest = max(priced, key=lambda c: c.highest)
+        if dearest.highest > policy.max_price_per_1m:
+            assert dearest.prompt_per_1m is not None and dearest.completion_per_1m is not None
+            return Verdict(
+                False,
+                f"model too expensive for benchmark: {dearest.model_id} costs "
+                f"{_usd(dearest.prompt_per_1m)} per 1M prompt tokens and "
+                f"{_usd(dearest.completion_per_1m)} per 1M completion tokens in the "
+                f"{dearest.provider} catalog, above the cap BENCHMARK_MAX_PRICE_PER_1M={cap}",
+                None,
+            )
+    if any(c.is_variable for c in entries):
+        if not policy.allow_variable_price:
+            return Verdict(
+                False,
+                f"model price is variable: {model} is priced per request in the catalog, so "
+                f"its cost cannot be held under the cap BENCHMARK_MAX_PRICE_PER_1M={cap}; "
+                "set BENCHMARK_ALLOW_VARIABLE_PRICE=1 to allow such models",
+                None,
+            )
+        return Verdict(True, "variable price, allowed by BENCHMARK_ALLOW_VARIABLE_PRICE", None)
+    if priced:
+        dearest = max(priced, key=lambda c: c.highest)
+        assert dearest.prompt_per_1m is not None and dearest.completion_per_1m is not None
+        return Verdict(
+            True,
+            f"catalog price {_usd(dearest.highest)} per 1M tokens is within the cap {cap}",
+            Price(dearest.prompt_per_1m, dearest.completion_per_1m),
+        )
+    if entries:
+        return Verdict(True, "a local Ollama model is free", FREE)
+    if provider == LOCAL_PROVIDER:
+        return Verdict(True, "not in the catalog; a local Ollama model is free", FREE)
+    if policy.allow_unknown_models:
+        return Verdict(True, "not in the catalog, allowed by BENCHMARK_ALLOW_UNKNOWN_MODELS", None)
+    return Verdict(
+        False,
+        f"model not in the catalog: the price of {model} via {provider} is unknown, so it "
+        f"cannot be held under the cap BENCHMARK_MAX_PRICE_PER_1M={cap}; set "
+        "BENCHMARK_ALLOW_UNKNOWN_MODELS=1 to allow models the catalog does not know",
+        None,
+    )
+
+
+# --- one run -----------------------------------------------------------------------------
+
+
+@dataclass
+class Stream:
+    """What a provider client saw of one streamed request. Times are `perf_counter()`
+    seconds; token counts and cost are the server's own."""
+
+    started: float
+    token_times: list[float] = field(default_factory=list)  # each chunk carrying output
+    finished: float | None = None
+    prompt_tokens: int | None = None
+    output_tokens: int | None = None
+    server_cost_usd: Decimal | None = None
+    server_eval_ns: int | None = None  # Ollama's eval_duration
+    error_kind: str | None = None  # timeout, connection, http_status, stream_error, protocol
+    error: str | None = None
+
+
+@dataclass
+class RunResult:
+    """One measured run, as stored and shown. Latencies in milliseconds."""
+
+    run_index: int
+    ok: bool
+    error_kind: str | None = None
+    error: str | None = None
+    ttft_ms: float | None = None
+    e2e_ms: float | None = None
+    inter_token_ms: list[float] = field(default_factory=list)
+    itl_mean_ms: float | None = None
+    itl_p50_ms: float | None = None
+    itl_p99_ms: float | None = None
+    tpot_ms: float | None = None
+    prompt_tokens: int | None = None
+    output_tokens: int | None = None
+    tokens_per_s: float | None = None
+    server_tokens_per_s: float | None = None
+    cost_usd: Decimal | None = None
+    cost_source: str | None = None  # "server" or "catalog"
+    content_chunks: int = 0
+
+
+def run_cost(
+    price: Price | None,
+    prompt_tokens: int | None,
+    output_tokens: int | None,
+    server_cost_usd: Decimal | None,
+) -> tuple[Decimal | None, str | None]:
+    """The server's reported cost when it sends one, else the catalog price times the
+    server's token counts; unknown when neither is there."""
+    if server_cost_usd is not None:
+        return server_cost_usd, "server"
+    if price is None or output_tokens is None:
+        return None, None
+    cost = (
+        Decimal(prompt_tokens or 0) * price.prompt_per_1m
+        + Decimal(output_tokens) * price.completion_per_1m
+    ) / MILLION
+    return cost, "catalog"
+
+
+def measure(index: int, stream: Stream, price: Price | None) -> RunResult:
+    """Turn what a client saw into the run's measurements.
+
+    TTFT: request start to the first chunk carrying output. Inter-token latencies: gaps
+    between consecutive chunks carrying output (a chunk may hold several tokens). Time per
+    output token: the time after the first token over the tokens after the first, with the
+    server's token count. Tokens/s: the server's output tokens over the end-to-end time."""
+    if stream.error is not None:
+        return RunResult(index, False, stream.error_kind, stream.error)
+    if not stream.token_times or stream.finished is None:
+        return RunResult(
+            index, False, "empty_response", "the stream ended without any generated text"
+        )
+    ms = 1000.0
+    ttft = (stream.token_times[0] - stream.started) * ms
+    e2e = (stream.finished - stream.started) * ms
+    gaps = [(b - a) * ms for a, b in zip(stream.token_times, stream.token_times[1:], strict=False)]
+    tokens = stream.output_tokens
+    tpot = (e2e - ttft) / (tokens - 1) if tokens is not None and tokens > 1 else None
+    cost, source = run_cost(price, stream.prompt_tokens, tokens, stream.server_cost_usd)
+    return RunResult(
+        index,
+        True,
+        ttft_ms=ttft,
+        e2e_ms=e2e,
+        inter_token_ms=gaps,
+        itl_mean_ms=sum(gaps) / len(gaps) if gaps else None,
+        itl_p50_ms=percentile(gaps, 50) if gaps else None,
+        itl_p99_ms=percentile(gaps, 99) if gaps else None,
+        tpot_ms=tpot,
+        prompt_tokens=stream.prompt_tokens,
+        output_tokens=tokens,
+        tokens_per_s=tokens / (e2e / ms) if tokens is not None and e2e > 0 else None,
+        server_tokens_per_s=(
+            tokens / (stream.server_eval_ns / 1e9)
+            if tokens is not None and stream.server_eval_ns
+            else None
+        ),
+        cost_usd=cost,
+        cost_source=source,
+        content_chunks=len(stream.token_times),
+    )
+
+
+# --- a job's summary ---------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile with linear interpolation between the closest ranks (numpy's
+    default); `values` must not be empty."""
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low, high = math.floor(rank), math.ceil(rank)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def distribution(values: Sequence[float]) -> LatencySummary | None:
+    if not values:
+        return None
+    return LatencySummary(
+        mean=sum(values) / len(values),
+        p50=percentile(values, 50),
+        p90=percentile(values, 90),
+        p99=percentile(values, 99),
+    )
+
+
+def _present(values: Iterable[float | None]) -> list[float]:
+    return [v for v in values if v is not None]
+
+
+def summarize(results: Sequence[RunResult]) -> BenchmarkSummary:
+    ok = [r for r in results if r.ok]
+    costs = [r.cost_usd for r in ok]
+    return BenchmarkSummary(
+        runs_ok=len(ok),
+        runs_failed=len(results) - len(ok),
+        ttft_ms=distribution(_present(r.ttft_ms for r in ok)),
+        inter_token_ms=distribution([g for r in ok for g in r.inter_token_ms]),
+        tpot_ms=distribution(_present(r.tpot_ms for r in ok)),
+        e2e_ms=distribution(_present(r.e2e_ms for r in ok)),
+        tokens_per_s=distribution(_present(r.tokens_per_s for r in ok)),
+        output_tokens=sum(r.output_tokens or 0 for r in ok),
+        prompt_tokens=sum(r.prompt_tokens or 0 for r in ok),
+        cost_usd=sum((c for c in costs if c is not None), Decimal(0))
+        if ok and all(c is not None for c in costs)
+        else None,
+        errors=dict(Counter(r.error_kind or "error" for r in results if not r.ok)),
+    )
+
+
+# --- how a job ends ----------------------------------------------------------------------
+
+Outcome = BenchmarkCompleted | BenchmarkFailed
+
+
+def final_event_id(job_id: uuid.UUID) -> uuid.UUID:
+    """A job ends once, so its final event has one id whichever worker writes it."""
+    return uuid.uuid5(job_id, "benchmark.final")
+
+
+def outcome(job: BenchmarkRequested, results: Sequence[RunResult]) -> Outcome:
+    """Completed when at least one run succeeded; failed when every run failed."""
+    summary = summarize(results)
+    if summary.runs_ok:
+        return BenchmarkCompleted(
+            event_id=final_event_id(job.job_id),
+            job_id=job.job_id,
+            provider=job.provider,
+            model=job.model,
+            task_type=job.task_type,
+            summary=summary,
+        )
+    first_error = next((r.error for r in results if r.error), "no run succeeded")
+    return BenchmarkFailed(
+        event_id=final_event_id(job.job_id),
+        job_id=job.job_id,
+        provider=job.provider,
+        model=job.model,
+        task_type=job.task_type,
+        error=f"every run failed ({len(results)}); first error: {first_error}",
+        summary=summary,
+    )
+
+
+def refused(job: BenchmarkRequested, error: str) -> BenchmarkFailed:
+    """A job that ends before any run: refused by the guard, or given up on."""
+    return BenchmarkFailed(
+        event_id=final_event_id(job.job_id),
+        job_id=job.job_id,
+        provider=job.provider,
+        model=job.model,
+        task_type=job.task_type,
+        error=error,
+    )
+
+
+def start_refusal(attempt: int, max_attempts: int, verdict: Verdict) -> str | None:
+    """Why a claimed job must not run now, if it must not: the guard refuses it (prices
+    may have changed since it was accepted), or too many workers already stopped mid-job."""
+    if attempt > max_attempts:
+        return (
+            f"gave up: {max_attempts} workers started this job and each stopped before finishing it"
+        )
+    if not verdict.allowed:
+        return f"benchmark_blocked: {verdict.reason}"
+    return None

@@ -1,0 +1,271 @@
+"""A local fake model server speaking the real wire formats, with scripted timing, for the
+tests and `benchmarks/benchmark_accuracy.py`.
+
+One raw asyncio HTTP/1.1 server (keep-alive, chunked transfer encoding) answers:
+
+- `POST /api/generate` and `POST /api/chat` as Ollama does: NDJSON lines, the last with
+  `done: true`, `prompt_eval_count`, `eval_count` and `eval_duration` (nanoseconds);
+- `POST .../chat/completions` as OpenAI-compatible servers do: SSE `data: {...}` events,
+  a role-only first chunk, content chunks, a finish chunk, a usage chunk (with `cost` when
+  scripted, as OpenRouter sends) when `stream_options.include_usage` is set, `data: [DONE]`.
+
+A `Script` says when each chunk goes out and how many tokens it holds; the server records
+(`perf_counter()`, the same clock as the client when both run in one process) when it
+actually wrote each chunk, which is the truth a measurement is compared with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Script:
+    """How the server answers one request."""
+
+    ttft_s: float = 0.05  # from reading the request to writing the first output chunk
+    chunks: Sequence[tuple[str, int]] = (("Hello", 1), (" world, how", 3), (" are you?", 3))
+    gap_s: float = 0.02  # between output chunks
+    prompt_tokens: int = 9
+    cost_usd: str | None = None  # usage.cost, as OpenRouter reports it
+    status: int = 200  # anything else: an error answer, no stream
+    error_after: int | None = None  # an error object in the stream after this many chunks
+    stall_s: float = 0.0  # before the final lines (to provoke a client timeout)
+    sse_comment: bool = False  # ": OPENROUTER PROCESSING" before the first chunk
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(tokens for _, tokens in self.chunks)
+
+
+@dataclass
+class Served:
+    """What the server did for one request; times are `perf_counter()` seconds."""
+
+    path: str
+    body: dict[str, Any]
+    received_at: float
+    written_at: list[float] = field(default_factory=list)  # each output chunk
+    finished_at: float | None = None
+
+
+Scripting = Script | Callable[[int, dict[str, Any]], Script]
+
+
+class FakeModelServer:
+    """`async with FakeModelServer(script) as server:` then point a client at `server.url`.
+    `script` may be a function of (request number from 0, request body)."""
+
+    def __init__(self, script: Scripting = Script()) -> None:
+        self.script = script
+        self.served: list[Served] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.url = ""
+        self._server: asyncio.Server | None = None
+        self._connections: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> FakeModelServer:
+        self._server = await asyncio.start_server(self._connection, "127.0.0.1", 0, backlog=512)
+        port = self._server.sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in list(self._connections):
+            task.cancel()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._server.wait_closed(), 2)
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
+        try:
+            while await self._one_request(reader, writer):
+                pass
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass  # the client went away (a timeout, or done)
+        except asyncio.CancelledError:
+            pass  # the server is closing; asyncio's stream callback dislikes a cancelled task
+        finally:
+            self._connections.discard(task)
+            writer.close()
+
+    async def _one_request(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except asyncio.IncompleteReadError:
+            return False
+        lines = head.decode("latin-1").split("\r\n")
+        method, path, _ = lines[0].split(" ", 2)
+        headers = {
+            k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in lines[1:])
+        }
+        raw = await reader.readexactly(int(headers.get("content-length") or 0))
+        received_at = time.perf_counter()
+        body: dict[str, Any] = json.loads(raw) if raw else {}
+        index = len(self.served)
+        script = self.script(index, body) if callable(self.script) else self.script
+        served = Served(path, body, received_at)
+        self.served.append(served)
+        if method != "POST" or not path.endswith(
+            ("/api/generate", "/api/chat", "/chat/completions")
+        ):
+            await self._plain(writer, 404, {"error": f"no route {method} {path}"})
+            return True
+        if script.status != 200:
+            await self._plain(
+                writer, script.status, {"error": f"model {body.get('model')!r} not found"}
+            )
+            return True
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if path.endswith("/chat/completions"):
+                await self._sse(writer, script, body, served)
+            else:
+                await self._ndjson(writer, script, body, served, chat=path.endswith("/chat"))
+        finally:
+            self.in_flight -= 1
+        return True
+
+    async def _plain(self, writer: asyncio.StreamWriter, status: int, body: dict[str, Any]) -> None:
+        data = json.dumps(body).encode()
+        writer.write(
+            f"HTTP/1.1 {status} Error\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\n\r\n".encode()
+            + data
+        )
+        await writer.drain()
+
+    @staticmethod
+    def _start(writer: asyncio.StreamWriter, content_type: str) -> None:
+        writer.write(
+            f"HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\n"
+            "Transfer-Encoding: chunked\r\n\r\n".encode()
+        )
+
+    @staticmethod
+    async def _send(writer: asyncio.StreamWriter, data: bytes) -> float:
+        writer.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+        written = time.perf_counter()
+        await writer.drain()
+        return written
+
+    async def _paced(
+        self,
+        writer: asyncio.StreamWriter,
+        script: Script,
+        served: Served,
+        lines: Sequence[bytes],
+        error: bytes,
+    ) -> bool:
+        """Write the output chunks on schedule; False when the script ends in an error."""
+        due = served.received_at + script.ttft_s
+        for i, line in enumerate(lines):
+            if script.error_after is not None and i == script.error_after:
+                await self._send(writer, error)
+                return False
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            served.written_at.append(await self._send(writer, line))
+            due += script.gap_s
+        if script.stall_s:
+            await asyncio.sleep(script.stall_s)
+        return True
+
+    async def _ndjson(
+        self,
+        writer: asyncio.StreamWriter,
+        script: Script,
+        body: dict[str, Any],
+        served: Served,
+        chat: bool,
+    ) -> None:
+        model = body.get("model", "")
+
+        def line(text: str, **extra: Any) -> bytes:
+            out: dict[str, Any] = {"model": model, "created_at": "2026-04-02T12:00:00Z"}
+            if chat:
+                out["message"] = {"role": "assistant", "content": text}
+            else:
+                out["response"] = text
+            return (json.dumps({**out, **extra}) + "\n").encode()
+
+        self._start(writer, "application/x-ndjson")
+        outputs = [line(text, done=False) for text, _ in script.chunks]
+        error = (json.dumps({"error": "model runner has unexpectedly stopped"}) + "\n").encode()
+        if not await self._paced(writer, script, served, outputs, error):
+            await self._send(writer, b"")
+            return
+        eval_ns = int((time.perf_counter() - served.received_at - script.ttft_s) * 1e9)
+        final = line(
+            "",
+            done=True,
+            done_reason="stop",
+            total_duration=int((time.perf_counter() - served.received_at) * 1e9),
+            load_duration=1000,
+            prompt_eval_count=script.prompt_tokens,
+            prompt_eval_duration=2000,
+            eval_count=script.completion_tokens,
+            eval_duration=max(eval_ns, 1),
+        )
+        await self._send(writer, final)
+        served.finished_at = time.perf_counter()
+        await self._send(writer, b"")
+
+    async def _sse(
+        self, writer: asyncio.StreamWriter, script: Script, body: dict[str, Any], served: Served
+    ) -> None:
+        model = body.get("model", "")
+
+        def event(choices: list[dict[str, Any]], **extra: Any) -> bytes:
+            chunk = {
+                "id": "chatcmpl-fake",
+                "object": "chat.completion.chunk",
+                "created": 1775131200,
+                "model": model,
+                "choices": choices,
+                **extra,
+            }
+            return f"data: {json.dumps(chunk)}\n\n".encode()
+
+        def delta(content: str | None, finish: str | None = None) -> dict[str, Any]:
+            d: dict[str, Any] = {} if content is None else {"content": content}
+            return {"index": 0, "delta": d, "finish_reason": finish}
+
+        self._start(writer, "text/event-stream")
+        if script.sse_comment:
+            await self._send(writer, b": OPENROUTER PROCESSING\n\n")
+        role = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+        await self._send(writer, event([role]))
+        outputs = [event([delta(text)]) for text, _ in script.chunks]
+        error = (
+            f"data: {json.dumps({'error': {'message': 'upstream overloaded', 'code': 502}})}\n\n"
+        )
+        if not await self._paced(writer, script, served, outputs, error.encode()):
+            await self._send(writer, b"")
+            return
+        await self._send(writer, event([delta(None, "stop")]))
+        if (body.get("stream_options") or {}).get("include_usage"):
+            usage: dict[str, Any] = {
+                "prompt_tokens": script.prompt_tokens,
+                "completion_tokens": script.completion_tokens,
+                "total_tokens": script.prompt_tokens + script.completion_tokens,
+            }
+            if script.cost_usd is not None:
+                usage["cost"] = float(script.cost_usd)
+            await self._send(writer, event([], usage=usage))
+        await self._send(writer, b"data: [DONE]\n\n")
+        served.finished_at = time.perf_counter()
+        await self._send(writer, b"")

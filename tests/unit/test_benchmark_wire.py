@@ -1,0 +1,88 @@
+"""benchmark's reading and writing of the providers' wire formats."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+
+import pytest
+
+from services.benchmark.providers import (
+    Endpoint,
+    Prompt,
+    ProtocolError,
+    parse_ollama_line,
+    parse_sse_line,
+    request_of,
+)
+
+
+def test_ollama_lines_carry_output_and_the_last_one_the_counts() -> None:
+    first = parse_ollama_line('{"model":"m","response":"Hel","done":false}')
+    assert first is not None and first.output and not first.done
+    chat = parse_ollama_line('{"message":{"role":"assistant","content":"lo"},"done":false}')
+    assert chat is not None and chat.output
+    last = parse_ollama_line(
+        json.dumps(
+            {
+                "response": "",
+                "done": True,
+                "prompt_eval_count": 26,
+                "eval_count": 290,
+                "eval_duration": 4709213000,
+            }
+        )
+    )
+    assert last is not None and last.done and not last.output
+    assert (last.prompt_tokens, last.output_tokens, last.eval_ns) == (26, 290, 4709213000)
+    error = parse_ollama_line('{"error":"model \\"x\\" not found"}')
+    assert error is not None and error.error == 'model "x" not found'
+    assert parse_ollama_line("") is None
+    with pytest.raises(ProtocolError):
+        parse_ollama_line("<html>")
+
+
+def test_sse_lines_skip_comments_and_role_chunks_and_read_usage_with_cost() -> None:
+    assert parse_sse_line(": OPENROUTER PROCESSING") is None
+    assert parse_sse_line("") is None
+    role = parse_sse_line(
+        'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}'
+    )
+    assert role is not None and not role.output
+    content = parse_sse_line('data: {"choices":[{"index":0,"delta":{"content":"Hi"}}]}')
+    assert content is not None and content.output
+    reasoning = parse_sse_line('data: {"choices":[{"delta":{"reasoning":"hmm"}}]}')
+    assert reasoning is not None and reasoning.output
+    usage = parse_sse_line(
+        'data: {"choices":[],"usage":{"prompt_tokens":194,"completion_tokens":2,'
+        '"total_tokens":196,"cost":0.95}}'
+    )
+    assert usage is not None and not usage.output
+    assert (usage.prompt_tokens, usage.output_tokens, usage.cost_usd) == (194, 2, Decimal("0.95"))
+    done = parse_sse_line("data: [DONE]")
+    assert done is not None and done.done
+    error = parse_sse_line('data: {"error":{"message":"overloaded","code":502}}')
+    assert error is not None and error.error == "overloaded"
+
+
+def test_requests_follow_each_providers_api() -> None:
+    ollama = Endpoint("ollama", "http://gpu:11434/")
+    url, body, _ = request_of(ollama, Prompt("llama3", "generate", "hi", 64))
+    assert url == "http://gpu:11434/api/generate"
+    assert body == {
+        "model": "llama3",
+        "stream": True,
+        "options": {"num_predict": 64},
+        "prompt": "hi",
+    }
+    url, body, _ = request_of(ollama, Prompt("llama3", "chat", "hi"))
+    assert url == "http://gpu:11434/api/chat"
+    assert body["messages"] == [{"role": "user", "content": "hi"}]
+    router = Endpoint("openrouter", "https://openrouter.ai", "sk-or")
+    url, body, headers = request_of(router, Prompt("a/b", "generate", "hi", 10))
+    assert url == "https://openrouter.ai/api/v1/chat/completions"
+    assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
+    assert body["max_tokens"] == 10
+    assert headers["Authorization"] == "Bearer sk-or"
+    _, _, headers = request_of(Endpoint("openai", "http://vllm/v1"), Prompt("m", "chat", "x"))
+    assert "Authorization" not in headers
