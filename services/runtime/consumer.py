@@ -15,7 +15,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -41,6 +42,7 @@ tracer = trace.get_tracer(__name__)
 
 E = TypeVar("E", bound=Event)
 Handler = Callable[[Connection, list[E]], Awaitable[None]]
+Transaction = Callable[[], AbstractAsyncContextManager[Connection]]
 
 APPLIED = Counter("fleet_events_applied_total", "Events applied by a consumer", ["consumer"])
 DUPLICATES = Counter(
@@ -73,6 +75,12 @@ class DeadLetter(Exception):
     """Raised by a handler for a message that can never be applied (no retry helps)."""
 
 
+@asynccontextmanager
+async def _plain_transaction(pool: asyncpg.Pool) -> AsyncIterator[Connection]:
+    async with pool.acquire() as conn, conn.transaction():
+        yield conn
+
+
 def backoff_seconds(delivered: int, base: float = 0.5, cap: float = 30.0) -> float:
     return float(min(cap, base * 2 ** max(0, delivered - 1)))
 
@@ -85,12 +93,14 @@ class Processor(Generic[E]):
         js: JetStreamContext,
         max_deliver: int,
         ack_wait_s: float = 30.0,
+        transaction: Transaction | None = None,
     ) -> None:
         self.consumer = consumer
         self.pool = pool
         self.js = js
         self.max_deliver = max_deliver
         self.ack_wait_s = ack_wait_s
+        self.transaction = transaction or (lambda: _plain_transaction(pool))
 
     async def process(self, msgs: list[Msg]) -> None:
         valid: list[tuple[Msg, E]] = []
@@ -146,7 +156,7 @@ class Processor(Generic[E]):
             await msg.ack()
 
     async def apply(self, events: list[E]) -> None:
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self.transaction() as conn:
             fresh_ids = await inbox.claim(conn, self.consumer.name, [e.event_id for e in events])
             fresh: list[E] = []
             for e in events:
@@ -227,11 +237,14 @@ class Subscription:
         *,
         max_deliver: int,
         ack_wait_s: float,
+        transaction: Transaction | None = None,
     ) -> None:
         self.consumer = consumer
         self.nc = nc
         self.js = nc.jetstream()
-        self.processor: Processor[Any] = Processor(consumer, pool, self.js, max_deliver, ack_wait_s)
+        self.processor: Processor[Any] = Processor(
+            consumer, pool, self.js, max_deliver, ack_wait_s, transaction
+        )
         self.stream = stream_for(consumer.event.subject).name
         self.ack_wait_s = ack_wait_s
 

@@ -1,8 +1,12 @@
 """Transactional outbox: events are rows written in the same transaction as the state change;
-the relay publishes them to JetStream with `Nats-Msg-Id = event_id` and marks them sent.
+they are published to JetStream with `Nats-Msg-Id = event_id` and then marked sent.
 
-A crash after commit and before publish loses nothing (the row stays unsent); a crash after
-publish and before mark-sent republishes, and JetStream's duplicate window drops the copy.
+A transaction opened with `Relay.transaction()` (consumers always use one) publishes its rows
+as soon as it commits. The relay loop, woken by NOTIFY and by a fallback poll, publishes
+whatever else is unsent: rows of other transactions, and rows whose publishing at commit
+failed. A crash after commit and before publish loses nothing (the row stays unsent); a
+crash after publish and before mark-sent republishes, and JetStream's duplicate window
+drops the copy.
 """
 
 from __future__ import annotations
@@ -10,7 +14,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable, Sequence
+import uuid
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from contextvars import ContextVar
+from typing import Any
 
 import asyncpg
 from nats.js import JetStreamContext
@@ -31,17 +38,39 @@ PUBLISHED = Counter(
 PENDING = Gauge("fleet_outbox_pending", "Outbox rows not yet published")
 
 
+Row = Mapping[str, Any]  # event_id, subject, payload, headers: an outbox row to publish
+_written: ContextVar[list[Row] | None] = ContextVar("outbox_written", default=None)
+
+
 async def add(conn: Connection, events: Iterable[Event]) -> None:
     """Record events to publish; call inside the transaction that changes the state.
     An event whose id is already recorded is ignored, so retried writes stay single."""
     headers = current_trace_headers()
-    rows = [(e.event_id, e.subject, e.model_dump_json().encode(), headers) for e in events]
-    if rows:
-        await conn.executemany(
-            "INSERT INTO outbox (event_id, subject, payload, headers) VALUES ($1, $2, $3, $4)"
-            " ON CONFLICT (event_id) DO NOTHING",
-            rows,
-        )
+    by_id = {e.event_id: (e.subject, e.model_dump_json().encode()) for e in events}
+    if not by_id:
+        return
+    inserted = await conn.fetch(
+        "INSERT INTO outbox (event_id, subject, payload, headers)"
+        " SELECT id, subject, payload, $4::jsonb"
+        " FROM unnest($1::uuid[], $2::text[], $3::bytea[]) AS t(id, subject, payload)"
+        " ON CONFLICT (event_id) DO NOTHING RETURNING event_id",
+        list(by_id),
+        [subject for subject, _ in by_id.values()],
+        [payload for _, payload in by_id.values()],
+        headers,
+    )
+    written = _written.get()
+    if written is not None:
+        for r in inserted:
+            subject, payload = by_id[r["event_id"]]
+            written.append(
+                {
+                    "event_id": r["event_id"],
+                    "subject": subject,
+                    "payload": payload,
+                    "headers": headers,
+                }
+            )
 
 
 class Relay:
@@ -61,6 +90,50 @@ class Relay:
         self.poll_interval = poll_interval
         self.batch_size = batch_size
         self._wake = asyncio.Event()
+        self.in_flight: set[uuid.UUID] = set()  # being published at commit: not the loop's
+        self._marking: set[asyncio.Task[None]] = set()
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Connection]:
+        """A transaction whose outbox rows are published as soon as it commits."""
+        written: list[Row] = []
+        token = _written.set(written)
+        try:
+            async with self.pool.acquire() as conn, conn.transaction():
+                yield conn
+                # claimed before the commit makes them visible, so the loop never takes them
+                self.in_flight.update(r["event_id"] for r in written)
+        except BaseException:
+            self.in_flight.difference_update(r["event_id"] for r in written)
+            raise
+        finally:
+            _written.reset(token)
+        if written:
+            await self.publish_committed(written)
+
+    async def publish_committed(self, rows: list[Row]) -> None:
+        ids = [r["event_id"] for r in rows]
+        try:
+            await self.publish(rows)
+        except Exception as exc:
+            self.in_flight.difference_update(ids)
+            log.warning("publishing at commit failed, the relay will retry: %s", exc)
+            return
+        task = asyncio.create_task(self._mark_published(ids))
+        self._marking.add(task)
+        task.add_done_callback(self._marking.discard)
+
+    async def _mark_published(self, ids: list[uuid.UUID]) -> None:
+        try:
+            async with self.pool.acquire() as conn, conn.transaction():
+                await conn.execute("SET LOCAL synchronous_commit = off")
+                await conn.execute(
+                    "UPDATE outbox SET sent_at = now() WHERE event_id = ANY($1::uuid[])", ids
+                )
+        except Exception as exc:  # the relay publishes them again; JetStream drops the copies
+            log.warning("marking published outbox rows failed: %s", exc)
+        finally:
+            self.in_flight.difference_update(ids)
 
     async def run(self) -> None:
         listener = await self.pool.acquire()
@@ -92,9 +165,13 @@ class Relay:
         async with self.pool.acquire() as conn, conn.transaction():
             rows = await conn.fetch(
                 "SELECT id, event_id, subject, payload, headers FROM outbox"
-                " WHERE sent_at IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+                " WHERE sent_at IS NULL AND event_id <> ALL($2::uuid[])"
+                " ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
                 self.batch_size,
+                list(self.in_flight),
             )
+            # a transaction may commit between reading `in_flight` and the query's snapshot
+            rows = [r for r in rows if r["event_id"] not in self.in_flight]
             if not rows:
                 PENDING.set(0)
                 return 0
@@ -102,7 +179,7 @@ class Relay:
             await self.mark_sent(conn, [r["id"] for r in rows])
         return len(rows)
 
-    async def publish(self, rows: Sequence[asyncpg.Record]) -> None:
+    async def publish(self, rows: Sequence[Row] | Sequence[asyncpg.Record]) -> None:
         """Publish in outbox order (publish_async keeps it on the wire), then wait for every
         PubAck. Each message carries the trace context stored with its row, so its consumer
         continues the trace of the transaction that wrote it; the batch gets one span, linked

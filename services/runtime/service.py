@@ -14,7 +14,7 @@ import os
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -36,7 +36,13 @@ from contracts.events import ServiceHeartbeat, utcnow
 from services.runtime import outbox
 from services.runtime.config import RuntimeSettings
 from services.runtime.consumer import Consumer, Subscription
-from services.runtime.db import RUNTIME_MIGRATIONS, create_pool, load_migrations, migrate
+from services.runtime.db import (
+    RUNTIME_MIGRATIONS,
+    Connection,
+    create_pool,
+    load_migrations,
+    migrate,
+)
 from services.runtime.logs import setup_logging
 from services.runtime.telemetry import setup_tracing
 
@@ -55,8 +61,14 @@ class Runtime:
     pool: asyncpg.Pool
     nc: Nats
     js: JetStreamContext
+    relay: outbox.Relay
     started_at: datetime = field(default_factory=utcnow)
     instance: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+
+    def transaction(self) -> AbstractAsyncContextManager[Connection]:
+        """A transaction whose `outbox.add` events are published as soon as it commits
+        (with the pool's plain transactions they wait for the relay loop)."""
+        return self.relay.transaction()
 
     async def readiness(self, timeout: float = 1.0) -> dict[str, str]:
         checks: dict[str, str] = {}
@@ -219,8 +231,8 @@ async def start_runtime(spec: ServiceSpec) -> tuple[Runtime, list[asyncio.Task[N
     nc = await connect_nats(s.nats_url, spec.name)
     js = nc.jetstream()
     await ensure_streams(js)
-    runtime = Runtime(spec.name, s, pool, nc, js)
     relay = outbox.Relay(pool, js, spec.name, poll_interval=s.outbox_poll_interval_s)
+    runtime = Runtime(spec.name, s, pool, nc, js, relay)
     loops: list[tuple[str, Task]] = [
         ("outbox-relay", lambda _: relay.run()),
         ("heartbeat", _heartbeat),
@@ -228,7 +240,12 @@ async def start_runtime(spec: ServiceSpec) -> tuple[Runtime, list[asyncio.Task[N
     ]
     for consumer in spec.consumers:
         subscription = Subscription(
-            consumer, pool, nc, max_deliver=s.consumer_max_deliver, ack_wait_s=s.consumer_ack_wait_s
+            consumer,
+            pool,
+            nc,
+            max_deliver=s.consumer_max_deliver,
+            ack_wait_s=s.consumer_ack_wait_s,
+            transaction=relay.transaction,
         )
         await subscription.open()  # durable consumers exist before the service says ready
         loops.append((consumer.name, _runner(subscription)))

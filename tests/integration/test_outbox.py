@@ -17,6 +17,7 @@ from services.runtime.db import (
     load_migrations,
     migrate,
 )
+from tests.conftest import eventually
 
 
 @pytest.fixture
@@ -124,3 +125,42 @@ async def test_running_relay_is_woken_by_commit_and_carries_trace_context(
         with pytest.raises(asyncio.CancelledError):
             await task
     _ = trace
+
+
+async def test_a_transaction_publishes_its_events_at_commit_once(
+    pool: asyncpg.Pool, js: JetStreamContext
+) -> None:
+    relay = outbox.Relay(pool, js, "svc", poll_interval=0.05)
+    loop = asyncio.create_task(relay.run())  # the loop runs too, and must not publish again
+    before = outbox.PUBLISHED.labels("model.rewarded")._value.get()
+    try:
+        events = rewards(20)
+        async with relay.transaction() as conn:
+            await outbox.add(conn, events)
+        # published by the time the transaction's block is left, before any poll
+        assert len(await stream_messages(js, "FEEDBACK")) == 20
+        await asyncio.sleep(0.3)  # several polls of the relay loop
+
+        async def marked() -> bool:
+            return bool(
+                await pool.fetchval("SELECT count(*) = 0 FROM outbox WHERE sent_at IS NULL")
+            )
+
+        await eventually(marked, what="rows marked sent")
+    finally:
+        loop.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await loop
+    assert outbox.PUBLISHED.labels("model.rewarded")._value.get() - before == 20
+
+
+async def test_a_rolled_back_transaction_publishes_nothing(
+    pool: asyncpg.Pool, js: JetStreamContext
+) -> None:
+    relay = outbox.Relay(pool, js, "svc")
+    with pytest.raises(RuntimeError):
+        async with relay.transaction() as conn:
+            await outbox.add(conn, rewards(3))
+            raise RuntimeError("the state change failed")
+    assert await stream_messages(js, "FEEDBACK") == []
+    assert await pool.fetchval("SELECT count(*) FROM outbox") == 0
