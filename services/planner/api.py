@@ -153,7 +153,7 @@ def build_router(planner: Planner) -> APIRouter:
             )
             return JSONResponse(body.model_dump(), status_code=422)
         try:
-            async with runtime.pool.acquire() as conn, conn.transaction():
+            async with runtime.transaction() as conn:
                 plan, created = await planner.create_plan(conn, request)
         except Conflict as exc:
             raise HTTPException(409, str(exc)) from exc
@@ -218,7 +218,7 @@ def build_router(planner: Planner) -> APIRouter:
     )
     async def cancel_plan(plan_id: str, runtime: RuntimeDep) -> PlanSummary:
         try:
-            async with runtime.pool.acquire() as conn, conn.transaction():
+            async with runtime.transaction() as conn:
                 plan = await planner.cancel_plan(conn, plan_id)
         except NotFound as exc:
             raise HTTPException(404, str(exc)) from exc
@@ -239,7 +239,7 @@ def build_router(planner: Planner) -> APIRouter:
         plan_id: str, subtask_id: str, body: Assignment, runtime: RuntimeDep
     ) -> SubtaskView:
         try:
-            async with runtime.pool.acquire() as conn, conn.transaction():
+            async with runtime.transaction() as conn:
                 subtask = await planner.assign(conn, plan_id, subtask_id, body.agent)
         except NotFound as exc:
             raise HTTPException(404, str(exc)) from exc
@@ -287,7 +287,7 @@ def build_router(planner: Planner) -> APIRouter:
         approval_id: uuid.UUID, body: Decision, runtime: RuntimeDep
     ) -> ApprovalView:
         try:
-            async with runtime.pool.acquire() as conn, conn.transaction():
+            async with runtime.transaction() as conn:
                 resolved = await planner.resolve_approval(
                     conn, approval_id, body.decision == "approved", body.comment
                 )

@@ -666,16 +666,16 @@ class Planner:
         expired approvals resolve as timeout."""
         while True:
             try:
-                await self.tick(runtime.pool)
+                await self.tick(runtime)
             except (asyncpg.PostgresError, OSError) as exc:
                 log.warning("planner timers: %s", exc)
             await asyncio.sleep(self.settings.planner_tick_s)
 
-    async def tick(self, pool: asyncpg.Pool) -> None:
-        async with pool.acquire() as conn:
+    async def tick(self, runtime: Runtime) -> None:
+        async with runtime.pool.acquire() as conn:
             plan_ids = await db.plans_with_due_work(conn, utcnow(), limit=100)
         for plan_id in plan_ids:
-            async with pool.acquire() as conn, conn.transaction():
+            async with runtime.transaction() as conn:
                 # a plan locked by a consumer right now is looked at again next tick
                 plan = await db.lock_plan(conn, plan_id, skip_locked=True)
                 if plan is not None:
