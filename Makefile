@@ -34,6 +34,8 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.startup
 	$(BIN)/python -m benchmarks.stats_ingest
 	$(BIN)/python -m benchmarks.sync_catalog
+	$(BIN)/python -m benchmarks.benchmark_accuracy
+	$(BIN)/python -m benchmarks.planner_dag
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
