@@ -24,8 +24,6 @@ import os
 import platform
 import random
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -33,16 +31,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
 import nats
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
+from benchmarks.harness import fresh_database
 from contracts.catalog import PLANS_STREAM
 from contracts.events import PlanCompleted, SubtaskCompleted, SubtaskReady
 from services.embedded import EmbeddedNats, EmbeddedPostgres, free_port
 from services.runtime.service import ensure_streams
+from services.stack import spawn_service, wait_until_up
 
 
 def layered_dag(n: int, seed: int) -> list[dict[str, Any]]:
@@ -174,39 +173,6 @@ class Round:
     max_ms: float
 
 
-async def fresh_database(admin_url: str) -> str:
-    name = f"bench_{uuid.uuid4().hex[:8]}"
-    conn = await asyncpg.connect(admin_url)
-    await conn.execute(f'CREATE DATABASE "{name}"')
-    await conn.close()
-    return admin_url.rsplit("/", 1)[0] + f"/{name}"
-
-
-async def wait_ready(port: int, proc: subprocess.Popen[bytes]) -> None:
-    async with httpx.AsyncClient() as client:
-        for _ in range(300):
-            if proc.poll() is not None:
-                raise RuntimeError("planner exited while starting")
-            try:
-                r = await client.get(f"http://127.0.0.1:{port}/health/ready")
-                if r.status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            await asyncio.sleep(0.1)
-    raise TimeoutError("planner did not become ready")
-
-
-def spawn_planner(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "services.cli", "run", "planner"],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-
-
 async def one_round(
     nats_url: str,
     admin_url: str,
@@ -226,10 +192,10 @@ async def one_round(
         "HTTP_PORT": str(port),
         "LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "WARNING"),
     }
-    proc = spawn_planner(env, log)
+    proc = spawn_service("planner", env, log)
     pool = AgentPool(js, {s["subtask_id"]: s["depends_on"] for s in subtasks}, work_ms)
     try:
-        await wait_ready(port, proc)
+        await wait_until_up(f"http://127.0.0.1:{port}", proc)
         await pool.start()
         body = {
             "task_id": f"bench-{uuid.uuid4()}",

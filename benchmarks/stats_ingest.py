@@ -19,18 +19,18 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import asyncpg
-import httpx
 import nats
 from nats.js import JetStreamContext
 
+from benchmarks.harness import fresh_database
 from contracts.catalog import PLANS_STREAM
 from contracts.events import SubtaskCompleted
 from services.embedded import EmbeddedNats, EmbeddedPostgres, free_port
 from services.runtime.service import ensure_streams
+from services.stack import spawn_service, wait_until_up
 
 USERS, MODELS, SESSIONS = 50, 20, 5  # 5,000 distinct (user, model, session) records
 
@@ -55,14 +55,6 @@ def payloads(n: int) -> list[bytes]:
 async def fresh_stream(js: JetStreamContext) -> None:
     await js.delete_stream(PLANS_STREAM.name)
     await ensure_streams(js)
-
-
-async def fresh_database(admin_url: str) -> str:
-    name = f"bench_{uuid.uuid4().hex[:8]}"
-    conn = await asyncpg.connect(admin_url)
-    await conn.execute(f'CREATE DATABASE "{name}"')
-    await conn.close()
-    return admin_url.rsplit("/", 1)[0] + f"/{name}"
 
 
 async def publish_all(js: JetStreamContext, bodies: list[bytes]) -> float:
@@ -142,17 +134,9 @@ async def round_fleet(
         "HTTP_PORT": str(port),
         "LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "WARNING"),
     }
-    proc = spawn(["-m", "services.cli", "run", "stats"], env, log=db_dir / "stats.log")
+    proc = spawn_service("stats", {**os.environ, **env}, db_dir / "stats.log")
     try:
-        async with httpx.AsyncClient() as client:
-            for _ in range(300):
-                try:
-                    r = await client.get(f"http://127.0.0.1:{port}/health/ready")
-                    if r.status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                await asyncio.sleep(0.1)
+        await wait_until_up(f"http://127.0.0.1:{port}", proc)
         t0 = await publish_all(js, payloads(n))
         t1 = await wait_rows(db, "SELECT sum(response_count) FROM stats.model_statistics", n)
         print(f"    service log: {db_dir / 'stats.log'}", flush=True)

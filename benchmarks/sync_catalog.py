@@ -30,6 +30,7 @@ from typing import Any
 
 import asyncpg
 
+from benchmarks.harness import fresh_database
 from services.embedded import EmbeddedPostgres
 from services.runtime.db import RUNTIME_MIGRATIONS, create_pool, load_migrations, migrate
 from services.sync import db
@@ -102,14 +103,6 @@ def repriced(entries: list[dict[str, Any]], every: int) -> list[dict[str, Any]]:
         if e["pricing"]["prompt"] != "-1":
             e["pricing"]["prompt"] = str(Decimal(e["pricing"]["prompt"]) + Decimal("0.0000001"))
     return moved
-
-
-async def fresh_database(admin_url: str) -> str:
-    name = f"bench_{uuid.uuid4().hex[:8]}"
-    conn = await asyncpg.connect(admin_url)
-    await conn.execute(f'CREATE DATABASE "{name}"')
-    await conn.close()
-    return admin_url.rsplit("/", 1)[0] + f"/{name}"
 
 
 async def timed_run(pool: asyncpg.Pool, body: bytes) -> tuple[float, int, int]:

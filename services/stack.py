@@ -7,6 +7,7 @@ State lives under FLEET_HOME (default `.fleet/`): server data, logs, and `stack.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import json
@@ -50,6 +51,34 @@ def port_or_free(preferred: int) -> int:
         except OSError:
             return free_port()
     return preferred
+
+
+def spawn_service(name: str, env: Mapping[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """`fleet run <name>` as a child process that dies with its parent, output to `log`."""
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "services.cli", "run", name],
+            env=dict(env),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent(signal.SIGTERM),
+        )
+
+
+async def wait_until_up(
+    url: str, proc: subprocess.Popen[bytes], timeout: float = 60, path: str = "/health/ready"
+) -> None:
+    """Poll `url + path` until it answers 200; fail early when the process exits."""
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient(timeout=1) as client:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the service exited with code {proc.returncode}")
+            with contextlib.suppress(httpx.HTTPError):
+                if (await client.get(url + path)).status_code == 200:
+                    return
+            await asyncio.sleep(0.05)
+    raise TimeoutError(f"{url}{path} did not answer 200 within {timeout:.0f}s")
 
 
 def health(url: str, timeout: float = 1.0) -> str:
@@ -120,14 +149,7 @@ class Stack:
                 "HTTP_PORT": str(port),
                 "HTTP_HOST": "127.0.0.1",
             }
-            log = (self.home / "logs" / f"{name}.log").open("ab")
-            self.procs[name] = subprocess.Popen(
-                [sys.executable, "-m", "services.cli", "run", name],
-                env=child_env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                preexec_fn=die_with_parent(signal.SIGTERM),
-            )
+            self.procs[name] = spawn_service(name, child_env, self.home / "logs" / f"{name}.log")
         self._step("services (migrate, connect, ready)", lambda: self._wait_ready(timeout))
         self.state_file.write_text(
             json.dumps(

@@ -7,12 +7,10 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
-import httpx
 import nats
 import pytest
 from nats.aio.client import Client as Nats
@@ -20,6 +18,7 @@ from nats.aio.client import Client as Nats
 from contracts.events import SubtaskCompleted
 from services.embedded import EmbeddedNats, EmbeddedPostgres, free_port
 from services.runtime.service import ensure_streams
+from services.stack import spawn_service, wait_until_up
 
 EVENTS = 3000
 
@@ -37,27 +36,10 @@ class StatsProcess:
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def spawn(self) -> None:
-        out = self.log.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", "run", "stats"],
-            env=self.env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-
     async def start(self) -> None:
-        self.spawn()
-        async with httpx.AsyncClient() as client:
-            for _ in range(300):
-                try:
-                    r = await client.get(f"http://127.0.0.1:{self.port}/health/live")
-                    if r.status_code == 200:
-                        return
-                except httpx.HTTPError:
-                    pass
-                await asyncio.sleep(0.1)
-        raise AssertionError(f"stats did not start; see {self.log}")
+        self.proc = spawn_service("stats", self.env, self.log)
+        # live is enough: what the test checks is the count, not readiness
+        await wait_until_up(f"http://127.0.0.1:{self.port}", self.proc, path="/health/live")
 
     def kill(self) -> None:
         assert self.proc is not None
