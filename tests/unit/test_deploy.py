@@ -1,22 +1,27 @@
 """deploy/ checked against the code: every service in services.stack.SERVICES is built, run,
-probed and scraped by compose and Kubernetes, and every metric the dashboard and the alerts
-use is one the services export. A service added to the stack without its deployment, or a
-renamed metric, fails here."""
+probed and scraped by compose and Kubernetes, every metric the dashboard and the alerts
+use is one the services export, and every metric a service defines has a panel. A service
+added to the stack without its deployment, a renamed metric, or a new one nobody can see,
+fails here."""
 
 from __future__ import annotations
 
 import importlib
 import json
+import pkgutil
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
 import yaml
 from prometheus_client import REGISTRY
+from prometheus_client.metrics import MetricWrapperBase
 
 from services.stack import SERVICES
+from services.sync.config import SyncSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -328,21 +333,59 @@ def test_metric_names_finds_the_selected_metrics() -> None:
     assert metric_names(expr) == {"fleet_batch_bucket", "up", "fleet_typo_total"}
 
 
+SERIES = {  # what prometheus_client exposes for a metric family of each type
+    "counter": ("_total", "_created"),
+    "histogram": ("_bucket", "_sum", "_count", "_created"),
+    "summary": ("", "_sum", "_count", "_created"),
+    "info": ("_info",),
+}
+
+
+def modules(package: str) -> list[ModuleType]:
+    """Every module of a package, imported: a metric may live in any of them (sync's
+    fetch histogram is in clients.py), not only in what app.py happens to import."""
+    root = importlib.import_module(package)
+    return [root] + [
+        importlib.import_module(info.name)
+        for info in pkgutil.walk_packages(root.__path__, f"{package}.")
+    ]
+
+
+def collectors(package: str) -> list[MetricWrapperBase]:
+    return [
+        value
+        for module in modules(package)
+        for value in vars(module).values()
+        if isinstance(value, MetricWrapperBase)
+    ]
+
+
+def service_metrics() -> dict[str, dict[str, set[str]]]:
+    """service -> metric family -> its series, for the collectors each service defines
+    itself (module level in services/<name>/), not the chassis' ones it imports."""
+    chassis = {id(c) for c in collectors("services.runtime")}
+    defined: dict[str, dict[str, set[str]]] = {}
+    for name in SERVICES:
+        for collector in collectors(f"services.{name}"):
+            if id(collector) in chassis:
+                continue
+            for family in collector.describe():
+                suffixes = SERIES.get(family.type, ("",))
+                defined.setdefault(name, {})[family.name] = {
+                    family.name + suffix for suffix in suffixes if suffix != "_created"
+                }
+    return defined
+
+
 def exported_metrics() -> set[str]:
     """Every series name the services can expose: the chassis' and each service's own
     collectors, plus prometheus_client's process and platform ones."""
-    importlib.import_module("services.runtime.service")
+    modules("services.runtime")
     for name in SERVICES:
-        importlib.import_module(f"services.{name}.app")
-    suffixes = {
-        "counter": ("_total", "_created"),
-        "histogram": ("_bucket", "_sum", "_count", "_created"),
-        "summary": ("", "_sum", "_count", "_created"),
-        "info": ("_info",),
-    }
+        modules(f"services.{name}")
     names: set[str] = set()
     for family in REGISTRY.collect():
-        names.update(family.name + suffix for suffix in suffixes.get(family.type, ("",)))
+        names.update(family.name + suffix for suffix in SERIES.get(family.type, ("",)))
         names.update(sample.name for sample in family.samples)
     return names
 
@@ -395,6 +438,17 @@ def test_dashboard_shows_every_chassis_metric() -> None:
         assert name in shown or f"{name}_bucket" in shown, f"no panel shows {name}"
 
 
+def test_dashboard_shows_every_service_metric() -> None:
+    defined = service_metrics()
+    assert {"sync_runs", "sync_openrouter_fetch_seconds"} <= defined["sync"].keys()
+    assert "planner_dispatch_latency_seconds" in defined["planner"]
+    assert "fleet_benchmark_jobs_deleted" in defined["benchmark"]
+    shown = set().union(*(metric_names(expr) for _, expr in dashboard_queries()))
+    for service, families in defined.items():
+        for family, series in families.items():
+            assert series & shown, f"no panel shows {service}'s {family} ({sorted(series)})"
+
+
 def test_alerts_cover_down_dead_letters_outbox_and_latency() -> None:
     rules = alert_rules()
     by_metric: dict[str, list[dict[str, Any]]] = {}
@@ -416,12 +470,38 @@ def test_alerts_cover_down_dead_letters_outbox_and_latency() -> None:
         assert rule["annotations"]["summary"] and rule["annotations"]["description"]
 
 
+def test_alerts_cover_stale_sync_devices_and_planner_dispatch() -> None:
+    by_name = {rule["alert"]: rule for rule in alert_rules()}
+    stale = by_name["SyncCatalogStale"]
+    assert metric_names(stale["expr"]) == {"sync_seconds_since_last_success"}
+    threshold = re.fullmatch(r".*>\s*2\s*\*\s*(\d+)\s*", stale["expr"])
+    default_hours = SyncSettings.model_fields["openrouter_sync_interval"].default
+    assert threshold, stale["expr"]
+    assert int(threshold.group(1)) == default_hours * 3600, "2 x the default sync interval"
+    device = by_name["SyncOllamaDeviceDown"]
+    assert metric_names(device["expr"]) == {"sync_device_up"} and device["for"] == "5m"
+    dispatch = by_name["PlannerSlowDispatch"]
+    assert metric_names(dispatch["expr"]) == {"planner_dispatch_latency_seconds_bucket"}
+    assert "histogram_quantile(0.99" in dispatch["expr"] and dispatch["for"] == "10m"
+    timeouts = by_name["PlannerSubtaskTimeouts"]
+    assert metric_names(timeouts["expr"]) == {"planner_timeouts_total"}
+    assert 'kind="subtask"' in timeouts["expr"]
+
+
 def test_dashboard_is_provisioned_with_its_datasources(compose: dict[str, Any]) -> None:
     board = dashboard()
     assert board["uid"] and board["title"] and isinstance(board["schemaVersion"], int)
     ids = [panel["id"] for panel in board["panels"]]
     assert len(ids) == len(set(ids))
     assert all({"h", "w", "x", "y"} <= panel["gridPos"].keys() for panel in board["panels"])
+    taken: dict[tuple[int, int], str] = {}
+    for panel in board["panels"]:
+        grid = panel["gridPos"]
+        assert grid["x"] + grid["w"] <= 24, panel["title"]
+        for x in range(grid["x"], grid["x"] + grid["w"]):
+            for y in range(grid["y"], grid["y"] + grid["h"]):
+                assert (x, y) not in taken, f"{panel['title']} overlaps {taken[x, y]}"
+                taken[x, y] = panel["title"]
 
     provisioning = DEPLOY / "grafana" / "provisioning"
     sources = load(provisioning / "datasources" / "datasources.yaml")["datasources"]
