@@ -98,18 +98,19 @@ class Relay:
         """A transaction whose outbox rows are published as soon as it commits."""
         written: list[Row] = []
         token = _written.set(written)
-        try:
-            async with self.pool.acquire() as conn, conn.transaction():
-                yield conn
-                # claimed before the commit makes them visible, so the loop never takes them
-                self.in_flight.update(r["event_id"] for r in written)
-        except BaseException:
-            self.in_flight.difference_update(r["event_id"] for r in written)
-            raise
-        finally:
-            _written.reset(token)
-        if written:
-            await self.publish_committed(written)
+        async with self.pool.acquire() as conn:
+            try:
+                async with conn.transaction():
+                    yield conn
+                    # claimed before the commit makes them visible: the loop never takes them
+                    self.in_flight.update(r["event_id"] for r in written)
+            except BaseException:
+                self.in_flight.difference_update(r["event_id"] for r in written)
+                raise
+            finally:
+                _written.reset(token)
+            if written:  # before the connection goes back: its reset costs a round trip
+                await self.publish_committed(written)
 
     async def publish_committed(self, rows: list[Row]) -> None:
         ids = [r["event_id"] for r in rows]
@@ -124,11 +125,14 @@ class Relay:
         task.add_done_callback(self._marking.discard)
 
     async def _mark_published(self, ids: list[uuid.UUID]) -> None:
+        # One round trip: a simple-protocol string runs as one implicit transaction, and
+        # uuid.UUID renders only hex digits and dashes, so the literals are safe.
+        listed = ",".join(f"'{event_id}'" for event_id in ids)
         try:
-            async with self.pool.acquire() as conn, conn.transaction():
-                await conn.execute("SET LOCAL synchronous_commit = off")
+            async with self.pool.acquire() as conn:
                 await conn.execute(
-                    "UPDATE outbox SET sent_at = now() WHERE event_id = ANY($1::uuid[])", ids
+                    "SET LOCAL synchronous_commit = off;"
+                    f" UPDATE outbox SET sent_at = now() WHERE event_id IN ({listed})"
                 )
         except Exception as exc:  # the relay publishes them again; JetStream drops the copies
             log.warning("marking published outbox rows failed: %s", exc)
