@@ -133,16 +133,19 @@ async def ensure_streams(js: JetStreamContext) -> None:
 
 
 async def connect_nats(url: str, name: str) -> Nats:
+    connected: list[Nats] = []
+
     async def error_cb(exc: Exception) -> None:
         log.warning("nats: %s", exc)
 
     async def disconnected_cb() -> None:
-        log.warning("nats disconnected")
+        if not (connected and connected[0].is_closed):  # closing on shutdown is no news
+            log.warning("nats disconnected")
 
     async def reconnected_cb() -> None:
         log.info("nats reconnected")
 
-    return await nats.connect(
+    nc = await nats.connect(
         url,
         name=name,
         max_reconnect_attempts=-1,
@@ -151,6 +154,8 @@ async def connect_nats(url: str, name: str) -> Nats:
         disconnected_cb=disconnected_cb,
         reconnected_cb=reconnected_cb,
     )
+    connected.append(nc)
+    return nc
 
 
 def _runner(subscription: Subscription) -> Task:
