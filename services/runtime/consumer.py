@@ -15,12 +15,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-import asyncpg
 from nats.aio.client import Client as Nats
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -75,12 +74,6 @@ class DeadLetter(Exception):
     """Raised by a handler for a message that can never be applied (no retry helps)."""
 
 
-@asynccontextmanager
-async def _plain_transaction(pool: asyncpg.Pool) -> AsyncIterator[Connection]:
-    async with pool.acquire() as conn, conn.transaction():
-        yield conn
-
-
 def backoff_seconds(delivered: int, base: float = 0.5, cap: float = 30.0) -> float:
     return float(min(cap, base * 2 ** max(0, delivered - 1)))
 
@@ -89,18 +82,16 @@ class Processor(Generic[E]):
     def __init__(
         self,
         consumer: Consumer[E],
-        pool: asyncpg.Pool,
         js: JetStreamContext,
+        transaction: Transaction,
         max_deliver: int,
-        ack_wait_s: float = 30.0,
-        transaction: Transaction | None = None,
+        ack_wait_s: float,
     ) -> None:
         self.consumer = consumer
-        self.pool = pool
         self.js = js
+        self.transaction = transaction  # one whose outbox events go out at commit
         self.max_deliver = max_deliver
         self.ack_wait_s = ack_wait_s
-        self.transaction = transaction or (lambda: _plain_transaction(pool))
 
     async def process(self, msgs: list[Msg]) -> None:
         valid: list[tuple[Msg, E]] = []
@@ -232,18 +223,17 @@ class Subscription:
     def __init__(
         self,
         consumer: Consumer[Any],
-        pool: asyncpg.Pool,
         nc: Nats,
+        transaction: Transaction,
         *,
         max_deliver: int,
         ack_wait_s: float,
-        transaction: Transaction | None = None,
     ) -> None:
         self.consumer = consumer
         self.nc = nc
         self.js = nc.jetstream()
         self.processor: Processor[Any] = Processor(
-            consumer, pool, self.js, max_deliver, ack_wait_s, transaction
+            consumer, self.js, transaction, max_deliver, ack_wait_s
         )
         self.stream = stream_for(consumer.event.subject).name
         self.ack_wait_s = ack_wait_s

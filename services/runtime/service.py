@@ -246,11 +246,10 @@ async def start_runtime(spec: ServiceSpec) -> tuple[Runtime, list[asyncio.Task[N
     for consumer in spec.consumers:
         subscription = Subscription(
             consumer,
-            pool,
             nc,
+            relay.transaction,
             max_deliver=s.consumer_max_deliver,
             ack_wait_s=s.consumer_ack_wait_s,
-            transaction=relay.transaction,
         )
         await subscription.open()  # durable consumers exist before the service says ready
         loops.append((consumer.name, _runner(subscription)))
