@@ -74,7 +74,8 @@ async def add(conn: Connection, events: Iterable[Event]) -> None:
 
 
 class Relay:
-    """Publishes unsent outbox rows in id order, woken by NOTIFY and by a fallback poll."""
+    """Publishes outbox rows: those of its `transaction()`s as soon as they commit, and in
+    its loop (woken by NOTIFY and by a fallback poll) every other unsent row, in id order."""
 
     def __init__(
         self,
@@ -116,8 +117,10 @@ class Relay:
         ids = [r["event_id"] for r in rows]
         try:
             await self.publish(rows)
-        except Exception as exc:
-            self.in_flight.difference_update(ids)
+        except BaseException as exc:
+            self.in_flight.difference_update(ids)  # the loop's to publish now
+            if not isinstance(exc, Exception):
+                raise
             log.warning("publishing at commit failed, the relay will retry: %s", exc)
             return
         task = asyncio.create_task(self._mark_published(ids))
