@@ -28,8 +28,8 @@ import platform
 import statistics
 
 from services.benchmark.domain import percentile
-from services.benchmark.fakes import FakeModelServer, Script
 from services.benchmark.providers import Endpoint, Prompt, stream_runs
+from tests.fakes import FakeModelServer, Script
 
 FORMATS = {"ollama NDJSON": ("ollama", ""), "OpenAI SSE": ("openai", "/v1")}
 

@@ -341,19 +341,14 @@ def outcome(job: BenchmarkRequested, results: Sequence[RunResult]) -> Outcome:
             summary=summary,
         )
     first_error = next((r.error for r in results if r.error), "no run succeeded")
-    return BenchmarkFailed(
-        event_id=final_event_id(job.job_id),
-        job_id=job.job_id,
-        provider=job.provider,
-        model=job.model,
-        task_type=job.task_type,
-        error=f"every run failed ({len(results)}); first error: {first_error}",
-        summary=summary,
-    )
+    return refused(job, f"every run failed ({len(results)}); first error: {first_error}", summary)
 
 
-def refused(job: BenchmarkRequested, error: str) -> BenchmarkFailed:
-    """A job that ends before any run: refused by the guard, or given up on."""
+def refused(
+    job: BenchmarkRequested, error: str, summary: BenchmarkSummary | None = None
+) -> BenchmarkFailed:
+    """A job that failed: every run failed (with their `summary`), or it ended before any
+    run, refused by the guard or given up on."""
     return BenchmarkFailed(
         event_id=final_event_id(job.job_id),
         job_id=job.job_id,
@@ -361,6 +356,7 @@ def refused(job: BenchmarkRequested, error: str) -> BenchmarkFailed:
         model=job.model,
         task_type=job.task_type,
         error=error,
+        summary=summary,
     )
 
 

@@ -78,16 +78,21 @@ def _error_text(error: Any) -> str:
     return str(error)
 
 
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise ProtocolError(f"not JSON: {text[:200]!r}") from exc
+    if not isinstance(data, dict):
+        raise ProtocolError(f"not a JSON object: {text[:200]!r}")
+    return data
+
+
 def parse_ollama_line(line: str) -> Chunk | None:
     """One NDJSON line of Ollama's /api/generate or /api/chat."""
     if not line.strip():
         return None
-    try:
-        data = json.loads(line)
-    except ValueError as exc:
-        raise ProtocolError(f"not JSON: {line[:200]!r}") from exc
-    if not isinstance(data, dict):
-        raise ProtocolError(f"not a JSON object: {line[:200]!r}")
+    data = _json_object(line)
     if data.get("error"):
         return Chunk(error=_error_text(data["error"]))
     message = data.get("message")
@@ -112,12 +117,7 @@ def parse_sse_line(line: str) -> Chunk | None:
     payload = line[5:].strip()
     if payload == "[DONE]":
         return Chunk(done=True)
-    try:
-        data = json.loads(payload)
-    except ValueError as exc:
-        raise ProtocolError(f"not JSON: {payload[:200]!r}") from exc
-    if not isinstance(data, dict):
-        raise ProtocolError(f"not a JSON object: {payload[:200]!r}")
+    data = _json_object(payload)
     if data.get("error"):
         return Chunk(error=_error_text(data["error"]))
     chunk = Chunk()

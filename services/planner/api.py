@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -15,6 +17,7 @@ from contracts.events import utcnow
 from services.planner import db, domain
 from services.planner.domain import PlanRequest
 from services.planner.handlers import Conflict, NotFound, Planner
+from services.runtime.db import Connection
 from services.runtime.service import Runtime, runtime_of
 
 PlanStatus = Literal["awaiting_approval", "running", "completed", "failed", "cancelled"]
@@ -108,6 +111,18 @@ class InvalidPlan(BaseModel):
     problems: list[ProblemView]
 
 
+@asynccontextmanager
+async def answering_errors(runtime: Runtime) -> AsyncIterator[Connection]:
+    """A transaction whose domain refusals answer as HTTP: unknown → 404, conflict → 409."""
+    try:
+        async with runtime.transaction() as conn:
+            yield conn
+    except NotFound as exc:
+        raise HTTPException(404, str(exc)) from exc
+    except Conflict as exc:
+        raise HTTPException(409, str(exc)) from exc
+
+
 def build_router(planner: Planner) -> APIRouter:
     router = APIRouter(prefix="/v1", tags=["planner"])
 
@@ -153,10 +168,8 @@ def build_router(planner: Planner) -> APIRouter:
             )
             return JSONResponse(body.model_dump(), status_code=422)
         try:
-            async with runtime.transaction() as conn:
+            async with answering_errors(runtime) as conn:
                 plan, created = await planner.create_plan(conn, request)
-        except Conflict as exc:
-            raise HTTPException(409, str(exc)) from exc
         except asyncpg.UniqueViolationError as exc:
             raise HTTPException(409, f"plan id {request.plan_id} is taken") from exc
         if not created:
@@ -217,13 +230,8 @@ def build_router(planner: Planner) -> APIRouter:
         },
     )
     async def cancel_plan(plan_id: str, runtime: RuntimeDep) -> PlanSummary:
-        try:
-            async with runtime.transaction() as conn:
-                plan = await planner.cancel_plan(conn, plan_id)
-        except NotFound as exc:
-            raise HTTPException(404, str(exc)) from exc
-        except Conflict as exc:
-            raise HTTPException(409, str(exc)) from exc
+        async with answering_errors(runtime) as conn:
+            plan = await planner.cancel_plan(conn, plan_id)
         return PlanSummary.model_validate(plan)
 
     @router.post(
@@ -238,13 +246,8 @@ def build_router(planner: Planner) -> APIRouter:
     async def assign(
         plan_id: str, subtask_id: str, body: Assignment, runtime: RuntimeDep
     ) -> SubtaskView:
-        try:
-            async with runtime.transaction() as conn:
-                subtask = await planner.assign(conn, plan_id, subtask_id, body.agent)
-        except NotFound as exc:
-            raise HTTPException(404, str(exc)) from exc
-        except Conflict as exc:
-            raise HTTPException(409, str(exc)) from exc
+        async with answering_errors(runtime) as conn:
+            subtask = await planner.assign(conn, plan_id, subtask_id, body.agent)
         return SubtaskView.model_validate(subtask)
 
     @router.get("/approvals", response_model=list[ApprovalView], summary="Approval requests")
@@ -286,15 +289,10 @@ def build_router(planner: Planner) -> APIRouter:
     async def resolve_approval(
         approval_id: uuid.UUID, body: Decision, runtime: RuntimeDep
     ) -> ApprovalView:
-        try:
-            async with runtime.transaction() as conn:
-                resolved = await planner.resolve_approval(
-                    conn, approval_id, body.decision == "approved", body.comment
-                )
-        except NotFound as exc:
-            raise HTTPException(404, str(exc)) from exc
-        except Conflict as exc:
-            raise HTTPException(409, str(exc)) from exc
+        async with answering_errors(runtime) as conn:
+            resolved = await planner.resolve_approval(
+                conn, approval_id, body.decision == "approved", body.comment
+            )
         return ApprovalView.model_validate(resolved)
 
     return router

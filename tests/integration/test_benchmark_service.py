@@ -27,10 +27,10 @@ from services.benchmark import cli, db
 from services.benchmark.app import build
 from services.benchmark.config import BenchmarkSettings
 from services.benchmark.domain import RunResult
-from services.benchmark.fakes import FakeModelServer, Script
 from services.embedded import free_port
 from services.runtime.service import ServiceSpec, create_app
 from tests.conftest import Infra, eventually, running
+from tests.fakes import FakeModelServer, Script
 
 FAST = Script(ttft_s=0.03, gap_s=0.01)
 

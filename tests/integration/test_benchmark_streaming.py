@@ -10,8 +10,8 @@ import httpx
 import pytest
 
 from services.benchmark.domain import measure
-from services.benchmark.fakes import FakeModelServer, Script
 from services.benchmark.providers import Endpoint, Prompt, stream_once
+from tests.fakes import FakeModelServer, Script
 
 TTFT_S, GAP_S = 0.12, 0.04
 SLACK_MS = 50.0  # generous: the scheduler of a busy machine, not a timing target

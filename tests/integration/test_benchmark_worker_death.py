@@ -15,9 +15,9 @@ import httpx
 from nats.js import JetStreamContext
 
 from services.benchmark.app import build
-from services.benchmark.fakes import FakeModelServer, Script
 from services.embedded import free_port
 from tests.conftest import Infra, eventually, running
+from tests.fakes import FakeModelServer, Script
 from tests.integration.test_benchmark_service import final_events, finished, request, settings
 
 # ten chunks 80 ms apart: a run takes about 0.8 s, so the kill lands inside the job
