@@ -63,5 +63,6 @@ def build(settings: BenchmarkSettings | None = None) -> ServiceSpec:
             ),
         ],
         routers=[api.router],
-        tasks=[worker.attach, job_cleanup(settings)],
+        tasks=[job_cleanup(settings)],
+        on_start=[worker.bind],
     )

@@ -30,7 +30,6 @@ restart a running job and drop the first worker's results.)
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import uuid
 
@@ -94,23 +93,20 @@ def _secret(value: SecretStr | None) -> str | None:
 
 
 class Worker:
-    """Runs benchmark jobs; `attach` (a service task) hands it the running service's pool,
+    """Runs benchmark jobs; `bind` (called at start) hands it the running service's pool,
     which it needs for writes outside the consumer's transaction."""
 
     def __init__(self, settings: BenchmarkSettings) -> None:
         self.settings = settings
         self._pool: asyncpg.Pool | None = None
-        self._attached = asyncio.Event()
         self.worker_id = ""
 
-    async def attach(self, runtime: Runtime) -> None:
+    def bind(self, runtime: Runtime) -> None:
         self._pool = runtime.pool
         self.worker_id = f"{runtime.instance}-{uuid.uuid4().hex[:6]}"
-        self._attached.set()
 
-    async def pool(self) -> asyncpg.Pool:
-        await self._attached.wait()
-        assert self._pool is not None
+    def pool(self) -> asyncpg.Pool:
+        assert self._pool is not None, "bind() is called before any job arrives"
         return self._pool
 
     async def on_benchmark_requested(
@@ -120,7 +116,7 @@ class Worker:
             await self.run_job(conn, event)
 
     async def run_job(self, conn: Connection, event: BenchmarkRequested) -> None:
-        pool = await self.pool()
+        pool = self.pool()
         async with pool.acquire() as own:
             await db.insert_job(own, event)  # a client may publish without the API
             claimed = await db.claim_job(own, event.job_id, self.worker_id)

@@ -103,6 +103,7 @@ class ServiceSpec:
     consumers: Sequence[Consumer[Any]] = ()
     routers: Sequence[APIRouter] = ()
     tasks: Sequence[Task] = ()  # long-running loops, restarted if they crash
+    on_start: Sequence[Callable[[Runtime], None]] = ()  # given the runtime before consuming
     description: str = ""
 
 
@@ -238,6 +239,8 @@ async def start_runtime(spec: ServiceSpec) -> tuple[Runtime, list[asyncio.Task[N
     await ensure_streams(js)
     relay = outbox.Relay(pool, js, spec.name, poll_interval=s.outbox_poll_interval_s)
     runtime = Runtime(spec.name, s, pool, nc, js, relay)
+    for hook in spec.on_start:
+        hook(runtime)
     loops: list[tuple[str, Task]] = [
         ("outbox-relay", lambda _: relay.run()),
         ("heartbeat", _heartbeat),
