@@ -34,6 +34,12 @@ class PlannerSettings(RuntimeSettings):
     planner_batch_size: int = Field(
         200, ge=1, le=5000, description="Agent events applied per transaction at most."
     )
+    planner_cached_plans: int = Field(
+        256,
+        ge=1,
+        description="Plans whose state (every subtask) is kept in memory between events; "
+        "the least recently used beyond this are read again when next needed.",
+    )
     planner_max_subtasks: int = Field(20_000, ge=1, description="Subtasks per plan at most.")
     planner_event_max_bytes: int = Field(
         512 * 1024,

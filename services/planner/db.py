@@ -11,7 +11,7 @@ from typing import Any
 
 import asyncpg
 
-from services.planner.domain import TERMINAL, Subtask
+from services.planner.domain import Subtask
 from services.runtime.db import Connection
 
 
@@ -30,6 +30,7 @@ class Plan:
     is_complete: bool
     metadata: dict[str, Any]
     fingerprint: str
+    revision: int  # a fresh value of a sequence at every write of the plan or its subtasks
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,8 @@ class Approval:
 
 _PLAN = (
     "plan_id, task_execution_id AS task_id, user_id, session_id, original_task, subtask_count,"
-    " status, requires_approval, created_at, completed_at, is_complete, metadata, fingerprint"
+    " status, requires_approval, created_at, completed_at, is_complete, metadata, fingerprint,"
+    " revision"
 )
 _SUBTASK = (
     "plan_id, subtask_id, sequence_number, description, agent, estimated_time, status,"
@@ -73,7 +75,6 @@ _APPROVAL = (
     "id AS approval_id, user_id, session_id, plan_id, subtask_id, type, payload, status,"
     " created_at, expires_at, resolved_at, decision"
 )
-_OPEN = "status NOT IN (" + ", ".join(f"'{s}'" for s in sorted(TERMINAL)) + ")"
 
 
 def _plan(row: asyncpg.Record) -> Plan:
@@ -174,25 +175,6 @@ async def lock_open_plans_of_sessions(
     return [_plan(r) for r in rows]
 
 
-async def set_plan_status(conn: Connection, plan_id: str, status: str) -> None:
-    await conn.execute("UPDATE execution_plans SET status = $2 WHERE plan_id = $1", plan_id, status)
-
-
-async def finish_plan(
-    conn: Connection, plan_id: str, status: str, completed_at: datetime, metrics: dict[str, Any]
-) -> bool:
-    """Mark the plan finished; False when it already was."""
-    done = await conn.fetchval(
-        "UPDATE execution_plans SET status = $2, completed_at = $3, is_complete = true,"
-        " metrics = $4 WHERE plan_id = $1 AND NOT is_complete RETURNING true",
-        plan_id,
-        status,
-        completed_at,
-        metrics,
-    )
-    return bool(done)
-
-
 async def list_plans(
     conn: Connection,
     *,
@@ -217,7 +199,7 @@ async def list_plans(
 
 
 async def insert_subtasks(conn: Connection, subtasks: Sequence[Subtask]) -> None:
-    """One statement for the whole plan, its dependency edges in a second one."""
+    """One statement for the whole plan."""
     await conn.execute(
         "INSERT INTO subtask_executions (plan_id, subtask_id, sequence_number, description,"
         " agent, estimated_time, status, dependencies, attempt, max_attempts, timeout_s,"
@@ -238,19 +220,11 @@ async def insert_subtasks(conn: Connection, subtasks: Sequence[Subtask]) -> None
         [s.timeout_s for s in subtasks],
         [s.requires_approval for s in subtasks],
     )
-    edges = [(s.plan_id, d, s.subtask_id) for s in subtasks for d in dict.fromkeys(s.dependencies)]
-    if edges:
-        await conn.execute(
-            "INSERT INTO subtask_dependencies (plan_id, depends_on, subtask_id)"
-            " SELECT * FROM unnest($1::text[], $2::text[], $3::text[])",
-            [e[0] for e in edges],
-            [e[1] for e in edges],
-            [e[2] for e in edges],
-        )
 
 
 # Rows are found by key (see _by_key) and updated by their ctid, which holds because every
-# writer of a plan's subtasks holds the plan's row lock. Parameters $1-$13.
+# writer of a plan's subtasks holds the plan's row lock. Parameters $1-$13; unnest of
+# empty arrays updates nothing.
 _SAVE = (
     "UPDATE subtask_executions s SET status = u.status, agent = u.agent,"
     " attempt = u.attempt, started_at = u.started_at, completed_at = u.completed_at,"
@@ -284,70 +258,27 @@ def _save_args(subtasks: Sequence[Subtask]) -> list[list[Any]]:
     ]
 
 
-async def save_subtasks(conn: Connection, subtasks: Iterable[Subtask]) -> None:
-    """Write the lifecycle fields of changed subtasks, in one statement."""
-    rows = list(subtasks)
-    if rows:
-        await conn.execute(_SAVE, *_save_args(rows))
-
-
-@dataclass(frozen=True)
-class Dependents:
-    pending: list[Subtask]  # pending subtasks that depend on what completed
-    statuses: dict[str, str]  # of their dependencies, as they were before this save
-    dismissed: set[str]  # models dismissed from the plan's session
-
-
-async def save_and_find_dependents(
-    conn: Connection, plan: Plan, subtasks: Sequence[Subtask], completed_ids: Sequence[str]
-) -> Dependents:
-    """Save the changed subtasks and, in the same round trip, read what readiness is
-    decided on: the pending dependents of `completed_ids` with the status of each of their
-    dependencies, and the models dismissed from the session. The read sees the state from
-    before the save (one statement, one snapshot)."""
-    rows = await conn.fetch(
-        f"WITH saved AS ({_SAVE} RETURNING 1)"
-        " SELECT s.*, x.dep_ids, x.dep_statuses, d.models AS dismissed"
-        " FROM (SELECT DISTINCT e.subtask_id FROM unnest($15::text[]) AS c(id)"
-        "   CROSS JOIN LATERAL (SELECT subtask_id FROM subtask_dependencies"
-        "     WHERE plan_id = $14 AND depends_on = c.id OFFSET 0) e) n"
-        f" CROSS JOIN LATERAL ({_by_key(_SUBTASK, '$14', 'n.subtask_id')}) s"
-        " CROSS JOIN LATERAL (SELECT array_agg(d.subtask_id) AS dep_ids,"
-        "     array_agg(d.status) AS dep_statuses"
-        "   FROM (SELECT depends_on FROM subtask_dependencies"
-        "     WHERE plan_id = $14 AND subtask_id = s.subtask_id OFFSET 0) e"
-        f"   CROSS JOIN LATERAL ({_by_key('subtask_id, status', '$14', 'e.depends_on')}) d) x"
-        " CROSS JOIN (SELECT coalesce(array_agg(model_id), '{}') AS models"
-        "   FROM dismissed_models WHERE user_id = $16 AND session_id = $17) d"
-        " WHERE s.status = 'pending'",
-        *_save_args(subtasks),
+async def save(
+    conn: Connection,
+    plan: Plan,
+    subtasks: Iterable[Subtask],
+    metrics: dict[str, Any] | None = None,
+) -> int:
+    """Write the plan's status and the lifecycle fields of changed subtasks, in one
+    statement; returns the plan's new revision."""
+    revision: int = await conn.fetchval(
+        f"WITH saved AS ({_SAVE})"
+        " UPDATE execution_plans SET revision = nextval('plan_revision'), status = $15,"
+        " completed_at = $16, is_complete = $17, metrics = coalesce($18, metrics)"
+        " WHERE plan_id = $14 RETURNING revision",
+        *_save_args(list(subtasks)),
         plan.plan_id,
-        list(completed_ids),
-        plan.user_id,
-        plan.session_id,
+        plan.status,
+        plan.completed_at,
+        plan.is_complete,
+        metrics,
     )
-    statuses: dict[str, str] = {}
-    pending: list[Subtask] = []
-    dismissed: set[str] = set()
-    for r in rows:
-        fields = dict(r)
-        statuses.update(zip(fields.pop("dep_ids"), fields.pop("dep_statuses"), strict=True))
-        dismissed.update(fields.pop("dismissed"))
-        fields["dependencies"] = tuple(fields["dependencies"])
-        pending.append(Subtask(**fields))
-    return Dependents(pending, statuses, dismissed)
-
-
-async def subtasks(
-    conn: Connection, plan_id: str, subtask_ids: Sequence[str]
-) -> dict[str, Subtask]:
-    rows = await conn.fetch(
-        f"SELECT s.* FROM unnest($2::text[]) AS u(id)"
-        f" CROSS JOIN LATERAL ({_by_key(_SUBTASK, '$1', 'u.id')}) s",
-        plan_id,
-        list(subtask_ids),
-    )
-    return {r["subtask_id"]: _subtask(r) for r in rows}
+    return revision
 
 
 async def plan_subtasks(conn: Connection, plan_id: str) -> list[Subtask]:
@@ -355,28 +286,6 @@ async def plan_subtasks(conn: Connection, plan_id: str) -> list[Subtask]:
         f"SELECT {_SUBTASK} FROM subtask_executions WHERE plan_id = $1"
         " ORDER BY sequence_number, subtask_id",
         plan_id,
-    )
-    return [_subtask(r) for r in rows]
-
-
-async def has_open_subtasks(conn: Connection, plan_id: str) -> bool:
-    return bool(
-        await conn.fetchval(
-            f"SELECT EXISTS (SELECT 1 FROM subtask_executions WHERE plan_id = $1 AND {_OPEN})",
-            plan_id,
-        )
-    )
-
-
-async def subtasks_of_agent(
-    conn: Connection, plan_ids: Sequence[str], agent: str, statuses: Sequence[str]
-) -> list[Subtask]:
-    rows = await conn.fetch(
-        f"SELECT {_SUBTASK} FROM subtask_executions WHERE plan_id = ANY($1::text[])"
-        " AND agent = $2 AND status = ANY($3::text[]) ORDER BY plan_id, sequence_number",
-        list(plan_ids),
-        agent,
-        list(statuses),
     )
     return [_subtask(r) for r in rows]
 
@@ -398,26 +307,6 @@ async def plans_with_due_work(conn: Connection, now: datetime, limit: int) -> li
         limit,
     )
     return sorted(r["plan_id"] for r in rows)
-
-
-async def past_deadline(conn: Connection, plan_id: str, now: datetime) -> list[Subtask]:
-    rows = await conn.fetch(
-        f"SELECT {_SUBTASK} FROM subtask_executions WHERE plan_id = $1"
-        " AND status IN ('ready', 'running') AND deadline_at <= $2",
-        plan_id,
-        now,
-    )
-    return [_subtask(r) for r in rows]
-
-
-async def due_retries(conn: Connection, plan_id: str, now: datetime) -> list[Subtask]:
-    rows = await conn.fetch(
-        f"SELECT {_SUBTASK} FROM subtask_executions WHERE plan_id = $1"
-        " AND status = 'retrying' AND next_attempt_at <= $2 ORDER BY sequence_number",
-        plan_id,
-        now,
-    )
-    return [_subtask(r) for r in rows]
 
 
 async def expired_approvals(conn: Connection, plan_id: str, now: datetime) -> list[Approval]:

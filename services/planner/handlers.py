@@ -1,9 +1,15 @@
 """Planner's imperative shell: subscribers, commands from the API and the timer loop.
 
 Each runs in one transaction: lock the plan's row (so that concurrent events of one plan
-take turns), read, decide with `domain`, write, and record the events to publish with
-`outbox.add`. Outgoing event ids are derived from the state change (`domain.derived_id`),
-so a retried transaction produces the same events.
+take turns), take the plan's state, decide with `domain`, write, and record the events to
+publish with `outbox.add`. Outgoing event ids are derived from the state change
+(`domain.derived_id`), so a retried transaction produces the same events.
+
+The state of a plan (its row, every subtask, the models dismissed from its session) is kept
+in memory between transactions, so that applying a batch of agents' reports reads nothing
+but the plan's row. Every write of a plan sets its `revision` to a fresh value of a
+sequence; the kept state is used only while its revision is the one the locked row shows,
+so a plan changed elsewhere (another replica, a rolled-back transaction) is read afresh.
 """
 
 from __future__ import annotations
@@ -11,9 +17,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from collections import OrderedDict, defaultdict
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, Protocol, TypeVar
 
@@ -90,6 +96,73 @@ class Change:
     after: Subtask
 
 
+@dataclass
+class PlanState:
+    """A plan with all its subtasks as of `plan.revision`, and what this transaction
+    changed and has not written yet."""
+
+    plan: Plan
+    subtasks: dict[str, Subtask]
+    dependents: dict[str, list[str]]
+    dismissed: set[str]  # models dismissed from the plan's session
+    open: int  # subtasks not finished
+    changed: dict[str, Subtask] = field(default_factory=dict)
+    plan_changed: bool = False
+    metrics: dict[str, Any] | None = None  # set when the plan finishes
+
+    @classmethod
+    def of(cls, plan: Plan, subtasks: Iterable[Subtask], dismissed: set[str]) -> PlanState:
+        by_id = {s.subtask_id: s for s in subtasks}
+        deps = {sid: s.dependencies for sid, s in by_id.items()}
+        return cls(
+            plan,
+            by_id,
+            domain.dependents_of(deps),
+            dismissed,
+            sum(1 for s in by_id.values() if s.status not in TERMINAL),
+        )
+
+    @property
+    def pending_writes(self) -> bool:
+        return bool(self.changed) or self.plan_changed
+
+    def put(self, subtasks: Iterable[Subtask]) -> None:
+        for s in subtasks:
+            before = self.subtasks[s.subtask_id]
+            self.open += (before.status in TERMINAL) - (s.status in TERMINAL)
+            self.subtasks[s.subtask_id] = s
+            self.changed[s.subtask_id] = s
+
+    def set_plan(self, **changes: Any) -> None:
+        self.plan = replace(self.plan, **changes)
+        self.plan_changed = True
+
+    def ordered(self) -> list[Subtask]:
+        return sorted(self.subtasks.values(), key=lambda s: (s.sequence_number, s.subtask_id))
+
+    def deps(self) -> dict[str, tuple[str, ...]]:
+        return {sid: s.dependencies for sid, s in self.subtasks.items()}
+
+    def statuses(self) -> Mapping[str, str]:
+        return _Statuses(self.subtasks)
+
+
+class _Statuses(Mapping[str, str]):
+    """The status of each subtask, read through (no copy of a plan of thousands)."""
+
+    def __init__(self, subtasks: dict[str, Subtask]) -> None:
+        self._subtasks = subtasks
+
+    def __getitem__(self, key: str) -> str:
+        return self._subtasks[key].status
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._subtasks)
+
+    def __len__(self) -> int:
+        return len(self._subtasks)
+
+
 class AgentReport(Protocol):
     @property
     def plan_id(self) -> str: ...
@@ -108,6 +181,45 @@ class Planner:
         self.policy = domain.RetryPolicy(
             settings.planner_retry_base_s, settings.planner_retry_max_s
         )
+        self.states: OrderedDict[str, PlanState] = OrderedDict()  # least recently used first
+
+    # --- the state of a plan --------------------------------------------------------------
+
+    async def _lock(
+        self, conn: Connection, plan_id: str, *, skip_locked: bool = False
+    ) -> PlanState | None:
+        plan = await db.lock_plan(conn, plan_id, skip_locked=skip_locked)
+        return None if plan is None else await self._state(conn, plan)
+
+    async def _state(self, conn: Connection, plan: Plan) -> PlanState:
+        """The state of a plan whose row this transaction has locked (and read as `plan`):
+        the kept one when nobody wrote the plan since, otherwise read afresh."""
+        state = self.states.get(plan.plan_id)
+        if state is None or state.plan.revision != plan.revision or state.pending_writes:
+            subtasks = await db.plan_subtasks(conn, plan.plan_id)
+            dismissed = await db.dismissed_models(conn, plan.user_id, plan.session_id)
+            state = PlanState.of(plan, subtasks, dismissed)
+        state.plan = plan
+        self._keep(state)
+        return state
+
+    def _keep(self, state: PlanState) -> None:
+        self.states[state.plan.plan_id] = state
+        self.states.move_to_end(state.plan.plan_id)
+        while len(self.states) > self.settings.planner_cached_plans:
+            self.states.popitem(last=False)
+
+    async def _write(self, conn: Connection, state: PlanState, *, always: bool = False) -> None:
+        """Write what the transaction changed in one statement, with a new revision; also
+        when nothing did if `always` (the state depends on something else that changed)."""
+        if not (state.pending_writes or always):
+            return
+        revision = await db.save(conn, state.plan, state.changed.values(), state.metrics)
+        state.plan = replace(state.plan, revision=revision)
+        state.changed.clear()
+        state.plan_changed = False
+        if state.plan.is_complete:
+            self.states.pop(state.plan.plan_id, None)
 
     # --- creating a plan ------------------------------------------------------------------
 
@@ -160,13 +272,16 @@ class Planner:
         await outbox.add(conn, [self._plan_created(plan, subtasks)])
         PLANS.labels(plan.status).inc()
         SUBTASKS.labels(PENDING).inc(len(subtasks))
+        dismissed = await db.dismissed_models(conn, plan.user_id, plan.session_id)
+        state = PlanState.of(plan, subtasks, dismissed)
         if request.requires_approval:
-            await self._request_approvals(conn, plan, [None], now)
+            await self._request_approvals(conn, state, [None], now)
         else:
-            deps = {s.subtask_id: s.dependencies for s in subtasks}
-            roots = set(domain.roots(deps))
-            await self._dispatch(conn, plan, [s for s in subtasks if s.subtask_id in roots], now)
-        return plan, True
+            roots = set(domain.roots(state.deps()))
+            await self._dispatch(conn, state, [s for s in subtasks if s.subtask_id in roots], now)
+        await self._write(conn, state, always=True)
+        self._keep(state)
+        return state.plan, True
 
     def _plan_created(self, plan: Plan, subtasks: Sequence[Subtask]) -> PlanCreated:
         event = PlanCreated(
@@ -248,12 +363,11 @@ class Planner:
             plan = plans.get(plan_id)
             if plan is None:  # a plan some other orchestrator runs: not ours to follow
                 continue
-            reports = by_plan[plan_id]
-            current = await db.subtasks(conn, plan_id, [e.subtask_id for e in reports])
+            state = await self._state(conn, plan)
             changes: dict[str, Change] = {}
             completed_at: dict[str, datetime] = {}
-            for e in reports:
-                s = current.get(e.subtask_id)
+            for e in by_plan[plan_id]:
+                s = state.subtasks.get(e.subtask_id)
                 if s is None:
                     continue
                 after = transition(s, e, now)
@@ -261,62 +375,55 @@ class Planner:
                     continue  # a duplicate, a stale attempt, or too late to matter
                 first = changes.get(s.subtask_id)
                 changes[s.subtask_id] = Change(first.before if first else s, after)
-                current[s.subtask_id] = after
+                state.put([after])
                 if completion and after.status == COMPLETED:
                     completed_at[s.subtask_id] = e.occurred_at
-            await self._settle(conn, plan, list(changes.values()), now, completed_at)
+            await self._settle(conn, state, list(changes.values()), now, completed_at)
+            await self._write(conn, state)
 
     # --- what follows from changes ---------------------------------------------------------
 
     async def _settle(
         self,
         conn: Connection,
-        plan: Plan,
+        state: PlanState,
         changes: Sequence[Change],
         now: datetime,
         completed_at: dict[str, datetime] | None = None,
     ) -> None:
-        """Write the changes, then what follows: dependents that became ready go out,
+        """Take in the changes, then what follows: dependents that became ready go out,
         dependents of a dead end are skipped, and the plan finishes once nothing is open."""
         if not changes:
             return
+        state.put(c.after for c in changes)
         for c in changes:
             if c.after.status != c.before.status:
                 SUBTASKS.labels(c.after.status).inc()
         done = [c.after.subtask_id for c in changes if _entered(c, {COMPLETED})]
         dead = [c.after.subtask_id for c in changes if _entered(c, DEAD_ENDS)]
         dispatched: list[Subtask] = []
-        if done and plan.status == PLAN_RUNNING:
-            found = await db.save_and_find_dependents(conn, plan, [c.after for c in changes], done)
-            statuses = found.statuses | {c.after.subtask_id: c.after.status for c in changes}
-            deps = {s.subtask_id: s.dependencies for s in found.pending}
-            statuses.update({s.subtask_id: s.status for s in found.pending})
-            ready = set(domain.newly_ready(deps, statuses, deps))
+        if done and state.plan.status == PLAN_RUNNING:
+            candidates = dict.fromkeys(d for sid in done for d in state.dependents.get(sid, ()))
+            deps = {c: state.subtasks[c].dependencies for c in candidates}
+            ready = domain.newly_ready(deps, state.statuses(), candidates)
             dispatched = await self._dispatch(
-                conn,
-                plan,
-                [s for s in found.pending if s.subtask_id in ready],
-                now,
-                dismissed=found.dismissed,
+                conn, state, [state.subtasks[sid] for sid in ready], now
             )
             if completed_at:
                 _observe_dispatch_latency(dispatched, completed_at)
-        else:
-            await db.save_subtasks(conn, [c.after for c in changes])
         if dead:
-            await self._skip_dependents(conn, plan, dead, now)
+            self._skip_dependents(state, dead, now)
         if dispatched or not any(_entered(c, TERMINAL) for c in changes):
             return  # something is still open: the plan goes on
-        await self._finish_if_done(conn, plan, now)
+        await self._finish_if_done(conn, state, now)
 
     async def _dispatch(
         self,
         conn: Connection,
-        plan: Plan,
+        state: PlanState,
         subtasks: Sequence[Subtask],
         now: datetime,
         approved: bool = False,
-        dismissed: set[str] | None = None,
     ) -> list[Subtask]:
         """Send out the next attempt of each subtask, unless it needs an approval first or
         its agent was dismissed from the session; returns those sent."""
@@ -325,15 +432,14 @@ class Planner:
         asking = [s for s in subtasks if s.requires_approval and not approved]
         going = [s for s in subtasks if not (s.requires_approval and not approved)]
         if asking:
-            await self._request_approvals(conn, plan, asking, now)
+            await self._request_approvals(conn, state, asking, now)
         if not going:
             return []
-        if dismissed is None:
-            dismissed = await db.dismissed_models(conn, plan.user_id, plan.session_id)
+        plan = state.plan
         sent: list[Subtask] = []
         held: list[Subtask] = []
         for s in going:
-            agent = domain.route(s.agent, dismissed, self.settings.planner_fallback_agent)
+            agent = domain.route(s.agent, state.dismissed, self.settings.planner_fallback_agent)
             if agent is None:
                 held.append(
                     replace(
@@ -347,7 +453,7 @@ class Planner:
                 )
             else:
                 sent.append(domain.dispatch(s, agent, now))
-        await db.save_subtasks(conn, [*sent, *held])
+        state.put([*sent, *held])
         await outbox.add(conn, [_subtask_ready(plan, s) for s in sent])
         SUBTASKS.labels(HELD).inc(len(held))
         SUBTASKS.labels(domain.READY).inc(len(sent))
@@ -357,11 +463,12 @@ class Planner:
     async def _request_approvals(
         self,
         conn: Connection,
-        plan: Plan,
+        state: PlanState,
         subtasks: Sequence[Subtask | None],
         now: datetime,
     ) -> None:
         """Ask for an approval of each subtask (type tool), or of the whole plan (None)."""
+        plan = state.plan
         expires_at = now + timedelta(seconds=self.settings.planner_approval_timeout_s)
         approvals: list[Approval] = []
         for s in subtasks:
@@ -391,7 +498,7 @@ class Planner:
                 )
             )
         waiting = [replace(s, status=AWAITING_APPROVAL) for s in subtasks if s is not None]
-        await db.save_subtasks(conn, waiting)
+        state.put(waiting)
         SUBTASKS.labels(AWAITING_APPROVAL).inc(len(waiting))
         await db.insert_approvals(conn, approvals)
         await outbox.add(
@@ -412,44 +519,35 @@ class Planner:
             ],
         )
 
-    async def _skip_dependents(
-        self, conn: Connection, plan: Plan, dead: Sequence[str], now: datetime
-    ) -> None:
-        subtasks = await db.plan_subtasks(conn, plan.plan_id)
-        by_id = {s.subtask_id: s for s in subtasks}
-        deps = {s.subtask_id: s.dependencies for s in subtasks}
-        statuses = {s.subtask_id: s.status for s in subtasks}
+    def _skip_dependents(self, state: PlanState, dead: Sequence[str], now: datetime) -> None:
+        subtasks = state.subtasks
         skipped = [
             domain.finish(
-                by_id[sid],
+                subtasks[sid],
                 SKIPPED,
-                f"skipped: depends on {cause}, which {by_id[cause].status}",
+                f"skipped: depends on {cause}, which {subtasks[cause].status}",
                 now,
             )
-            for sid, cause in domain.to_skip(deps, statuses, dead).items()
+            for sid, cause in domain.to_skip(state.deps(), state.statuses(), dead).items()
         ]
-        await db.save_subtasks(conn, skipped)
+        state.put(skipped)
         SUBTASKS.labels(SKIPPED).inc(len(skipped))
 
-    async def _finish_if_done(self, conn: Connection, plan: Plan, now: datetime) -> None:
-        if plan.status in PLAN_TERMINAL or await db.has_open_subtasks(conn, plan.plan_id):
+    async def _finish_if_done(self, conn: Connection, state: PlanState, now: datetime) -> None:
+        if state.plan.status in PLAN_TERMINAL or state.open:
             return
-        subtasks = await db.plan_subtasks(conn, plan.plan_id)
-        outcome = domain.plan_outcome(s.status for s in subtasks)
+        outcome = domain.plan_outcome(s.status for s in state.subtasks.values())
         assert outcome is not None
-        await self._finish(conn, plan, outcome, subtasks, now)
+        await self._finish(conn, state, outcome, now)
 
     async def _finish(
-        self,
-        conn: Connection,
-        plan: Plan,
-        status: PlanOutcome,
-        subtasks: Sequence[Subtask],
-        now: datetime,
+        self, conn: Connection, state: PlanState, status: PlanOutcome, now: datetime
     ) -> None:
-        metrics = domain.metrics(subtasks, plan.created_at, now, now)
-        if not await db.finish_plan(conn, plan.plan_id, status, now, metrics):
+        plan = state.plan
+        if plan.is_complete:
             return  # finished earlier in this transaction
+        state.metrics = domain.metrics(state.ordered(), plan.created_at, now, now)
+        state.set_plan(status=status, completed_at=now, is_complete=True)
         await outbox.add(
             conn,
             [
@@ -460,7 +558,7 @@ class Planner:
                     user_id=plan.user_id,
                     session_id=plan.session_id,
                     status=status,
-                    metrics=metrics,
+                    metrics=state.metrics,
                 )
             ],
         )
@@ -474,25 +572,28 @@ class Planner:
         found = await db.approval(conn, approval_id)
         if found is None:
             raise NotFound(f"no approval {approval_id}")
-        plan = await db.lock_plan(conn, found.plan_id)
-        assert plan is not None
+        state = await self._lock(conn, found.plan_id)
+        assert state is not None
         found = await db.approval(conn, approval_id)  # read again under the plan's lock
         assert found is not None
         if found.status != "pending":
             raise Conflict(f"approval {approval_id} is already {found.status}")
-        return await self._resolve(
-            conn, plan, found, "approved" if approved else "rejected", comment, utcnow()
+        resolved = await self._resolve(
+            conn, state, found, "approved" if approved else "rejected", comment, utcnow()
         )
+        await self._write(conn, state)
+        return resolved
 
     async def _resolve(
         self,
         conn: Connection,
-        plan: Plan,
+        state: PlanState,
         approval: Approval,
         status: Resolution,
         decision: str | None,
         now: datetime,
     ) -> Approval:
+        plan = state.plan
         resolved = await db.resolve_approval(conn, approval.approval_id, status, decision, now)
         await outbox.add(
             conn,
@@ -513,44 +614,39 @@ class Planner:
             return resolved
         why = f"approval {status}" + (f": {decision}" if decision else "")
         if approval.subtask_id is None:  # the whole plan
-            subtasks = await db.plan_subtasks(conn, plan.plan_id)
             if status == "approved":
-                plan = replace(plan, status=PLAN_RUNNING)
-                await db.set_plan_status(conn, plan.plan_id, PLAN_RUNNING)
+                state.set_plan(status=PLAN_RUNNING)
                 PLANS.labels(PLAN_RUNNING).inc()
-                deps = {s.subtask_id: s.dependencies for s in subtasks}
-                statuses = {s.subtask_id: s.status for s in subtasks}
-                ready = set(domain.newly_ready(deps, statuses, deps))
+                ready = set(domain.newly_ready(state.deps(), state.statuses(), state.subtasks))
                 await self._dispatch(
-                    conn, plan, [s for s in subtasks if s.subtask_id in ready], now
+                    conn, state, [s for s in state.ordered() if s.subtask_id in ready], now
                 )
             else:
                 changes = [
                     Change(s, domain.finish(s, SKIPPED, f"skipped: plan {why}", now))
-                    for s in subtasks
+                    for s in state.ordered()
                     if s.status not in TERMINAL
                 ]
-                await self._settle(conn, plan, changes, now)
+                await self._settle(conn, state, changes, now)
             return resolved
-        current = (await db.subtasks(conn, plan.plan_id, [approval.subtask_id])).get(
-            approval.subtask_id
-        )
+        current = state.subtasks.get(approval.subtask_id)
         if current is None or current.status != AWAITING_APPROVAL:
             return resolved
         if status == "approved":
-            await self._dispatch(conn, plan, [current], now, approved=True)
+            await self._dispatch(conn, state, [current], now, approved=True)
         else:
             await self._settle(
-                conn, plan, [Change(current, domain.finish(current, REJECTED, why, now))], now
+                conn, state, [Change(current, domain.finish(current, REJECTED, why, now))], now
             )
         return resolved
 
     # --- cancel, reassign -----------------------------------------------------------------
 
     async def cancel_plan(self, conn: Connection, plan_id: str) -> Plan:
-        plan = await db.lock_plan(conn, plan_id)
-        if plan is None:
+        state = await self._lock(conn, plan_id)
+        if state is None:
             raise NotFound(f"no plan {plan_id}")
+        plan = state.plan
         if plan.status == CANCELLED:
             return plan
         if plan.status in PLAN_TERMINAL:
@@ -573,48 +669,41 @@ class Planner:
                     )
                 ],
             )
-        subtasks = await db.plan_subtasks(conn, plan_id)
-        cancelled = {
-            s.subtask_id: domain.finish(s, CANCELLED, "plan cancelled", now)
-            for s in subtasks
+        cancelled = [
+            domain.finish(s, CANCELLED, "plan cancelled", now)
+            for s in state.ordered()
             if s.status not in TERMINAL
-        }
-        await db.save_subtasks(conn, cancelled.values())
+        ]
+        state.put(cancelled)
         SUBTASKS.labels(CANCELLED).inc(len(cancelled))
-        final = [cancelled.get(s.subtask_id, s) for s in subtasks]
-        await self._finish(conn, plan, CANCELLED, final, now)
-        found = await db.plan(conn, plan_id)
-        assert found is not None
-        return found
+        await self._finish(conn, state, CANCELLED, now)
+        await self._write(conn, state)
+        return state.plan
 
     async def assign(self, conn: Connection, plan_id: str, subtask_id: str, agent: str) -> Subtask:
         """Give a subtask that has not gone out yet (held, pending, retrying, awaiting
         approval) to another agent; a held one is released and dispatched when it may."""
-        plan = await db.lock_plan(conn, plan_id)
-        if plan is None:
+        state = await self._lock(conn, plan_id)
+        if state is None:
             raise NotFound(f"no plan {plan_id}")
-        s = (await db.subtasks(conn, plan_id, [subtask_id])).get(subtask_id)
+        s = state.subtasks.get(subtask_id)
         if s is None:
             raise NotFound(f"plan {plan_id} has no subtask {subtask_id}")
         if s.status not in (HELD, PENDING, RETRYING, AWAITING_APPROVAL):
             raise Conflict(f"subtask {subtask_id} is {s.status}; only one not dispatched yet moves")
         if s.status != HELD:
-            moved = replace(s, agent=agent)
-            await db.save_subtasks(conn, [moved])
-            return moved
-        released = replace(s, agent=agent, status=PENDING, error=None)
-        await db.save_subtasks(conn, [released])
-        if plan.status != PLAN_RUNNING:
-            return released
-        deps = await db.subtasks(conn, plan_id, list(s.dependencies))
-        statuses = {d.subtask_id: d.status for d in deps.values()} | {subtask_id: PENDING}
-        if not domain.newly_ready({subtask_id: s.dependencies}, statuses, [subtask_id]):
-            return released
-        decision = await db.approval(conn, domain.approval_id(plan_id, subtask_id))
-        approved = decision is not None and decision.status == "approved"
-        await self._dispatch(conn, plan, [released], utcnow(), approved=approved)
-        after = (await db.subtasks(conn, plan_id, [subtask_id]))[subtask_id]
-        return after
+            state.put([replace(s, agent=agent)])
+        else:
+            released = replace(s, agent=agent, status=PENDING, error=None)
+            state.put([released])
+            if state.plan.status == PLAN_RUNNING and domain.newly_ready(
+                {subtask_id: s.dependencies}, state.statuses(), [subtask_id]
+            ):
+                decision = await db.approval(conn, domain.approval_id(plan_id, subtask_id))
+                approved = decision is not None and decision.status == "approved"
+                await self._dispatch(conn, state, [released], utcnow(), approved=approved)
+        await self._write(conn, state)
+        return state.subtasks[subtask_id]
 
     # --- dismissals -----------------------------------------------------------------------
 
@@ -629,18 +718,21 @@ class Planner:
         plans = await db.lock_open_plans_of_sessions(conn, sessions)
         now = utcnow()
         for plan in plans:
-            dismissed = await db.dismissed_models(conn, plan.user_id, plan.session_id)
+            state = await self._state(conn, plan)
             gone = [
                 e.model_id
                 for e in events
                 if (e.user_id, e.session_id) == (plan.user_id, plan.session_id)
             ]
+            state.dismissed.update(gone)
             changes: list[Change] = []
             for model in dict.fromkeys(gone):
-                waiting = await db.subtasks_of_agent(
-                    conn, [plan.plan_id], model, (PENDING, AWAITING_APPROVAL, RETRYING)
-                )
-                agent = domain.route(model, dismissed, self.settings.planner_fallback_agent)
+                agent = domain.route(model, state.dismissed, self.settings.planner_fallback_agent)
+                waiting = [
+                    s
+                    for s in state.ordered()
+                    if s.agent == model and s.status in (PENDING, AWAITING_APPROVAL, RETRYING)
+                ]
                 for s in waiting:
                     if agent is not None:
                         changes.append(Change(s, replace(s, agent=agent)))
@@ -657,7 +749,9 @@ class Planner:
                                 ),
                             )
                         )
-            await self._settle(conn, plan, changes, now)
+            await self._settle(conn, state, changes, now)
+            # the dismissed models are part of the state: other replicas must read it again
+            await self._write(conn, state, always=True)
 
     # --- the timer loop -------------------------------------------------------------------
 
@@ -677,28 +771,30 @@ class Planner:
         for plan_id in plan_ids:
             async with runtime.transaction() as conn:
                 # a plan locked by a consumer right now is looked at again next tick
-                plan = await db.lock_plan(conn, plan_id, skip_locked=True)
-                if plan is not None:
-                    await self._due_work(conn, plan)
+                state = await self._lock(conn, plan_id, skip_locked=True)
+                if state is not None:
+                    await self._due_work(conn, state)
+                    await self._write(conn, state)
 
-    async def _due_work(self, conn: Connection, plan: Plan) -> None:
+    async def _due_work(self, conn: Connection, state: PlanState) -> None:
         now = utcnow()
         changes: list[Change] = []
-        for s in await db.past_deadline(conn, plan.plan_id, now):
+        for s in state.ordered():
             after = domain.timed_out(s, now, self.policy)
             if after is not None:
                 TIMEOUTS.labels("subtask").inc()
                 changes.append(Change(s, after))
-        await self._settle(conn, plan, changes, now)
-        if plan.status == PLAN_RUNNING:
-            await self._dispatch(
-                conn, plan, await db.due_retries(conn, plan.plan_id, now), now, approved=True
-            )
-        for a in await db.expired_approvals(conn, plan.plan_id, now):
+        await self._settle(conn, state, changes, now)
+        if state.plan.status == PLAN_RUNNING:
+            due = [
+                s
+                for s in state.ordered()
+                if s.status == RETRYING and s.next_attempt_at and s.next_attempt_at <= now
+            ]
+            await self._dispatch(conn, state, due, now, approved=True)
+        for a in await db.expired_approvals(conn, state.plan.plan_id, now):
             TIMEOUTS.labels("approval").inc()
-            current = await db.plan(conn, plan.plan_id)  # what the steps above changed
-            assert current is not None
-            await self._resolve(conn, current, a, "timeout", "no answer in time", now)
+            await self._resolve(conn, state, a, "timeout", "no answer in time", now)
 
 
 def _entered(change: Change, statuses: Iterable[str]) -> bool:

@@ -20,6 +20,8 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 from nats.aio.client import Client as Nats
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -33,6 +35,7 @@ from contracts.catalog import DEAD_LETTER_STREAM, stream_for
 from contracts.events import INBOUND
 from services.runtime import inbox
 from services.runtime.db import Connection
+from services.runtime.outbox import Relay
 from services.runtime.pull import Puller
 from services.runtime.telemetry import context_from_headers
 
@@ -218,13 +221,16 @@ def _short(exc: ValidationError) -> str:
 
 class Subscription:
     """One durable pull consumer and the loop that applies what it delivers, batch by batch
-    (a lone message at once, a backlog up to `batch_size` per transaction)."""
+    (a lone message at once, a backlog up to `batch_size` per transaction). The loop keeps
+    one connection of the pool for its transactions, replaced when it breaks: handing it
+    back after every batch would cost a reset round trip each time."""
 
     def __init__(
         self,
         consumer: Consumer[Any],
         nc: Nats,
-        transaction: Transaction,
+        pool: asyncpg.Pool,
+        relay: Relay,
         *,
         max_deliver: int,
         ack_wait_s: float,
@@ -232,8 +238,11 @@ class Subscription:
         self.consumer = consumer
         self.nc = nc
         self.js = nc.jetstream()
+        self.pool = pool
+        self.relay = relay
+        self.conn: PoolConnectionProxy | None = None
         self.processor: Processor[Any] = Processor(
-            consumer, self.js, transaction, max_deliver, ack_wait_s
+            consumer, self.js, lambda: relay.transaction(self.conn), max_deliver, ack_wait_s
         )
         self.stream = stream_for(consumer.event.subject).name
         self.ack_wait_s = ack_wait_s
@@ -255,9 +264,19 @@ class Subscription:
         await puller.start()
         try:
             while True:
-                await self._apply(await puller.next_batch())
+                msgs = await puller.next_batch()
+                if self.conn is None or self.conn.is_closed():
+                    await self._release()
+                    self.conn = await self.pool.acquire()
+                await self._apply(msgs)
         finally:
             await puller.stop()
+            await self._release()
+
+    async def _release(self) -> None:
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            await self.pool.release(conn)  # a closed one is thrown away
 
     async def _apply(self, msgs: list[Msg]) -> None:
         # one message continues its producer's trace; a batch links to (up to 32 of) them

@@ -1,12 +1,12 @@
 """Transactional outbox: events are rows written in the same transaction as the state change;
 they are published to JetStream with `Nats-Msg-Id = event_id` and then marked sent.
 
-A transaction opened with `Relay.transaction()` (consumers always use one) publishes its rows
-as soon as it commits. The relay loop, woken by NOTIFY and by a fallback poll, publishes
-whatever else is unsent: rows of other transactions, and rows whose publishing at commit
-failed. A crash after commit and before publish loses nothing (the row stays unsent); a
-crash after publish and before mark-sent republishes, and JetStream's duplicate window
-drops the copy.
+A transaction opened with `Relay.transaction()` (consumers always use one) hands its rows to
+NATS as soon as it commits and marks them sent once their PubAcks arrive. The relay loop,
+woken by NOTIFY and by a fallback poll, publishes whatever else is unsent: rows of other
+transactions, and rows whose publishing at commit failed. A crash after commit and before
+publish loses nothing (the row stays unsent); a crash after publish and before mark-sent
+republishes, and JetStream's duplicate window drops the copy.
 """
 
 from __future__ import annotations
@@ -44,22 +44,25 @@ _written: ContextVar[list[Row] | None] = ContextVar("outbox_written", default=No
 
 async def add(conn: Connection, events: Iterable[Event]) -> None:
     """Record events to publish; call inside the transaction that changes the state.
-    An event whose id is already recorded is ignored, so retried writes stay single."""
+    An event whose id is already recorded is ignored, so retried writes stay single.
+    Outside a `Relay.transaction()` the insert also wakes the relay loop at commit
+    (NOTIFY); inside one the rows are published at commit and the loop is left alone."""
     headers = current_trace_headers()
     by_id = {e.event_id: (e.subject, e.model_dump_json().encode()) for e in events}
     if not by_id:
         return
+    written = _written.get()
+    wake = "" if written is not None else ", pg_notify(current_schema() || '_outbox', '')"
     inserted = await conn.fetch(
         "INSERT INTO outbox (event_id, subject, payload, headers)"
         " SELECT id, subject, payload, $4::jsonb"
         " FROM unnest($1::uuid[], $2::text[], $3::bytea[]) AS t(id, subject, payload)"
-        " ON CONFLICT (event_id) DO NOTHING RETURNING event_id",
+        f" ON CONFLICT (event_id) DO NOTHING RETURNING event_id{wake}",
         list(by_id),
         [subject for subject, _ in by_id.values()],
         [payload for _, payload in by_id.values()],
         headers,
     )
-    written = _written.get()
     if written is not None:
         for r in inserted:
             subject, payload = by_id[r["event_id"]]
@@ -84,6 +87,7 @@ class Relay:
         schema: str,
         poll_interval: float = 0.5,
         batch_size: int = 500,
+        mark_delay_s: float = 0.05,
     ) -> None:
         self.pool = pool
         self.js = js
@@ -91,56 +95,84 @@ class Relay:
         self.poll_interval = poll_interval
         self.batch_size = batch_size
         self._wake = asyncio.Event()
+        self.mark_delay_s = mark_delay_s
         self.in_flight: set[uuid.UUID] = set()  # being published at commit: not the loop's
-        self._marking: set[asyncio.Task[None]] = set()
+        self._confirming: set[asyncio.Task[None]] = set()
+        self._published: list[uuid.UUID] = []  # confirmed by PubAck, not yet marked sent
+        self._marker: asyncio.Task[None] | None = None
 
     @contextlib.asynccontextmanager
-    async def transaction(self) -> AsyncIterator[Connection]:
-        """A transaction whose outbox rows are published as soon as it commits."""
+    async def transaction(self, conn: Connection | None = None) -> AsyncIterator[Connection]:
+        """A transaction whose outbox rows are handed to NATS as soon as it commits, on
+        `conn` or on a connection of the pool. The PubAcks are awaited in the background;
+        a row whose publishing fails goes back to the relay loop."""
+        if conn is None:
+            async with self.pool.acquire() as pooled, self.transaction(pooled) as tx:
+                yield tx
+            return
         written: list[Row] = []
         token = _written.set(written)
-        async with self.pool.acquire() as conn:
-            try:
-                async with conn.transaction():
-                    yield conn
-                    # claimed before the commit makes them visible: the loop never takes them
-                    self.in_flight.update(r["event_id"] for r in written)
-            except BaseException:
-                self.in_flight.difference_update(r["event_id"] for r in written)
-                raise
-            finally:
-                _written.reset(token)
-            if written:  # before the connection goes back: its reset costs a round trip
-                await self.publish_committed(written)
+        try:
+            async with conn.transaction():
+                yield conn
+                # claimed before the commit makes them visible: the loop never takes them
+                self.in_flight.update(r["event_id"] for r in written)
+        except BaseException:
+            self.in_flight.difference_update(r["event_id"] for r in written)
+            raise
+        finally:
+            _written.reset(token)
+        if written:
+            await self._publish_committed(written)
 
-    async def publish_committed(self, rows: list[Row]) -> None:
+    async def _publish_committed(self, rows: list[Row]) -> None:
         ids = [r["event_id"] for r in rows]
         try:
-            await self.publish(rows)
+            acks = await self.send(rows)
         except BaseException as exc:
-            self.in_flight.difference_update(ids)  # the loop's to publish now
+            self._give_back(ids, exc)
             if not isinstance(exc, Exception):
                 raise
-            log.warning("publishing at commit failed, the relay will retry: %s", exc)
             return
-        task = asyncio.create_task(self._mark_published(ids))
-        self._marking.add(task)
-        task.add_done_callback(self._marking.discard)
+        task = asyncio.create_task(self._confirm(rows, acks))
+        self._confirming.add(task)
+        task.add_done_callback(self._confirming.discard)
 
-    async def _mark_published(self, ids: list[uuid.UUID]) -> None:
-        # One round trip: a simple-protocol string runs as one implicit transaction, and
-        # uuid.UUID renders only hex digits and dashes, so the literals are safe.
-        listed = ",".join(f"'{event_id}'" for event_id in ids)
+    async def _confirm(self, rows: list[Row], acks: list[asyncio.Future[Any]]) -> None:
+        ids = [r["event_id"] for r in rows]
         try:
-            async with self.pool.acquire() as conn:
-                await conn.execute(
-                    "SET LOCAL synchronous_commit = off;"
-                    f" UPDATE outbox SET sent_at = now() WHERE event_id IN ({listed})"
-                )
-        except Exception as exc:  # the relay publishes them again; JetStream drops the copies
-            log.warning("marking published outbox rows failed: %s", exc)
-        finally:
-            self.in_flight.difference_update(ids)
+            await asyncio.gather(*acks)
+        except Exception as exc:
+            self._give_back(ids, exc)
+            return
+        _count(rows)
+        self._published.extend(ids)
+        if self._marker is None or self._marker.done():
+            self._marker = asyncio.create_task(self._mark_published())
+
+    def _give_back(self, ids: list[uuid.UUID], exc: BaseException) -> None:
+        self.in_flight.difference_update(ids)  # the loop's to publish now
+        self._wake.set()
+        log.warning("publishing at commit failed, the relay will retry: %s", exc)
+
+    async def _mark_published(self) -> None:
+        """Mark rows published at commit as sent, many transactions' rows per statement."""
+        while self._published:
+            await asyncio.sleep(self.mark_delay_s)  # let more transactions' rows gather
+            ids, self._published = self._published, []
+            # One round trip: a simple-protocol string runs as one implicit transaction, and
+            # uuid.UUID renders only hex digits and dashes, so the literals are safe.
+            listed = ",".join(f"'{event_id}'" for event_id in ids)
+            try:
+                async with self.pool.acquire() as conn:
+                    await conn.execute(
+                        "SET LOCAL synchronous_commit = off;"
+                        f" UPDATE outbox SET sent_at = now() WHERE event_id IN ({listed})"
+                    )
+            except Exception as exc:  # the loop publishes them again; JetStream drops copies
+                log.warning("marking published outbox rows failed: %s", exc)
+            finally:
+                self.in_flight.difference_update(ids)
 
     async def run(self) -> None:
         listener = await self.pool.acquire()
@@ -187,10 +219,17 @@ class Relay:
         return len(rows)
 
     async def publish(self, rows: Sequence[Row] | Sequence[asyncpg.Record]) -> None:
-        """Publish in outbox order (publish_async keeps it on the wire), then wait for every
-        PubAck. Each message carries the trace context stored with its row, so its consumer
-        continues the trace of the transaction that wrote it; the batch gets one span, linked
-        to those traces (a span per row would cost more than the publishing)."""
+        """Publish and wait for every PubAck."""
+        await asyncio.gather(*await self.send(rows))
+        _count(rows)
+
+    async def send(
+        self, rows: Sequence[Row] | Sequence[asyncpg.Record]
+    ) -> list[asyncio.Future[Any]]:
+        """Hand rows to NATS in outbox order (publish_async keeps it on the wire); returns
+        the PubAcks to wait for. Each message carries the trace context stored with its row,
+        so its consumer continues the trace of the transaction that wrote it; the batch gets
+        one span, linked to those traces (a span per row would cost more than the sending)."""
         links = [
             trace.Link(
                 trace.get_current_span(context_from_headers(r["headers"])).get_span_context()
@@ -212,15 +251,18 @@ class Relay:
                 )
                 for row in rows
             ]
-            await asyncio.gather(*acks)
-        for row in rows:
-            PUBLISHED.labels(row["subject"]).inc()
+        return acks
 
     async def mark_sent(self, conn: Connection, ids: list[int]) -> None:
         # Losing this on a crash only republishes rows JetStream then drops as duplicates,
         # so the commit need not wait for the disk.
         await conn.execute("SET LOCAL synchronous_commit = off")
         await conn.execute("UPDATE outbox SET sent_at = now() WHERE id = ANY($1::bigint[])", ids)
+
+
+def _count(rows: Sequence[Row] | Sequence[asyncpg.Record]) -> None:
+    for row in rows:
+        PUBLISHED.labels(row["subject"]).inc()
 
 
 async def purge(
