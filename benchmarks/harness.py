@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import resource
 import uuid
+from pathlib import Path
 
 import asyncpg
 
@@ -16,3 +19,19 @@ async def fresh_database(admin_url: str) -> str:
     finally:
         await conn.close()
     return admin_url.rsplit("/", 1)[0] + f"/{name}"
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU of a process and of its children that have exited (for
+    PostgreSQL: its backends), from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> tuple[float, float]:
+    """CPU of this process, and of its children that have exited and been waited for."""
+    me, children = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    return me.ru_utime + me.ru_stime, children.ru_utime + children.ru_stime

@@ -9,11 +9,13 @@ fresh database and a fresh PLANS stream. Printed per round and as medians:
 
 - subtasks/s: subtasks / (time from sending POST /v1/plans to plan.completed arriving at
   the agent pool); also without the plan's creation (from the first subtask.ready).
+- CPU seconds of each process over the round: the planner, NATS, PostgreSQL (its backends
+  included) and this process with the agent pool.
 - dispatch latency, per dependent subtask: from the moment the agent pool publishes the
   subtask.completed of the dependency that made it ready (the last of its dependencies to
   complete) to the moment its subtask.ready arrives at the agent pool. Both instants are
   read from one monotonic clock in this process, so this is the whole path: JetStream,
-  the planner's consumer and transaction, the outbox relay, JetStream again.
+  the planner's consumer and transaction, the publish at commit, JetStream again.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import nats
 from nats.aio.client import Client as Nats
 from nats.aio.msg import Msg
 
-from benchmarks.harness import fresh_database
+from benchmarks.harness import cpu_seconds, fresh_database, own_cpu_seconds
 from contracts.catalog import PLANS_STREAM
 from contracts.events import PlanCompleted, SubtaskCompleted
 from services.embedded import EmbeddedNats, EmbeddedPostgres, free_port
@@ -182,16 +184,22 @@ class Round:
     p50_ms: float
     p99_ms: float
     max_ms: float
+    cpu_s: dict[str, float]  # per process, for the whole round
 
 
 async def one_round(
-    nats_url: str,
-    admin_url: str,
+    servers: tuple[EmbeddedNats, EmbeddedPostgres],
     nc: Nats,
     subtasks: list[dict[str, Any]],
     log: Path,
     work_ms: float,
 ) -> Round:
+    nats_server, pg = servers
+    assert nats_server.proc and pg.proc
+    nats_url, admin_url = nats_server.url, pg.url
+    pids = {"NATS": nats_server.proc.pid, "PostgreSQL": pg.proc.pid}
+    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    own_before, children_before = own_cpu_seconds()
     js = nc.jetstream()
     await js.delete_stream(PLANS_STREAM.name)
     await ensure_streams(js)
@@ -232,6 +240,14 @@ async def one_round(
             )
         first_ready = min(pool.ready_at.values())
         latencies = pool.latencies_ms()
+        proc.terminate()
+        proc.wait(30)
+        own_after, children_after = own_cpu_seconds()
+        cpu = {
+            "planner": children_after - children_before,
+            **{name: cpu_seconds(pid) - before[name] for name, pid in pids.items()},
+            "agent pool (this process)": own_after - own_before,
+        }
         return Round(
             subtasks_per_s=n / (finished - t0),
             execution_per_s=n / (finished - first_ready),
@@ -239,6 +255,7 @@ async def one_round(
             p50_ms=percentile(latencies, 0.50),
             p99_ms=percentile(latencies, 0.99),
             max_ms=max(latencies),
+            cpu_s=cpu,
         )
     finally:
         proc.terminate()
@@ -259,13 +276,14 @@ async def main(n: int, rounds: int, seed: int, work_ms: float) -> None:
         js = nc.jetstream()
         await ensure_streams(js)
         for i in range(1, rounds + 1):
-            r = await one_round(nats_server.url, pg.url, nc, subtasks, tmp / "planner.log", work_ms)
+            r = await one_round((nats_server, pg), nc, subtasks, tmp / "planner.log", work_ms)
             results.append(r)
             print(
                 f"round {i}: {r.subtasks_per_s:7.0f} subtasks/s"
                 f" ({r.execution_per_s:.0f}/s after creation, created in {r.create_s:.2f}s);"
                 f" dispatch latency p50 {r.p50_ms:.1f} ms, p99 {r.p99_ms:.1f} ms,"
-                f" max {r.max_ms:.1f} ms",
+                f" max {r.max_ms:.1f} ms\n    CPU s: "
+                + ", ".join(f"{name} {seconds:.2f}" for name, seconds in r.cpu_s.items()),
                 flush=True,
             )
         await nc.close()
@@ -292,6 +310,11 @@ async def main(n: int, rounds: int, seed: int, work_ms: float) -> None:
         f" subtask.ready received):\n    p50 median {median('p50_ms'):.1f} ms,"
         f" p99 median {median('p99_ms'):.1f} ms (target <= 25), max median"
         f" {median('max_ms'):.1f} ms"
+    )
+    cpu = {name: statistics.median(r.cpu_s[name] for r in results) for name in results[0].cpu_s}
+    print(
+        "CPU seconds per round, median (the planner's includes its start, about 0.6 s): "
+        + ", ".join(f"{name} {seconds:.2f}" for name, seconds in cpu.items())
     )
 
 
