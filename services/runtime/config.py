@@ -16,7 +16,12 @@ class RuntimeSettings(BaseSettings):
     db_role: str | None = Field(
         None, description="Role the service acts as; defaults to the service's name."
     )
-    db_pool_size: int = Field(10, ge=1)
+    db_pool_size: int = Field(
+        10,
+        ge=3,
+        description="Connections at most; each consumer keeps one and the outbox relay listens "
+        "on one, so at least their number plus one.",
+    )
     http_host: str = "127.0.0.1"
     http_port: int = Field(8000, ge=0, le=65535)
     log_level: str = "INFO"

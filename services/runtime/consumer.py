@@ -239,7 +239,6 @@ class Subscription:
         self.nc = nc
         self.js = nc.jetstream()
         self.pool = pool
-        self.relay = relay
         self.conn: PoolConnectionProxy | None = None
         self.processor: Processor[Any] = Processor(
             consumer, self.js, lambda: relay.transaction(self.conn), max_deliver, ack_wait_s
