@@ -21,6 +21,18 @@ async def fresh_database(admin_url: str) -> str:
     return admin_url.rsplit("/", 1)[0] + f"/{name}"
 
 
+def service_env(nats_url: str, database_url: str, port: int) -> dict[str, str]:
+    """The environment of a service a benchmark starts: this one, plus where to connect,
+    the HTTP port, and logs at BENCH_LOG_LEVEL (WARNING unless set)."""
+    return {
+        **os.environ,
+        "NATS_URL": nats_url,
+        "DATABASE_URL": database_url,
+        "HTTP_PORT": str(port),
+        "LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "WARNING"),
+    }
+
+
 def cpu_seconds(pid: int) -> float:
     """User and system CPU of a process and of its children that have exited (for
     PostgreSQL: its backends), from /proc (Linux)."""

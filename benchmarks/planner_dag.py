@@ -40,7 +40,7 @@ import nats
 from nats.aio.client import Client as Nats
 from nats.aio.msg import Msg
 
-from benchmarks.harness import cpu_seconds, fresh_database, own_cpu_seconds
+from benchmarks.harness import cpu_seconds, fresh_database, own_cpu_seconds, service_env
 from contracts.catalog import PLANS_STREAM
 from contracts.events import PlanCompleted, SubtaskCompleted
 from services.embedded import EmbeddedNats, EmbeddedPostgres, free_port
@@ -205,14 +205,7 @@ async def one_round(
     await ensure_streams(js)
     db = await fresh_database(admin_url)
     port = free_port()
-    env = {
-        **os.environ,
-        "NATS_URL": nats_url,
-        "DATABASE_URL": db,
-        "HTTP_PORT": str(port),
-        "LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "WARNING"),
-    }
-    proc = spawn_service("planner", env, log)
+    proc = spawn_service("planner", service_env(nats_url, db, port), log)
     pool = AgentPool(nc, {s["subtask_id"]: s["depends_on"] for s in subtasks}, work_ms)
     try:
         await wait_until_up(f"http://127.0.0.1:{port}", proc)

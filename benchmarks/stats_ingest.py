@@ -25,7 +25,7 @@ import asyncpg
 import nats
 from nats.js import JetStreamContext
 
-from benchmarks.harness import fresh_database
+from benchmarks.harness import fresh_database, service_env
 from contracts.catalog import PLANS_STREAM
 from contracts.events import SubtaskCompleted
 from services.embedded import EmbeddedNats, EmbeddedPostgres, free_port
@@ -128,13 +128,7 @@ async def round_fleet(
     await fresh_stream(js)
     db = await fresh_database(admin_url)
     port = free_port()
-    env = {
-        "NATS_URL": nats_url,
-        "DATABASE_URL": db,
-        "HTTP_PORT": str(port),
-        "LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "WARNING"),
-    }
-    proc = spawn_service("stats", {**os.environ, **env}, db_dir / "stats.log")
+    proc = spawn_service("stats", service_env(nats_url, db, port), db_dir / "stats.log")
     try:
         await wait_until_up(f"http://127.0.0.1:{port}", proc)
         t0 = await publish_all(js, payloads(n))

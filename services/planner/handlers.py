@@ -594,22 +594,7 @@ class Planner:
         now: datetime,
     ) -> Approval:
         plan = state.plan
-        resolved = await db.resolve_approval(conn, approval.approval_id, status, decision, now)
-        await outbox.add(
-            conn,
-            [
-                ApprovalResolved(
-                    event_id=domain.derived_id("approval.resolved", approval.approval_id),
-                    approval_id=approval.approval_id,
-                    plan_id=plan.plan_id,
-                    subtask_id=approval.subtask_id,
-                    status=status,
-                    decision=decision,
-                    user_id=plan.user_id,
-                    session_id=plan.session_id,
-                )
-            ],
-        )
+        resolved = await self._record_resolution(conn, plan, approval, status, decision, now)
         if plan.status in PLAN_TERMINAL:
             return resolved
         why = f"approval {status}" + (f": {decision}" if decision else "")
@@ -640,6 +625,34 @@ class Planner:
             )
         return resolved
 
+    async def _record_resolution(
+        self,
+        conn: Connection,
+        plan: Plan,
+        approval: Approval,
+        status: Resolution,
+        decision: str | None,
+        now: datetime,
+    ) -> Approval:
+        """Store the answer to an approval and announce it with `approval.resolved`."""
+        resolved = await db.resolve_approval(conn, approval.approval_id, status, decision, now)
+        await outbox.add(
+            conn,
+            [
+                ApprovalResolved(
+                    event_id=domain.derived_id("approval.resolved", approval.approval_id),
+                    approval_id=approval.approval_id,
+                    plan_id=plan.plan_id,
+                    subtask_id=approval.subtask_id,
+                    status=status,
+                    decision=decision,
+                    user_id=plan.user_id,
+                    session_id=plan.session_id,
+                )
+            ],
+        )
+        return resolved
+
     # --- cancel, reassign -----------------------------------------------------------------
 
     async def cancel_plan(self, conn: Connection, plan_id: str) -> Plan:
@@ -653,22 +666,7 @@ class Planner:
             raise Conflict(f"plan {plan_id} already {plan.status}")
         now = utcnow()
         for a in await db.pending_approvals_of_plan(conn, plan_id):
-            await db.resolve_approval(conn, a.approval_id, "rejected", "plan cancelled", now)
-            await outbox.add(
-                conn,
-                [
-                    ApprovalResolved(
-                        event_id=domain.derived_id("approval.resolved", a.approval_id),
-                        approval_id=a.approval_id,
-                        plan_id=plan_id,
-                        subtask_id=a.subtask_id,
-                        status="rejected",
-                        decision="plan cancelled",
-                        user_id=plan.user_id,
-                        session_id=plan.session_id,
-                    )
-                ],
-            )
+            await self._record_resolution(conn, plan, a, "rejected", "plan cancelled", now)
         cancelled = [
             domain.finish(s, CANCELLED, "plan cancelled", now)
             for s in state.ordered()

@@ -15,6 +15,7 @@ from tests.integration.test_planner_flow import (
     Recorder,
     completed,
     create,
+    driven,
     get_plan,
     plan_body,
     planner,
@@ -83,11 +84,7 @@ async def test_posting_the_same_task_again_returns_its_plan_and_a_different_one_
 async def test_an_approved_subtask_is_dispatched_and_an_answer_counts_once(
     infra: Infra, database_url: str, js: JetStreamContext
 ) -> None:
-    async with (
-        planner(infra, database_url) as client,
-        Recorder(js) as events,
-        FakeAgents(js) as agents,
-    ):
+    async with driven(infra, database_url, js) as (client, events, agents):
         plan = await create(
             client, plan_body(subtask("a"), subtask("tool", "a", requires_approval=True))
         )
@@ -119,11 +116,7 @@ async def test_an_approved_subtask_is_dispatched_and_an_answer_counts_once(
 async def test_a_rejected_subtask_skips_its_dependents(
     infra: Infra, database_url: str, js: JetStreamContext
 ) -> None:
-    async with (
-        planner(infra, database_url) as client,
-        Recorder(js) as events,
-        FakeAgents(js) as agents,
-    ):
+    async with driven(infra, database_url, js) as (client, events, agents):
         plan = await create(
             client,
             plan_body(
@@ -152,10 +145,10 @@ async def test_a_rejected_subtask_skips_its_dependents(
 async def test_an_unanswered_approval_times_out_and_skips_its_dependents(
     infra: Infra, database_url: str, js: JetStreamContext
 ) -> None:
-    async with (
-        planner(infra, database_url, planner_approval_timeout_s=0.3) as client,
-        Recorder(js) as events,
-        FakeAgents(js) as agents,
+    async with driven(infra, database_url, js, planner_approval_timeout_s=0.3) as (
+        client,
+        events,
+        agents,
     ):
         plan = await create(
             client, plan_body(subtask("a", requires_approval=True), subtask("b", "a"))
@@ -172,11 +165,7 @@ async def test_an_unanswered_approval_times_out_and_skips_its_dependents(
 async def test_a_plan_that_needs_approval_waits_for_it_as_a_whole(
     infra: Infra, database_url: str, js: JetStreamContext
 ) -> None:
-    async with (
-        planner(infra, database_url) as client,
-        Recorder(js) as events,
-        FakeAgents(js) as agents,
-    ):
+    async with driven(infra, database_url, js) as (client, events, agents):
         plan = await create(
             client, plan_body(subtask("a"), subtask("b", "a"), requires_approval=True)
         )
@@ -198,11 +187,7 @@ async def test_a_plan_that_needs_approval_waits_for_it_as_a_whole(
 async def test_cancel_stops_a_plan_and_late_reports_change_nothing(
     infra: Infra, database_url: str, js: JetStreamContext
 ) -> None:
-    async with (
-        planner(infra, database_url) as client,
-        Recorder(js) as events,
-        FakeAgents(js) as agents,
-    ):
+    async with driven(infra, database_url, js) as (client, events, agents):
         agents.script["slow"] = [SILENT]
         plan = await create(
             client,

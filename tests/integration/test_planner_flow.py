@@ -165,6 +165,19 @@ async def planner(
         yield client
 
 
+@asynccontextmanager
+async def driven(
+    infra: Infra, database_url: str, js: JetStreamContext, **overrides: Any
+) -> AsyncIterator[tuple[httpx.AsyncClient, Recorder, FakeAgents]]:
+    """planner, a recorder of its events and the fake agent pool: what most tests drive."""
+    async with (
+        planner(infra, database_url, **overrides) as client,
+        Recorder(js) as events,
+        FakeAgents(js) as agents,
+    ):
+        yield client, events, agents
+
+
 def subtask(sid: str, *deps: str, **fields: Any) -> dict[str, Any]:
     return {"subtask_id": sid, "description": f"do {sid}", "agent": "openai/gpt-4o",
             "depends_on": list(deps), **fields}  # fmt: skip
@@ -236,11 +249,7 @@ def subtasks_of(plan: dict[str, Any]) -> dict[str, dict[str, Any]]:
 async def test_a_diamond_runs_each_subtask_once_its_dependencies_completed(
     infra: Infra, database_url: str, js: JetStreamContext
 ) -> None:
-    async with (
-        planner(infra, database_url) as client,
-        Recorder(js) as events,
-        FakeAgents(js) as agents,
-    ):
+    async with driven(infra, database_url, js) as (client, events, agents):
         body = plan_body(
             subtask("a", estimated_time="1m"),
             subtask("b", "a", agent="local/llama", estimated_time="30s"),
@@ -310,11 +319,7 @@ async def test_a_failed_subtask_is_retried_and_its_dependents_wait(
 async def test_exhausted_retries_fail_the_plan_and_skip_dependents_only(
     infra: Infra, database_url: str, js: JetStreamContext
 ) -> None:
-    async with (
-        planner(infra, database_url) as client,
-        Recorder(js) as events,
-        FakeAgents(js) as agents,
-    ):
+    async with driven(infra, database_url, js) as (client, events, agents):
         agents.script["a"] = [FAIL, FAIL]
         plan = await create(
             client,
