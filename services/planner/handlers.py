@@ -15,6 +15,7 @@ so a plan changed elsewhere (another replica, a rolled-back transaction) is read
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import uuid
 from collections import OrderedDict, defaultdict
@@ -396,9 +397,9 @@ class Planner:
         if not changes:
             return
         state.put(c.after for c in changes)
-        for c in changes:
-            if c.after.status != c.before.status:
-                SUBTASKS.labels(c.after.status).inc()
+        moved = [c.after.status for c in changes if c.after.status != c.before.status]
+        for status, n in collections.Counter(moved).items():
+            SUBTASKS.labels(status).inc(n)
         done = [c.after.subtask_id for c in changes if _entered(c, {COMPLETED})]
         dead = [c.after.subtask_id for c in changes if _entered(c, DEAD_ENDS)]
         dispatched: list[Subtask] = []
@@ -442,8 +443,7 @@ class Planner:
             agent = domain.route(s.agent, state.dismissed, self.settings.planner_fallback_agent)
             if agent is None:
                 held.append(
-                    replace(
-                        s,
+                    s.but(
                         status=HELD,
                         error=f"held: model {s.agent} was dismissed from session"
                         f" {plan.session_id} and no fallback agent is configured",
@@ -497,7 +497,7 @@ class Planner:
                     decision=None,
                 )
             )
-        waiting = [replace(s, status=AWAITING_APPROVAL) for s in subtasks if s is not None]
+        waiting = [s.but(status=AWAITING_APPROVAL) for s in subtasks if s is not None]
         state.put(waiting)
         SUBTASKS.labels(AWAITING_APPROVAL).inc(len(waiting))
         await db.insert_approvals(conn, approvals)
@@ -690,9 +690,9 @@ class Planner:
         if s.status not in (HELD, PENDING, RETRYING, AWAITING_APPROVAL):
             raise Conflict(f"subtask {subtask_id} is {s.status}; only one not dispatched yet moves")
         if s.status != HELD:
-            state.put([replace(s, agent=agent)])
+            state.put([s.but(agent=agent)])
         else:
-            released = replace(s, agent=agent, status=PENDING, error=None)
+            released = s.but(agent=agent, status=PENDING, error=None)
             state.put([released])
             if state.plan.status == PLAN_RUNNING and domain.newly_ready(
                 {subtask_id: s.dependencies}, state.statuses(), [subtask_id]
@@ -733,13 +733,12 @@ class Planner:
                 ]
                 for s in waiting:
                     if agent is not None:
-                        changes.append(Change(s, replace(s, agent=agent)))
+                        changes.append(Change(s, s.but(agent=agent)))
                     elif s.status != AWAITING_APPROVAL:  # held once approved, at dispatch
                         changes.append(
                             Change(
                                 s,
-                                replace(
-                                    s,
+                                s.but(
                                     status=HELD,
                                     next_attempt_at=None,
                                     error=f"held: model {model} was dismissed from session"
