@@ -5,7 +5,10 @@ fake agent pool that answers every `subtask.ready` at once with `subtask.complet
 
 The planner runs as its own process (`fleet run planner`), against embedded NATS and
 PostgreSQL started here; the agent pool is a task in this process. Every round starts on a
-fresh database and a fresh PLANS stream. Printed per round and as medians:
+fresh database and a fresh PLANS stream, and is followed by a round of the floor: the same
+DAG and agent pool against `benchmarks.dag_forwarder`, a stand-in that stores and validates
+nothing (the cost of the transport, the pool and one Python process on this machine).
+Printed per round and as medians, with the planner's ratio to the floor:
 
 - subtasks/s: subtasks / (time from sending POST /v1/plans to plan.completed arriving at
   the agent pool); also without the plan's creation (from the first subtask.ready).
@@ -27,6 +30,7 @@ import os
 import platform
 import random
 import statistics
+import sys
 import tempfile
 import time
 import uuid
@@ -187,6 +191,26 @@ class Round:
     cpu_s: dict[str, float]  # per process, for the whole round
 
 
+def measured(
+    pool: AgentPool, n: int, started: float, finished: float, event: PlanCompleted
+) -> tuple[float, float, list[float]]:
+    """subtasks/s from `started`, subtasks/s from the first dispatch, and the latencies;
+    raises unless every subtask went out exactly once and the plan completed."""
+    if event.status != "completed" or len(pool.ready_at) != n or pool.duplicates:
+        raise AssertionError(
+            f"plan {event.status}: {len(pool.ready_at)} of {n} dispatched,"
+            f" {pool.duplicates} duplicates"
+        )
+    first_ready = min(pool.ready_at.values())
+    return n / (finished - started), n / (finished - first_ready), pool.latencies_ms()
+
+
+async def fresh_stream(nc: Nats) -> None:
+    js = nc.jetstream()
+    await js.delete_stream(PLANS_STREAM.name)
+    await ensure_streams(js)
+
+
 async def one_round(
     servers: tuple[EmbeddedNats, EmbeddedPostgres],
     nc: Nats,
@@ -200,9 +224,7 @@ async def one_round(
     pids = {"NATS": nats_server.proc.pid, "PostgreSQL": pg.proc.pid}
     before = {name: cpu_seconds(pid) for name, pid in pids.items()}
     own_before, children_before = own_cpu_seconds()
-    js = nc.jetstream()
-    await js.delete_stream(PLANS_STREAM.name)
-    await ensure_streams(js)
+    await fresh_stream(nc)
     db = await fresh_database(admin_url)
     port = free_port()
     proc = spawn_service("planner", service_env(nats_url, db, port), log)
@@ -225,14 +247,7 @@ async def one_round(
         assert pool.plan_completed is not None
         finished, event = await asyncio.wait_for(pool.plan_completed, timeout=600)
         await pool.stop()
-        n = len(subtasks)
-        if event.status != "completed" or len(pool.ready_at) != n or pool.duplicates:
-            raise AssertionError(
-                f"plan {event.status}: {len(pool.ready_at)} of {n} dispatched,"
-                f" {pool.duplicates} duplicates"
-            )
-        first_ready = min(pool.ready_at.values())
-        latencies = pool.latencies_ms()
+        per_s, execution_per_s, latencies = measured(pool, len(subtasks), t0, finished, event)
         proc.terminate()
         proc.wait(30)
         own_after, children_after = own_cpu_seconds()
@@ -242,8 +257,8 @@ async def one_round(
             "agent pool (this process)": own_after - own_before,
         }
         return Round(
-            subtasks_per_s=n / (finished - t0),
-            execution_per_s=n / (finished - first_ready),
+            subtasks_per_s=per_s,
+            execution_per_s=execution_per_s,
             create_s=created - t0,
             p50_ms=percentile(latencies, 0.50),
             p99_ms=percentile(latencies, 0.99),
@@ -255,30 +270,81 @@ async def one_round(
         proc.wait(30)
 
 
+async def floor_round(
+    nats_server: EmbeddedNats, nc: Nats, subtasks: list[dict[str, Any]], dag: Path, work_ms: float
+) -> Round:
+    """The same DAG and pool against `benchmarks.dag_forwarder`."""
+    assert nats_server.proc
+    nats_before = cpu_seconds(nats_server.proc.pid)
+    own_before, children_before = own_cpu_seconds()
+    await fresh_stream(nc)
+    pool = AgentPool(nc, {s["subtask_id"]: s["depends_on"] for s in subtasks}, work_ms)
+    await pool.start()
+    t0 = time.perf_counter()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "benchmarks.dag_forwarder", nats_server.url, str(dag)
+    )
+    try:
+        assert pool.plan_completed is not None
+        finished, event = await asyncio.wait_for(pool.plan_completed, timeout=600)
+        await pool.stop()
+        _, per_s, latencies = measured(pool, len(subtasks), t0, finished, event)
+        await asyncio.wait_for(proc.wait(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    own_after, children_after = own_cpu_seconds()
+    return Round(
+        subtasks_per_s=per_s,
+        execution_per_s=per_s,
+        create_s=0.0,
+        p50_ms=percentile(latencies, 0.50),
+        p99_ms=percentile(latencies, 0.99),
+        max_ms=max(latencies),
+        cpu_s={
+            "forwarder": children_after - children_before,
+            "NATS": cpu_seconds(nats_server.proc.pid) - nats_before,
+            "agent pool (this process)": own_after - own_before,
+        },
+    )
+
+
+def describe(r: Round) -> str:
+    return (
+        f"{r.subtasks_per_s:7.0f} subtasks/s ({r.execution_per_s:.0f}/s after creation,"
+        f" created in {r.create_s:.2f}s); dispatch latency p50 {r.p50_ms:.1f} ms,"
+        f" p99 {r.p99_ms:.1f} ms, max {r.max_ms:.1f} ms\n    CPU s: "
+        + ", ".join(f"{name} {seconds:.2f}" for name, seconds in r.cpu_s.items())
+    )
+
+
+def median(results: list[Round], attr: str) -> float:
+    return float(statistics.median(getattr(r, attr) for r in results))
+
+
 async def main(n: int, rounds: int, seed: int, work_ms: float) -> None:
     subtasks = layered_dag(n, seed)
     layers = len({s["subtask_id"].split("-")[0] for s in subtasks})
     edges = sum(len(s["depends_on"]) for s in subtasks)
     tmp = Path(tempfile.mkdtemp(prefix="fleet-bench-"))
+    dag = tmp / "dag.json"
+    dag.write_text(json.dumps(subtasks))
     nats_server, pg = EmbeddedNats(tmp / "nats"), EmbeddedPostgres(tmp / "pg")
     nats_server.start()
     pg.start()
     results: list[Round] = []
+    floors: list[Round] = []
     try:
         nc = await nats.connect(nats_server.url)
-        js = nc.jetstream()
-        await ensure_streams(js)
+        await ensure_streams(nc.jetstream())
         for i in range(1, rounds + 1):
             r = await one_round((nats_server, pg), nc, subtasks, tmp / "planner.log", work_ms)
             results.append(r)
-            print(
-                f"round {i}: {r.subtasks_per_s:7.0f} subtasks/s"
-                f" ({r.execution_per_s:.0f}/s after creation, created in {r.create_s:.2f}s);"
-                f" dispatch latency p50 {r.p50_ms:.1f} ms, p99 {r.p99_ms:.1f} ms,"
-                f" max {r.max_ms:.1f} ms\n    CPU s: "
-                + ", ".join(f"{name} {seconds:.2f}" for name, seconds in r.cpu_s.items()),
-                flush=True,
-            )
+            print(f"round {i}: planner {describe(r)}", flush=True)
+            f = await floor_round(nats_server, nc, subtasks, dag, work_ms)
+            floors.append(f)
+            print(f"round {i}: floor   {describe(f)}", flush=True)
         await nc.close()
     finally:
         pg.stop()
@@ -289,21 +355,22 @@ async def main(n: int, rounds: int, seed: int, work_ms: float) -> None:
         f" agents answer after uniform(0, {work_ms:g}) ms;"
         f" {os.cpu_count()} cores, {platform.processor() or '?'}"
     )
-
-    def median(attr: str) -> float:
-        return float(statistics.median(getattr(r, attr) for r in results))
-
     print(
-        f"subtasks/s (POST to plan.completed):  median {median('subtasks_per_s'):.0f}"
-        f"  (target >= 1000)"
+        f"subtasks/s (POST to plan.completed):  median {median(results, 'subtasks_per_s'):.0f}"
+        f"  (target >= 1000); after creation {median(results, 'execution_per_s'):.0f},"
+        f" floor {median(floors, 'execution_per_s'):.0f}"
     )
-    print(f"subtasks/s after creation:            median {median('execution_per_s'):.0f}")
     print(
-        f"dispatch latency (dependency's subtask.completed published -> dependent's"
-        f" subtask.ready received):\n    p50 median {median('p50_ms'):.1f} ms,"
-        f" p99 median {median('p99_ms'):.1f} ms (target <= 25), max median"
-        f" {median('max_ms'):.1f} ms"
+        "dispatch latency (dependency's subtask.completed published -> dependent's"
+        " subtask.ready received), medians of the rounds:"
     )
+    for attr, label in (("p50_ms", "p50"), ("p99_ms", "p99"), ("max_ms", "max")):
+        planner, floor = median(results, attr), median(floors, attr)
+        target = "  (target <= 25)" if attr == "p99_ms" else ""
+        print(
+            f"    {label}: planner {planner:5.1f} ms, floor {floor:5.1f} ms,"
+            f" planner/floor {planner / floor:4.1f}x{target}"
+        )
     cpu = {name: statistics.median(r.cpu_s[name] for r in results) for name in results[0].cpu_s}
     print(
         "CPU seconds per round, median (the planner's includes its start, about 0.6 s): "
