@@ -197,6 +197,15 @@ def test_unreadable_estimates_are_none(text: str | None) -> None:
 # --- the lifecycle -----------------------------------------------------------------------
 
 
+def test_a_copy_with_changes_is_what_replace_gives_and_leaves_the_original() -> None:
+    s = subtask(status=READY, attempt=1)
+    copy = s.but(status=COMPLETED, result="ok")
+    assert copy == replace(s, status=COMPLETED, result="ok")
+    assert (s.status, s.result) == (READY, None)
+    with pytest.raises(TypeError, match="statuss"):
+        s.but(statuss=COMPLETED)
+
+
 def dispatched(**fields: object) -> Subtask:
     return domain.dispatch(subtask("a", **fields), "openai/gpt-4o", T0)
 
