@@ -131,14 +131,18 @@ async def test_a_transaction_publishes_its_events_at_commit_once(
     pool: asyncpg.Pool, js: JetStreamContext
 ) -> None:
     relay = outbox.Relay(pool, js, "svc", poll_interval=0.05)
-    loop = asyncio.create_task(relay.run())  # the loop runs too, and must not publish again
     before = outbox.PUBLISHED.labels("model.rewarded")._value.get()
+    events = rewards(20)
+    async with relay.transaction() as conn:
+        await outbox.add(conn, events)
+
+    async def stored() -> bool:
+        return len(await stream_messages(js, "FEEDBACK")) == 20
+
+    # the relay loop is not running: only the publish at commit can have sent them
+    await eventually(stored, what="20 events in the stream")
+    loop = asyncio.create_task(relay.run())  # and once it runs, it must not publish again
     try:
-        events = rewards(20)
-        async with relay.transaction() as conn:
-            await outbox.add(conn, events)
-        # published by the time the transaction's block is left, before any poll
-        assert len(await stream_messages(js, "FEEDBACK")) == 20
         await asyncio.sleep(0.3)  # several polls of the relay loop
 
         async def marked() -> bool:
@@ -151,6 +155,7 @@ async def test_a_transaction_publishes_its_events_at_commit_once(
         loop.cancel()
         with pytest.raises(asyncio.CancelledError):
             await loop
+    assert len(await stream_messages(js, "FEEDBACK")) == 20
     assert outbox.PUBLISHED.labels("model.rewarded")._value.get() - before == 20
 
 
