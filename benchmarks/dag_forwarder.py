@@ -15,7 +15,6 @@ import asyncio
 import json
 import sys
 import uuid
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from contracts.catalog import PLANS_STREAM
 from contracts.events import PlanCompleted, SubtaskCompleted, SubtaskReady, utcnow
+from services.planner import domain
 from services.runtime.pull import Puller
 
 PLAN_ID = "dag-forwarder"
@@ -45,11 +45,9 @@ async def forward(nats_url: str, subtasks: list[dict[str, Any]]) -> None:
         ),
     )
     agent = {s["subtask_id"]: s["agent"] for s in subtasks}
-    waiting = {s["subtask_id"]: len(set(s["depends_on"])) for s in subtasks}
-    dependents: dict[str, list[str]] = defaultdict(list)
-    for s in subtasks:
-        for d in set(s["depends_on"]):
-            dependents[d].append(s["subtask_id"])
+    deps = {s["subtask_id"]: s["depends_on"] for s in subtasks}
+    dependents = domain.dependents_of(deps)
+    waiting = {sid: len(d) for sid, d in deps.items()}  # dependencies not completed yet
     acks: list[asyncio.Future[Any]] = []
 
     async def dispatch(ids: list[str]) -> None:
@@ -78,7 +76,7 @@ async def forward(nats_url: str, subtasks: list[dict[str, Any]]) -> None:
     puller = Puller(nc, PLANS_STREAM.name, durable, batch_size=200)
     await puller.start()
     done: set[str] = set()
-    await dispatch([sid for sid, n in waiting.items() if n == 0])
+    await dispatch(domain.roots(deps))
     while len(done) < len(subtasks):
         msgs = await puller.next_batch()
         ready = []
@@ -87,7 +85,7 @@ async def forward(nats_url: str, subtasks: list[dict[str, Any]]) -> None:
             if sid in done:
                 continue
             done.add(sid)
-            for dependent in dependents[sid]:
+            for dependent in dependents.get(sid, ()):
                 waiting[dependent] -= 1
                 if waiting[dependent] == 0:
                     ready.append(dependent)

@@ -15,7 +15,6 @@ so a plan changed elsewhere (another replica, a rolled-back transaction) is read
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import uuid
 from collections import OrderedDict, defaultdict
@@ -397,8 +396,11 @@ class Planner:
         if not changes:
             return
         state.put(c.after for c in changes)
-        moved = [c.after.status for c in changes if c.after.status != c.before.status]
-        for status, n in collections.Counter(moved).items():
+        moved: dict[str, int] = defaultdict(int)
+        for c in changes:
+            if c.after.status != c.before.status:
+                moved[c.after.status] += 1
+        for status, n in moved.items():
             SUBTASKS.labels(status).inc(n)
         done = [c.after.subtask_id for c in changes if _entered(c, {COMPLETED})]
         dead = [c.after.subtask_id for c in changes if _entered(c, DEAD_ENDS)]
