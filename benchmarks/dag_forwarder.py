@@ -33,17 +33,21 @@ async def forward(nats_url: str, subtasks: list[dict[str, Any]]) -> None:
     nc = await nats.connect(nats_url)
     js = nc.jetstream()
     durable = "dag-forwarder"
-    await js.add_consumer(
-        PLANS_STREAM.name,
-        ConsumerConfig(
-            durable_name=durable,
-            filter_subject=SubtaskCompleted.subject,
-            ack_policy=AckPolicy.EXPLICIT,
-            deliver_policy=DeliverPolicy.NEW,
-            ack_wait=30,
-            max_ack_pending=1000,
-        ),
-    )
+
+    async def declare() -> None:
+        await js.add_consumer(
+            PLANS_STREAM.name,
+            ConsumerConfig(
+                durable_name=durable,
+                filter_subject=SubtaskCompleted.subject,
+                ack_policy=AckPolicy.EXPLICIT,
+                deliver_policy=DeliverPolicy.NEW,
+                ack_wait=30,
+                max_ack_pending=1000,
+            ),
+        )
+
+    await declare()
     agent = {s["subtask_id"]: s["agent"] for s in subtasks}
     deps = {s["subtask_id"]: s["depends_on"] for s in subtasks}
     dependents = domain.dependents_of(deps)
@@ -73,7 +77,7 @@ async def forward(nats_url: str, subtasks: list[dict[str, Any]]) -> None:
                 )
             )
 
-    puller = Puller(nc, PLANS_STREAM.name, durable, batch_size=200)
+    puller = Puller(nc, PLANS_STREAM.name, durable, batch_size=200, recreate=declare)
     await puller.start()
     done: set[str] = set()
     await dispatch(domain.roots(deps))

@@ -49,7 +49,7 @@ from benchmarks.harness import cpu_seconds, fresh_database, own_cpu_seconds, ser
 from contracts.catalog import PLANS_STREAM
 from contracts.events import PlanCompleted, SubtaskCompleted
 from services.embedded import EmbeddedNats, EmbeddedPostgres, free_port
-from services.runtime.service import ensure_streams
+from services.runtime.messaging import ensure_streams
 from services.stack import spawn_service, wait_until_up
 
 

@@ -29,7 +29,7 @@ from benchmarks.harness import fresh_database, service_env
 from contracts.catalog import PLANS_STREAM
 from contracts.events import SubtaskCompleted
 from services.embedded import EmbeddedNats, EmbeddedPostgres, free_port
-from services.runtime.service import ensure_streams
+from services.runtime.messaging import ensure_streams
 from services.stack import spawn_service, wait_until_up
 
 USERS, MODELS, SESSIONS = 50, 20, 5  # 5,000 distinct (user, model, session) records

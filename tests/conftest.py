@@ -28,11 +28,11 @@ from nats.js import JetStreamContext
 
 from contracts import STREAMS
 from services.embedded import EmbeddedNats, EmbeddedPostgres
+from services.runtime.messaging import ensure_streams
 from services.runtime.service import (
     Runtime,
     ServiceSpec,
     create_app,
-    ensure_streams,
     start_runtime,
     stop_runtime,
 )

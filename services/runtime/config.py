@@ -27,9 +27,23 @@ class RuntimeSettings(BaseSettings):
     log_level: str = "INFO"
     heartbeat_interval_s: float = Field(1.0, gt=0)
     consumer_max_deliver: int = Field(
-        5, ge=1, description="Deliveries of a failing message before it is dead-lettered."
+        5,
+        ge=1,
+        description="Tries of a failing message before it is dead-lettered (redeliveries while "
+        "PostgreSQL or NATS was unavailable do not count).",
     )
-    consumer_ack_wait_s: float = Field(30.0, gt=0)
+    consumer_ack_wait_s: float = Field(
+        30.0,
+        gt=0,
+        description="Seconds before a message not acknowledged (nor reported in progress) is "
+        "redelivered.",
+    )
+    outbox_ack_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        description="Seconds to wait for JetStream's PubAck before an outbox row goes back to "
+        "the relay, which publishes it again with the same Nats-Msg-Id.",
+    )
     outbox_poll_interval_s: float = Field(
         0.5, gt=0, description="Fallback poll of the outbox when no notification arrives."
     )

@@ -1,40 +1,47 @@
 """Consumers: durable JetStream pull consumers with explicit acks, inbox deduplication,
-bounded redelivery with backoff and a dead-letter subject.
+bounded retries with backoff and a dead-letter subject.
 
 A batch of messages is validated, then applied in one transaction together with the inbox
 rows of its event ids, then acknowledged. What does not validate is dead-lettered at once.
 When a batch fails, each of its messages is retried alone, so one poison message cannot hold
 back the others; a message that still fails is redelivered with exponential backoff and,
-after `max_deliver` deliveries, dead-lettered. Nothing is dropped without a trace: every
-dead letter is stored on `deadletter.<subject>` with the reason in its headers, logged and
-counted.
+after `max_deliver` tries, dead-lettered. A redelivered message is applied alone too, so one
+that crashes the process takes only itself to the dead-letter stream. While PostgreSQL or
+NATS is unavailable the consumer pauses instead: no message pays for an outage. Nothing is
+dropped without a trace: every dead letter is stored on `deadletter.<subject>` with the
+reason in its headers, logged and counted.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import asyncpg
+import nats.js.errors
 from asyncpg.pool import PoolConnectionProxy
 from nats.aio.client import Client as Nats
 from nats.aio.msg import Msg
+from nats.errors import NoRespondersError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from opentelemetry import trace
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 from pydantic import ValidationError
 
 from contracts import Event, dead_letter_subject
-from contracts.catalog import DEAD_LETTER_STREAM, stream_for
+from contracts.catalog import DEAD_LETTER_STREAM, STREAMS, stream_for
 from contracts.events import INBOUND
 from services.runtime import inbox
 from services.runtime.db import Connection
+from services.runtime.faults import backoff_seconds, describe, permanent, unavailable
+from services.runtime.messaging import ensure_streams
 from services.runtime.outbox import Relay
 from services.runtime.pull import Puller
 from services.runtime.telemetry import context_from_headers
@@ -43,6 +50,7 @@ log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
 
 E = TypeVar("E", bound=Event)
+T = TypeVar("T")
 Handler = Callable[[Connection, list[E]], Awaitable[None]]
 Transaction = Callable[[], AbstractAsyncContextManager[Connection]]
 
@@ -58,6 +66,11 @@ BATCH_SECONDS = Histogram(
 )
 DEAD_LETTERED = Counter(
     "fleet_dead_letters_total", "Messages parked on the dead-letter subject", ["consumer", "reason"]
+)
+PAUSED = Gauge(
+    "fleet_consumer_paused",
+    "1 while a consumer waits for PostgreSQL or NATS, or cannot pull from its durable consumer",
+    ["consumer"],
 )
 
 
@@ -77,11 +90,21 @@ class DeadLetter(Exception):
     """Raised by a handler for a message that can never be applied (no retry helps)."""
 
 
-def backoff_seconds(delivered: int, base: float = 0.5, cap: float = 30.0) -> float:
-    return float(min(cap, base * 2 ** max(0, delivered - 1)))
-
-
 class Processor(Generic[E]):
+    """Applies what one durable consumer delivers: validate, dedupe, apply, acknowledge.
+
+    Whose fault a failure is decides what happens to the message:
+    - the message's (it does not validate, the handler raises `DeadLetter`, or PostgreSQL
+      refuses its values): parked on the dead-letter stream at once;
+    - the handler's (any other exception): retried with backoff, parked after `max_deliver`
+      tries;
+    - a dependency's (PostgreSQL or NATS unavailable, see `faults.unavailable`): nothing is
+      counted against the message; the consumer pauses, keeps its messages in progress, and
+      tries again with backoff until the dependency is back.
+
+    Tries are counted by the consumer (`delivery_attempts`), not read from JetStream's
+    delivery count, which also grows with redeliveries of messages never tried."""
+
     def __init__(
         self,
         consumer: Consumer[E],
@@ -89,67 +112,124 @@ class Processor(Generic[E]):
         transaction: Transaction,
         max_deliver: int,
         ack_wait_s: float,
+        max_pause_s: float = 5.0,
     ) -> None:
         self.consumer = consumer
         self.js = js
         self.transaction = transaction  # one whose outbox events go out at commit
         self.max_deliver = max_deliver
         self.ack_wait_s = ack_wait_s
+        self.max_pause_s = max_pause_s
+        self.problem: str | None = None  # why it is paused, while it is
 
     async def process(self, msgs: list[Msg]) -> None:
-        valid: list[tuple[Msg, E]] = []
+        fresh: list[tuple[Msg, E]] = []
+        again: list[tuple[Msg, E]] = []
         for msg in msgs:
             try:
                 event = self.consumer.event.model_validate_json(msg.data, context=INBOUND)
             except ValidationError as exc:
                 await self.dead_letter(msg, "invalid", _short(exc))
                 continue
-            if msg.metadata.num_delivered > self.max_deliver:  # e.g. it crashed the process
-                await self.dead_letter(msg, "max_deliver", "delivered too many times")
-                continue
-            valid.append((msg, event))
-        if not valid:
+            (fresh if msg.metadata.num_delivered == 1 else again).append((msg, event))
+        if not fresh and not again:
             return
-        keepalive = asyncio.create_task(self._keep_alive([m for m, _ in valid]))  # noqa: RUF006
+        keepalive = asyncio.create_task(self._keep_alive([m for m, _ in fresh + again]))  # noqa: RUF006
         try:
-            await self._apply_all(valid)
+            if fresh:
+                await self._apply_batch(fresh)
+            for msg, event in again:  # tried before: alone, so it cannot fail the others
+                await self._apply_one(msg, event, redelivered=True)
         finally:
             keepalive.cancel()
 
     async def _keep_alive(self, msgs: list[Msg]) -> None:
-        """A slow handler must not see its messages redelivered elsewhere meanwhile: tell
-        the server they are in progress, well within the ack wait."""
+        """A slow handler, or a pause while PostgreSQL is away, must not see its messages
+        redelivered meanwhile: tell the server they are in progress, well within the ack
+        wait (this does not count as a delivery)."""
         while True:
             await asyncio.sleep(self.ack_wait_s / 3)
             for msg in msgs:
                 if not msg._ackd:
-                    await msg.in_progress()
+                    with contextlib.suppress(Exception):  # NATS away: redelivery is harmless
+                        await msg.in_progress()
 
-    async def _apply_all(self, valid: list[tuple[Msg, E]]) -> None:
+    async def _apply_batch(self, items: list[tuple[Msg, E]]) -> None:
         try:
-            await self.apply([e for _, e in valid])
+            await self._while_unavailable(lambda: self.apply([e for _, e in items]))
         except Exception as exc:
-            if len(valid) == 1:
-                await self.failed(valid[0][0], exc)
+            if len(items) == 1:
+                await self.failed(items[0][0], exc, tries=1)
                 return
             log.warning(
                 "batch of %d failed, applying one by one: %s",
-                len(valid),
-                exc,
+                len(items),
+                describe(exc),
                 extra={"consumer": self.consumer.name},
             )
-            for msg, event in valid:
-                try:
-                    await self.apply([event])
-                except Exception as one_exc:
-                    await self.failed(msg, one_exc)
-                else:
-                    await msg.ack()
+            for msg, event in items:
+                await self._apply_one(msg, event, redelivered=False)
             return
-        for msg, _ in valid:
-            await msg.ack()
+        for msg, _ in items:
+            await _settle(msg.ack())
 
-    async def apply(self, events: list[E]) -> None:
+    async def _apply_one(self, msg: Msg, event: E, *, redelivered: bool) -> None:
+        tries = 1
+        if redelivered:
+            counted = await self._while_unavailable(lambda: self._count_try(event))
+            if counted is None:  # applied before; only its acknowledgement was lost
+                DUPLICATES.labels(self.consumer.name).inc()
+                await _settle(msg.ack())
+                return
+            tries = counted
+            if tries > self.max_deliver:  # tried that often without an outcome: it crashes us
+                await self.dead_letter(msg, "max_deliver", f"tried {tries - 1} times")
+                return
+        try:
+            await self._while_unavailable(lambda: self.apply([event], retried=redelivered))
+        except Exception as exc:
+            await self.failed(msg, exc, tries)
+            return
+        await _settle(msg.ack())
+
+    async def _while_unavailable(self, step: Callable[[], Awaitable[T]]) -> T:
+        """Run `step`, and run it again for as long as it fails because PostgreSQL or NATS
+        is unavailable (backoff up to `max_pause_s`; one log line when pausing, one when
+        resuming). Any other failure is raised."""
+        failures = 0
+        paused_at = 0.0
+        while True:
+            try:
+                result = await step()
+            except Exception as exc:
+                if not unavailable(exc):
+                    raise
+                failures += 1
+                self.problem = describe(exc)
+                if failures == 1:
+                    paused_at = time.monotonic()
+                    PAUSED.labels(self.consumer.name).set(1)
+                    log.warning(
+                        "consumer paused, a dependency is unavailable: %s",
+                        self.problem,
+                        extra={"consumer": self.consumer.name},
+                    )
+                if isinstance(exc, NoRespondersError):  # a stream was deleted under us
+                    with contextlib.suppress(Exception):
+                        await ensure_streams(self.js)
+                await asyncio.sleep(backoff_seconds(failures, base=0.1, cap=self.max_pause_s))
+                continue
+            if failures:
+                self.problem = None
+                PAUSED.labels(self.consumer.name).set(0)
+                log.info(
+                    "consumer resumed after %.1fs paused",
+                    time.monotonic() - paused_at,
+                    extra={"consumer": self.consumer.name},
+                )
+            return result
+
+    async def apply(self, events: list[E], *, retried: bool = False) -> None:
         async with self.transaction() as conn:
             fresh_ids = await inbox.claim(conn, self.consumer.name, [e.event_id for e in events])
             fresh: list[E] = []
@@ -159,58 +239,118 @@ class Processor(Generic[E]):
                     fresh_ids.discard(e.event_id)  # the same event twice in one batch: once
             if fresh:
                 await self.consumer.handle(conn, fresh)
+            if retried:
+                await conn.execute(
+                    "DELETE FROM delivery_attempts WHERE consumer = $1 AND event_id = ANY($2)",
+                    self.consumer.name,
+                    [e.event_id for e in events],
+                )
         APPLIED.labels(self.consumer.name).inc(len(fresh))
         if len(fresh) < len(events):
             DUPLICATES.labels(self.consumer.name).inc(len(events) - len(fresh))
 
-    async def failed(self, msg: Msg, exc: Exception) -> None:
-        delivered = msg.metadata.num_delivered
-        if isinstance(exc, DeadLetter):
-            await self.dead_letter(msg, "rejected", str(exc))
-        elif delivered >= self.max_deliver:
-            await self.dead_letter(msg, "max_deliver", f"{type(exc).__name__}: {exc}")
+    async def _count_try(self, event: E) -> int | None:
+        """Count one more try of a redelivered event (its first delivery counts as the first
+        try); None when it was applied already."""
+        async with self.transaction() as conn:
+            tries: int | None = await conn.fetchval(
+                "INSERT INTO delivery_attempts (consumer, event_id, tries)"
+                " SELECT $1, $2, 2 WHERE NOT EXISTS"
+                "  (SELECT 1 FROM inbox WHERE consumer = $1 AND event_id = $2)"
+                " ON CONFLICT (consumer, event_id) DO UPDATE"
+                " SET tries = delivery_attempts.tries + 1, last_at = now()"
+                " RETURNING tries",
+                self.consumer.name,
+                event.event_id,
+            )
+        return tries
+
+    async def failed(self, msg: Msg, exc: Exception, tries: int) -> None:
+        if isinstance(exc, DeadLetter) or permanent(exc):
+            await self.dead_letter(msg, "rejected", describe(exc))
+        elif tries >= self.max_deliver:
+            await self.dead_letter(msg, "max_deliver", describe(exc))
         else:
-            delay = backoff_seconds(delivered)
+            delay = backoff_seconds(tries)
             log.warning(
-                "delivery %d of %s failed, retry in %.1fs: %s",
-                delivered,
+                "try %d of %s failed, retry in %.1fs: %s",
+                tries,
                 msg.subject,
                 delay,
-                exc,
+                describe(exc),
                 extra={"consumer": self.consumer.name},
             )
             RETRIED.labels(self.consumer.name).inc()
-            await msg.nak(delay=delay)
+            await _settle(msg.nak(delay=delay))
 
     async def dead_letter(self, msg: Msg, reason: str, detail: str) -> None:
+        """Park `msg` on the dead-letter stream (stored before the original is terminated,
+        so it is never lost in between). What is parked always fits the server's payload
+        limit: a body too large for the added headers is cut, and the headers say so and
+        where the whole message stays (its stream keeps it until the stream's max age)."""
         seq = msg.metadata.sequence.stream
-        headers = {
-            **(msg.headers or {}),
-            "Nats-Msg-Id": f"{self.consumer.name}:{seq}",
+        stream = msg.metadata.stream
+        ours = {
+            "Nats-Msg-Id": f"{self.consumer.name}:{stream}:{seq}",
             "Fleet-Dead-Reason": reason,
-            "Fleet-Dead-Detail": detail[:1000],
+            "Fleet-Dead-Detail": _one_line(detail)[:1000],
             "Fleet-Consumer": self.consumer.name,
             "Fleet-Original-Subject": msg.subject,
+            "Fleet-Original-Stream": stream,
             "Fleet-Original-Sequence": str(seq),
             "Fleet-Delivered": str(msg.metadata.num_delivered),
         }
-        # stored (PubAck awaited) before the original is terminated: never lost in between
-        await self.js.publish(
-            dead_letter_subject(msg.subject),
-            msg.data,
-            headers=headers,
-            stream=DEAD_LETTER_STREAM.name,
+        limit: int = self.js._nc.max_payload
+        original = dict(msg.headers or {})
+        if _header_bytes(original) > limit // 4:  # keep what links it to its trace only
+            original = {k: v for k, v in original.items() if k == "traceparent"}
+        headers = {**original, **ours}
+        body = msg.data
+        room = limit - _header_bytes(headers) - 200  # the truncation header below
+        if len(body) > room:
+            headers["Fleet-Dead-Truncated"] = (
+                f"body of {len(body)} bytes cut to {room}; the whole message is"
+                f" sequence {seq} of stream {stream}"
+            )
+            body = body[:room]
+        await self._while_unavailable(
+            lambda: self.js.publish(
+                dead_letter_subject(msg.subject),
+                body,
+                headers=headers,
+                stream=DEAD_LETTER_STREAM.name,
+            )
         )
-        await msg.term()
+        await _settle(msg.term())
         DEAD_LETTERED.labels(self.consumer.name, reason).inc()
         log.error(
             "dead-lettered %s #%d (%s): %s",
             msg.subject,
             seq,
             reason,
-            detail,
+            _one_line(detail)[:1000],
             extra={"consumer": self.consumer.name},
         )
+
+
+async def _settle(acknowledgement: Awaitable[None]) -> None:
+    """Ack, nak or term: when NATS is away the message is simply redelivered later (and the
+    inbox recognises it), so such a failure is not worth more than a debug line."""
+    try:
+        await acknowledgement
+    except Exception as exc:
+        if not unavailable(exc):
+            raise
+        log.debug("acknowledgement not sent: %s", describe(exc))
+
+
+def _header_bytes(headers: dict[str, str]) -> int:
+    """Size of `headers` as NATS frames them (`NATS/1.0` line, `key: value` lines, blank)."""
+    return 12 + sum(len(k.encode()) + len(str(v).encode()) + 4 for k, v in headers.items())
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())  # a header value must not hold a line break
 
 
 def _short(exc: ValidationError) -> str:
@@ -223,7 +363,8 @@ class Subscription:
     """One durable pull consumer and the loop that applies what it delivers, batch by batch
     (a lone message at once, a backlog up to `batch_size` per transaction). The loop keeps
     one connection of the pool for its transactions, replaced when it breaks: handing it
-    back after every batch would cost a reset round trip each time."""
+    back after every batch would cost a reset round trip each time. A durable consumer or
+    stream deleted under it is declared again."""
 
     def __init__(
         self,
@@ -239,14 +380,25 @@ class Subscription:
         self.nc = nc
         self.js = nc.jetstream()
         self.pool = pool
+        self.relay = relay
         self.conn: PoolConnectionProxy | None = None
         self.processor: Processor[Any] = Processor(
-            consumer, self.js, lambda: relay.transaction(self.conn), max_deliver, ack_wait_s
+            consumer, self.js, self._transaction, max_deliver, ack_wait_s
         )
-        self.stream = stream_for(consumer.event.subject).name
+        self.stream = stream_for(consumer.event.subject)
         self.ack_wait_s = ack_wait_s
+        self.puller = Puller(
+            nc, self.stream.name, consumer.name, consumer.batch_size, recreate=self.open
+        )
+        PAUSED.labels(consumer.name).set(0)
+
+    @property
+    def problem(self) -> str | None:
+        """Why this consumer is not consuming right now, if it is not."""
+        return self.puller.problem or self.processor.problem
 
     async def open(self) -> None:
+        """Declare the durable consumer (and its stream, if it is gone)."""
         config = ConsumerConfig(
             durable_name=self.consumer.name,
             filter_subject=self.consumer.event.subject,
@@ -256,26 +408,34 @@ class Subscription:
             ack_wait=self.ack_wait_s,
             max_ack_pending=max(1000, 4 * self.consumer.batch_size),
         )
-        await self.js.add_consumer(self.stream, config)  # creates, or updates editable fields
+        try:
+            await self.js.add_consumer(self.stream.name, config)  # creates or updates
+        except nats.js.errors.NotFoundError:  # the stream itself is gone
+            await ensure_streams(self.js, tuple(s for s in STREAMS if s == self.stream))
+            await self.js.add_consumer(self.stream.name, config)
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[Connection]:
+        if self.conn is None or self.conn.is_closed():  # first use, or PostgreSQL restarted
+            await self._release()
+            self.conn = await self.pool.acquire(timeout=5)
+        async with self.relay.transaction(self.conn) as conn:
+            yield conn
 
     async def run(self) -> None:
-        puller = Puller(self.nc, self.stream, self.consumer.name, self.consumer.batch_size)
-        await puller.start()
+        await self.puller.start()
         try:
             while True:
-                msgs = await puller.next_batch()
-                if self.conn is None or self.conn.is_closed():
-                    await self._release()
-                    self.conn = await self.pool.acquire()
-                await self._apply(msgs)
+                await self._apply(await self.puller.next_batch())
         finally:
-            await puller.stop()
+            await self.puller.stop()
             await self._release()
 
     async def _release(self) -> None:
         conn, self.conn = self.conn, None
         if conn is not None:
-            await self.pool.release(conn)  # a closed one is thrown away
+            with contextlib.suppress(Exception):
+                await self.pool.release(conn)  # a closed one is thrown away
 
     async def _apply(self, msgs: list[Msg]) -> None:
         # one message continues its producer's trace; a batch links to (up to 32 of) them

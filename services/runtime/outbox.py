@@ -4,9 +4,11 @@ they are published to JetStream with `Nats-Msg-Id = event_id` and then marked se
 A transaction opened with `Relay.transaction()` (consumers always use one) hands its rows to
 NATS as soon as it commits and marks them sent once their PubAcks arrive. The relay loop,
 woken by NOTIFY and by a fallback poll, publishes whatever else is unsent: rows of other
-transactions, and rows whose publishing at commit failed. A crash after commit and before
+transactions, and rows whose publishing at commit failed or whose PubAck did not come within
+`ack_timeout_s` (NATS died or froze with them in flight). A crash after commit and before
 publish loses nothing (the row stays unsent); a crash after publish and before mark-sent
-republishes, and JetStream's duplicate window drops the copy.
+republishes with the same `Nats-Msg-Id`: JetStream drops the copy within its duplicate window
+(120 s), and past it the consumers' inboxes do (they keep applied ids for 7 days).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from contextvars import ContextVar
 from typing import Any
 
 import asyncpg
+import nats.errors
+from asyncpg.pool import PoolConnectionProxy
 from nats.js import JetStreamContext
 from opentelemetry import trace
 from prometheus_client import Counter, Gauge
@@ -28,6 +32,8 @@ from prometheus_client import Counter, Gauge
 from contracts import Event
 from contracts.catalog import stream_for
 from services.runtime.db import Connection
+from services.runtime.faults import backoff_seconds, describe
+from services.runtime.messaging import ensure_streams
 from services.runtime.telemetry import context_from_headers, current_trace_headers
 
 log = logging.getLogger(__name__)
@@ -89,6 +95,7 @@ class Relay:
         poll_interval: float = 0.5,
         batch_size: int = 500,
         mark_delay_s: float = 0.05,
+        ack_timeout_s: float = 5.0,
     ) -> None:
         self.pool = pool
         self.js = js
@@ -97,6 +104,8 @@ class Relay:
         self.batch_size = batch_size
         self._wake = asyncio.Event()
         self.mark_delay_s = mark_delay_s
+        self.ack_timeout_s = ack_timeout_s
+        self.problem: str | None = None  # why the relay loop cannot publish, while it cannot
         self.in_flight: set[uuid.UUID] = set()  # being published at commit: not the loop's
         self._confirming: set[asyncio.Task[None]] = set()
         self._published: list[uuid.UUID] = []  # confirmed by PubAck, not yet marked sent
@@ -142,7 +151,7 @@ class Relay:
     async def _confirm(self, rows: list[Row], acks: list[asyncio.Future[Any]]) -> None:
         ids = [r["event_id"] for r in rows]
         try:
-            await asyncio.gather(*acks)
+            await self._acknowledged(acks)
         except Exception as exc:
             self._give_back(ids, exc)
             return
@@ -154,7 +163,7 @@ class Relay:
     def _give_back(self, ids: list[uuid.UUID], exc: BaseException) -> None:
         self.in_flight.difference_update(ids)  # the loop's to publish now
         self._wake.set()
-        log.warning("publishing at commit failed, the relay will retry: %s", exc)
+        log.warning("publishing at commit failed, the relay will retry: %s", describe(exc))
 
     async def _mark_published(self) -> None:
         """Mark rows published at commit as sent, many transactions' rows per statement."""
@@ -176,33 +185,57 @@ class Relay:
                 self.in_flight.difference_update(ids)
 
     async def run(self) -> None:
-        listener = await self.pool.acquire()
+        listener: PoolConnectionProxy | None = None  # receives the NOTIFYs of `add`
 
         def wake(*_: object) -> None:
             self._wake.set()
 
-        await listener.add_listener(self.channel, wake)
+        failures = 0
         try:
             while True:
                 try:
+                    if listener is None or listener.is_closed():  # new, or PostgreSQL restarted
+                        await self._release(listener)
+                        listener = None
+                        listener = await self.pool.acquire(timeout=self.ack_timeout_s)
+                        await listener.add_listener(self.channel, wake)
                     sent = await self.relay_once()
-                except (asyncpg.PostgresError, OSError, TimeoutError) as exc:
-                    log.warning("outbox relay failed, will retry: %s", exc)
-                    sent = 0
-                    await asyncio.sleep(self.poll_interval)
+                except Exception as exc:  # NATS or PostgreSQL away: one line, then retry
+                    failures += 1
+                    await self._failed(exc, failures)
+                    continue
+                if failures:
+                    log.info("outbox relay publishing again after %d failed tries", failures)
+                    failures, self.problem = 0, None
                 if sent == self.batch_size:
                     continue  # more waiting
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.poll_interval)
                 self._wake.clear()
         finally:
+            if listener is not None:
+                with contextlib.suppress(Exception):
+                    await listener.remove_listener(self.channel, wake)
+            await self._release(listener)
+
+    async def _release(self, conn: PoolConnectionProxy | None) -> None:
+        if conn is not None:
             with contextlib.suppress(Exception):
-                await listener.remove_listener(self.channel, wake)
-            await self.pool.release(listener)
+                await self.pool.release(conn)
+
+    async def _failed(self, exc: Exception, failures: int) -> None:
+        self.problem = describe(exc)
+        if failures == 1:
+            log.warning("outbox relay cannot publish, retrying with backoff: %s", self.problem)
+        if isinstance(exc, nats.errors.NoRespondersError):
+            # nobody stores the subject: the stream was deleted; declare the streams again
+            with contextlib.suppress(Exception):
+                await ensure_streams(self.js)
+        await asyncio.sleep(backoff_seconds(failures, base=self.poll_interval, cap=5.0))
 
     async def relay_once(self) -> int:
         """Publish one batch of unsent rows and mark them sent; returns how many."""
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self.pool.acquire(timeout=self.ack_timeout_s) as conn, conn.transaction():
             rows = await conn.fetch(
                 "SELECT id, event_id, subject, payload, headers FROM outbox"
                 " WHERE sent_at IS NULL AND event_id <> ALL($2::uuid[])"
@@ -220,9 +253,20 @@ class Relay:
         return len(rows)
 
     async def publish(self, rows: Sequence[Row] | Sequence[asyncpg.Record]) -> None:
-        """Publish and wait for every PubAck."""
-        await asyncio.gather(*await self.send(rows))
+        """Publish and wait for every PubAck (at most `ack_timeout_s`)."""
+        await self._acknowledged(await self.send(rows))
         _count(rows)
+
+    async def _acknowledged(self, acks: list[asyncio.Future[Any]]) -> None:
+        """Wait for the PubAcks; raise TimeoutError when they do not all come in time. The
+        futures are then cancelled: nats-py never fails them when the connection is lost,
+        and each one holds a slot of its limited number of pending publishes."""
+        try:
+            await asyncio.wait_for(asyncio.gather(*acks), self.ack_timeout_s)
+        except BaseException:
+            for ack in acks:
+                ack.cancel()
+            raise
 
     async def send(
         self, rows: Sequence[Row] | Sequence[asyncpg.Record], *, link: bool = True
@@ -270,7 +314,8 @@ def _count(rows: Sequence[Row] | Sequence[asyncpg.Record]) -> None:
 async def purge(
     pool: asyncpg.Pool, sent_older_than_hours: float, inbox_older_than_days: float
 ) -> None:
-    """Housekeeping: drop published outbox rows and old inbox ids (far past any redelivery)."""
+    """Housekeeping: drop published outbox rows, and inbox ids and try counts far past any
+    redelivery."""
     async with pool.acquire() as conn:
         await conn.execute(
             "DELETE FROM outbox WHERE sent_at < now() - make_interval(secs => $1)",
@@ -278,6 +323,10 @@ async def purge(
         )
         await conn.execute(
             "DELETE FROM inbox WHERE applied_at < now() - make_interval(secs => $1)",
+            inbox_older_than_days * 86400,
+        )
+        await conn.execute(
+            "DELETE FROM delivery_attempts WHERE last_at < now() - make_interval(secs => $1)",
             inbox_older_than_days * 86400,
         )
         PENDING.set(await conn.fetchval("SELECT count(*) FROM outbox WHERE sent_at IS NULL"))

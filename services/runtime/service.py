@@ -22,19 +22,15 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-import nats
 import uvicorn
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from nats.aio.client import Client as Nats
 from nats.js import JetStreamContext
-from nats.js.api import StreamConfig
-from nats.js.errors import NotFoundError
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Gauge, generate_latest
 
-from contracts import STREAMS, StreamSpec
 from contracts.events import ServiceHeartbeat, utcnow
-from services.runtime import outbox
+from services.runtime import errors, outbox
 from services.runtime.config import RuntimeSettings
 from services.runtime.consumer import Consumer, Subscription
 from services.runtime.db import (
@@ -44,7 +40,9 @@ from services.runtime.db import (
     load_migrations,
     migrate,
 )
+from services.runtime.faults import backoff_seconds, describe
 from services.runtime.logs import setup_logging
+from services.runtime.messaging import connect_nats, ensure_streams
 from services.runtime.telemetry import setup_tracing
 
 log = logging.getLogger(__name__)
@@ -63,6 +61,7 @@ class Runtime:
     nc: Nats
     js: JetStreamContext
     relay: outbox.Relay
+    subscriptions: list[Subscription] = field(default_factory=list)
     started_at: datetime = field(default_factory=utcnow)
     instance: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
 
@@ -87,6 +86,12 @@ class Runtime:
             checks["postgres"] = "ok"
         except Exception as exc:
             checks["postgres"] = f"error: {type(exc).__name__} {exc}".strip()
+        # consuming and publishing: a durable consumer deleted under us, a paused consumer,
+        # a relay that cannot publish (a deleted stream) are not ready either
+        stuck = [f"{s.consumer.name}: {s.problem}" for s in self.subscriptions if s.problem]
+        if self.relay.problem:
+            stuck.append(f"outbox relay: {self.relay.problem}")
+        checks["delivery"] = f"error: {'; '.join(stuck)}" if stuck else "ok"
         READY.set(all(v == "ok" for v in checks.values()))
         return checks
 
@@ -108,58 +113,6 @@ class ServiceSpec:
     description: str = ""
 
 
-def stream_config(spec: StreamSpec) -> StreamConfig:
-    return StreamConfig(
-        name=spec.name,
-        subjects=list(spec.subjects),
-        description=spec.description,
-        max_age=spec.max_age_days * 86400.0,
-        duplicate_window=120.0,
-    )
-
-
-async def ensure_streams(js: JetStreamContext) -> None:
-    """Create or update every stream of the catalog; the definitions live in `contracts`,
-    so every service declares them identically."""
-    for spec in STREAMS:
-        config = stream_config(spec)
-        try:
-            await js.stream_info(spec.name)
-        except NotFoundError:
-            try:
-                await js.add_stream(config)
-                continue
-            except Exception:  # another service created it a moment ago
-                pass
-        await js.update_stream(config)
-
-
-async def connect_nats(url: str, name: str) -> Nats:
-    connected: list[Nats] = []
-
-    async def error_cb(exc: Exception) -> None:
-        log.warning("nats: %s", exc)
-
-    async def disconnected_cb() -> None:
-        if not (connected and connected[0].is_closed):  # closing on shutdown is no news
-            log.warning("nats disconnected")
-
-    async def reconnected_cb() -> None:
-        log.info("nats reconnected")
-
-    nc = await nats.connect(
-        url,
-        name=name,
-        max_reconnect_attempts=-1,
-        reconnect_time_wait=0.5,
-        error_cb=error_cb,
-        disconnected_cb=disconnected_cb,
-        reconnected_cb=reconnected_cb,
-    )
-    connected.append(nc)
-    return nc
-
-
 def _runner(subscription: Subscription) -> Task:
     async def run(_: Runtime) -> None:
         await subscription.run()
@@ -168,15 +121,29 @@ def _runner(subscription: Subscription) -> Task:
 
 
 async def _supervise(name: str, task: Task, runtime: Runtime) -> None:
+    """Run a loop for the life of the service; one that crashes is restarted with backoff
+    (a full traceback the first time, one line for each further crash in a row)."""
+    crashes = 0
     while True:
+        started = time.monotonic()
         try:
             await task(runtime)
             return
         except asyncio.CancelledError:
             raise
-        except Exception:
-            log.exception("background task %s crashed; restarting in 1s", name)
-            await asyncio.sleep(1)
+        except Exception as exc:
+            crashes = 1 if time.monotonic() - started > 60 else crashes + 1
+            delay = backoff_seconds(crashes, base=1.0, cap=30.0)
+            if crashes == 1:
+                log.exception("background task %s crashed; restarting in %.0fs", name, delay)
+            else:
+                log.error(
+                    "background task %s crashed again (%d in a row): %s",
+                    name,
+                    crashes,
+                    describe(exc),
+                )
+            await asyncio.sleep(delay)
 
 
 async def _heartbeat(runtime: Runtime) -> None:
@@ -238,7 +205,13 @@ async def start_runtime(spec: ServiceSpec) -> tuple[Runtime, list[asyncio.Task[N
     nc = await connect_nats(s.nats_url, spec.name)
     js = nc.jetstream()
     await ensure_streams(js)
-    relay = outbox.Relay(pool, js, spec.name, poll_interval=s.outbox_poll_interval_s)
+    relay = outbox.Relay(
+        pool,
+        js,
+        spec.name,
+        poll_interval=s.outbox_poll_interval_s,
+        ack_timeout_s=s.outbox_ack_timeout_s,
+    )
     runtime = Runtime(spec.name, s, pool, nc, js, relay)
     for hook in spec.on_start:
         hook(runtime)
@@ -257,6 +230,7 @@ async def start_runtime(spec: ServiceSpec) -> tuple[Runtime, list[asyncio.Task[N
             ack_wait_s=s.consumer_ack_wait_s,
         )
         await subscription.open()  # durable consumers exist before the service says ready
+        runtime.subscriptions.append(subscription)
         loops.append((consumer.name, _runner(subscription)))
     loops += [(getattr(t, "__name__", "task"), t) for t in spec.tasks]
     tasks = [asyncio.create_task(_supervise(n, t, runtime), name=n) for n, t in loops]
@@ -299,8 +273,10 @@ def create_app(spec: ServiceSpec) -> FastAPI:
         version=VERSION,
         description=spec.description,
         lifespan=lifespan,
+        responses=errors.ERROR_RESPONSES,
     )
-    app.include_router(health_router())
+    errors.install(app)
+    app.include_router(health_router(), responses={503: {"description": "Not ready"}})
     for router in spec.routers:
         app.include_router(router)
     return app

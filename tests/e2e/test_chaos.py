@@ -17,7 +17,7 @@ from nats.aio.client import Client as Nats
 
 from contracts.events import SubtaskCompleted
 from services.embedded import EmbeddedNats, EmbeddedPostgres, free_port
-from services.runtime.service import ensure_streams
+from services.runtime.messaging import ensure_streams
 from services.stack import spawn_service, wait_until_up
 
 EVENTS = 3000

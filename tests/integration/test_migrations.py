@@ -34,6 +34,7 @@ async def test_migrations_apply_from_zero_then_second_run_is_a_noop(database_url
     assert tables == {
         "outbox": "stats",
         "inbox": "stats",
+        "delivery_attempts": "stats",
         "model_statistics": "stats",
         "schema_migrations": "stats",
     }

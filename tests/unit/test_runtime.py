@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from services.runtime.consumer import backoff_seconds
+from services.runtime.faults import backoff_seconds
 from services.stack import _hide_password
 
 
