@@ -9,8 +9,7 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import asyncpg
-from fastapi import APIRouter, Depends, HTTPException, Query, Response
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from contracts.events import utcnow
@@ -18,11 +17,19 @@ from services.planner import db, domain
 from services.planner.domain import PlanRequest
 from services.planner.handlers import Conflict, NotFound, Planner
 from services.runtime.db import Connection
+from services.runtime.errors import ApiError, ErrorResponse, FieldError, bounded_json
 from services.runtime.service import Runtime, runtime_of
 
 PlanStatus = Literal["awaiting_approval", "running", "completed", "failed", "cancelled"]
 ApprovalStatus = Literal["pending", "approved", "rejected", "timeout"]
 RuntimeDep = Annotated[Runtime, Depends(runtime_of)]
+Id = Annotated[str, Path(min_length=1, max_length=512)]
+QueryId = Annotated[str | None, Query(min_length=1, max_length=512)]
+Limit = Annotated[int, Query(ge=1, le=1000)]
+METADATA_MAX_BYTES = 64 * 1024
+METADATA_MAX_DEPTH = 16
+check_metadata = bounded_json(METADATA_MAX_BYTES, METADATA_MAX_DEPTH)
+NOT_FOUND = {"model": ErrorResponse, "description": "No such plan"}
 
 
 class SubtaskView(BaseModel):
@@ -100,15 +107,18 @@ class Assignment(BaseModel):
     agent: str = Field(min_length=1, max_length=512)
 
 
-class ProblemView(BaseModel):
-    kind: str
-    subtask_ids: list[str]
-    message: str
-
-
-class InvalidPlan(BaseModel):
-    detail: str
-    problems: list[ProblemView]
+def invalid_plan(request: PlanRequest, problems: list[domain.Problem]) -> ApiError:
+    """422 `invalid_plan`, one field per problem: the subtask it is about (for a cycle, its
+    first subtask) by position, its id as the value."""
+    position = {s.subtask_id: i for i, s in reversed(list(enumerate(request.subtasks)))}
+    fields = []
+    for p in problems:
+        first = p.subtask_ids[0] if p.subtask_ids else None
+        where: list[str | int] = ["body", "subtasks"]
+        if first is not None:
+            where += [position[first], "subtask_id"]
+        fields.append(FieldError(loc=where, message=p.message, value_prefix=first))
+    return ApiError(422, "invalid_plan", "; ".join(p.message for p in problems), fields)
 
 
 @asynccontextmanager
@@ -146,27 +156,30 @@ def build_router(planner: Planner) -> APIRouter:
         summary="Create a plan; its first subtasks are dispatched at once (GET it for them)",
         responses={
             200: {"description": "The same request was posted before: the existing plan"},
-            409: {"description": "The task already has a different plan, or the plan id is taken"},
+            409: {
+                "model": ErrorResponse,
+                "description": "The task already has a different plan, or the plan id is taken",
+            },
             422: {
-                "model": InvalidPlan,
-                "description": "Duplicate ids, unknown dependencies, cycles",
+                "model": ErrorResponse,
+                "description": "`invalid_request`: a field is not valid (`metadata`: at most "
+                f"{METADATA_MAX_BYTES} bytes as JSON, {METADATA_MAX_DEPTH} levels); "
+                "`invalid_plan`: duplicate ids, unknown dependencies, cycles",
             },
         },
     )
     async def create_plan(request: PlanRequest, response: Response, runtime: RuntimeDep) -> Any:
+        try:
+            check_metadata(request.metadata)
+        except ValueError as exc:
+            field = FieldError(loc=["body", "metadata"], message=str(exc))
+            raise ApiError(422, "invalid_request", f"metadata: {exc}", [field]) from None
         problems = domain.validate(
             [(s.subtask_id, s.depends_on) for s in request.subtasks],
             planner.settings.planner_max_subtasks,
         )
         if problems:
-            body = InvalidPlan(
-                detail="; ".join(p.message for p in problems),
-                problems=[
-                    ProblemView(kind=p.kind, subtask_ids=list(p.subtask_ids), message=p.message)
-                    for p in problems
-                ],
-            )
-            return JSONResponse(body.model_dump(), status_code=422)
+            raise invalid_plan(request, problems)
         try:
             async with answering_errors(runtime) as conn:
                 plan, created = await planner.create_plan(conn, request)
@@ -183,9 +196,9 @@ def build_router(planner: Planner) -> APIRouter:
     async def list_plans(
         runtime: RuntimeDep,
         status: PlanStatus | None = None,
-        user_id: str | None = None,
-        session_id: str | None = None,
-        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+        user_id: QueryId = None,
+        session_id: QueryId = None,
+        limit: Limit = 100,
     ) -> list[PlanSummary]:
         async with runtime.pool.acquire() as conn:
             plans = await db.list_plans(
@@ -197,18 +210,18 @@ def build_router(planner: Planner) -> APIRouter:
         "/plans/{plan_id}",
         response_model=PlanView,
         summary="A plan with its subtasks and approvals",
-        responses={404: {"description": "No such plan"}},
+        responses={404: NOT_FOUND},
     )
-    async def get_plan(plan_id: str, runtime: RuntimeDep) -> PlanView:
+    async def get_plan(plan_id: Id, runtime: RuntimeDep) -> PlanView:
         return await plan_view(runtime, plan_id)
 
     @router.get(
         "/plans/{plan_id}/metrics",
         summary="Durations in total and per agent, counts by status, estimated versus actual, "
         "attempts, the critical path",
-        responses={404: {"description": "No such plan"}},
+        responses={404: NOT_FOUND},
     )
-    async def plan_metrics(plan_id: str, runtime: RuntimeDep) -> dict[str, Any]:
+    async def plan_metrics(plan_id: Id, runtime: RuntimeDep) -> dict[str, Any]:
         async with runtime.pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
             plan = await db.plan(conn, plan_id)
             if plan is None:
@@ -225,11 +238,11 @@ def build_router(planner: Planner) -> APIRouter:
         response_model=PlanSummary,
         summary="Cancel a plan: nothing more is dispatched, open subtasks end as cancelled",
         responses={
-            404: {"description": "No such plan"},
-            409: {"description": "The plan already completed or failed"},
+            404: NOT_FOUND,
+            409: {"model": ErrorResponse, "description": "The plan already completed or failed"},
         },
     )
-    async def cancel_plan(plan_id: str, runtime: RuntimeDep) -> PlanSummary:
+    async def cancel_plan(plan_id: Id, runtime: RuntimeDep) -> PlanSummary:
         async with answering_errors(runtime) as conn:
             plan = await planner.cancel_plan(conn, plan_id)
         return PlanSummary.model_validate(plan)
@@ -239,12 +252,15 @@ def build_router(planner: Planner) -> APIRouter:
         response_model=SubtaskView,
         summary="Give a subtask not dispatched yet to another agent; a held one is released",
         responses={
-            404: {"description": "No such plan or subtask"},
-            409: {"description": "The subtask was dispatched already or has finished"},
+            404: {"model": ErrorResponse, "description": "No such plan or subtask"},
+            409: {
+                "model": ErrorResponse,
+                "description": "The subtask was dispatched already or has finished",
+            },
         },
     )
     async def assign(
-        plan_id: str, subtask_id: str, body: Assignment, runtime: RuntimeDep
+        plan_id: Id, subtask_id: Id, body: Assignment, runtime: RuntimeDep
     ) -> SubtaskView:
         async with answering_errors(runtime) as conn:
             subtask = await planner.assign(conn, plan_id, subtask_id, body.agent)
@@ -254,9 +270,9 @@ def build_router(planner: Planner) -> APIRouter:
     async def list_approvals(
         runtime: RuntimeDep,
         status: ApprovalStatus | None = None,
-        user_id: str | None = None,
-        plan_id: str | None = None,
-        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+        user_id: QueryId = None,
+        plan_id: QueryId = None,
+        limit: Limit = 100,
     ) -> list[ApprovalView]:
         async with runtime.pool.acquire() as conn:
             found = await db.list_approvals(
@@ -267,7 +283,7 @@ def build_router(planner: Planner) -> APIRouter:
     @router.get(
         "/approvals/{approval_id}",
         response_model=ApprovalView,
-        responses={404: {"description": "No such approval"}},
+        responses={404: {"model": ErrorResponse, "description": "No such approval"}},
     )
     async def get_approval(approval_id: uuid.UUID, runtime: RuntimeDep) -> ApprovalView:
         async with runtime.pool.acquire() as conn:
@@ -282,8 +298,11 @@ def build_router(planner: Planner) -> APIRouter:
         summary="Approve or reject: approved sends the subtask (or the plan) on, rejected "
         "skips what depends on it",
         responses={
-            404: {"description": "No such approval"},
-            409: {"description": "Already resolved (approved, rejected or timed out)"},
+            404: {"model": ErrorResponse, "description": "No such approval"},
+            409: {
+                "model": ErrorResponse,
+                "description": "Already resolved (approved, rejected or timed out)",
+            },
         },
     )
     async def resolve_approval(

@@ -71,7 +71,9 @@ class SubtaskRequest(BaseModel):
         validation_alias=AliasChoices("depends_on", "dependencies"),
         description="Ids of the subtasks this one needs (also accepted as `dependencies`).",
     )
-    sequence_number: int | None = Field(None, description="Defaults to the position, from 1.")
+    sequence_number: int | None = Field(  # an integer column
+        None, ge=-(2**31), le=2**31 - 1, description="Defaults to the position, from 1."
+    )
     requires_approval: bool = Field(
         False, description="Ask for an approval (type `tool`) before it is dispatched."
     )
@@ -92,7 +94,9 @@ class PlanRequest(BaseModel):
     requires_approval: bool = Field(
         False, description="The plan as a whole waits for an approval (type `plan`)."
     )
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: dict[str, Any] = Field(
+        default_factory=dict, description="Free-form JSON: at most 64 KiB and 16 levels deep."
+    )
     subtasks: list[SubtaskRequest] = Field(min_length=1)
 
     def fingerprint(self) -> str:

@@ -6,9 +6,10 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Query
+from fastapi import APIRouter, Depends, HTTPException, Path, Query
 from pydantic import BaseModel
 
+from services.runtime.errors import ErrorResponse
 from services.runtime.service import Runtime, runtime_of
 from services.stats import db
 
@@ -46,11 +47,13 @@ class ModelRecord(BaseModel):
 @router.get(
     "/models/{model_id:path}/stats",
     response_model=ModelRecord,
-    responses={404: {"description": "The model has no record for this user"}},
+    responses={
+        404: {"model": ErrorResponse, "description": "The model has no record for this user"}
+    },
 )
 async def model_stats(
-    model_id: str,
-    user_id: Annotated[str, Query(min_length=1, description="Whose record")],
+    model_id: Annotated[str, Path(min_length=1, max_length=512)],
+    user_id: Annotated[str, Query(min_length=1, max_length=512, description="Whose record")],
     runtime: Annotated[Runtime, Depends(runtime_of)],
 ) -> ModelRecord:
     async with runtime.pool.acquire() as conn:

@@ -45,14 +45,15 @@ async def test_invalid_plans_are_refused_naming_the_offending_ids(
             ),
         )
         assert r.status_code == 422
-        body = r.json()
-        assert "duplicate subtask ids: a" in body["detail"]
-        assert "subtask b depends on unknown ghost" in body["detail"]
-        assert "dependency cycle: c -> d -> c" in body["detail"]
-        assert [(p["kind"], p["subtask_ids"]) for p in body["problems"]] == [
-            ("duplicate", ["a"]),
-            ("unknown_dependency", ["b", "ghost"]),
-            ("cycle", ["c", "d"]),
+        error = r.json()["error"]
+        assert error["code"] == "invalid_plan"
+        assert "duplicate subtask ids: a" in error["message"]
+        assert "subtask b depends on unknown ghost" in error["message"]
+        assert "dependency cycle: c -> d -> c" in error["message"]
+        assert [(f["loc"], f["value_prefix"]) for f in error["fields"]] == [
+            (["body", "subtasks", 0, "subtask_id"], "a"),
+            (["body", "subtasks", 2, "subtask_id"], "b"),
+            (["body", "subtasks", 3, "subtask_id"], "c"),
         ]
         r = await client.post("/v1/plans", json=plan_body())
         assert r.status_code == 422  # no subtasks
@@ -71,7 +72,7 @@ async def test_posting_the_same_task_again_returns_its_plan_and_a_different_one_
         other = {**body, "subtasks": [subtask("a")]}
         conflict = await client.post("/v1/plans", json=other)
         assert conflict.status_code == 409
-        assert first["plan_id"] in conflict.json()["detail"]
+        assert first["plan_id"] in conflict.json()["error"]["message"]
         assert [p["plan_id"] for p in (await client.get("/v1/plans")).json()] == [first["plan_id"]]
         (created,) = await events.wait("plan.created")
         assert created["plan_id"] == first["plan_id"]
