@@ -382,29 +382,47 @@ class ModelRewarded(Event):
 
 
 class ServiceDown(Event):
+    """A service stopped answering: once per incident (a flapping service stays in one)."""
+
     subject: ClassVar[str] = "service.down"
 
     service: str = NonEmpty
-    reason: str
-    last_seen_at: datetime | None = None
+    reason: str = Field(
+        description="e.g. `process exited with code -9`, `no heartbeat for 2.6s`, "
+        "`3 failed readiness checks: ...`."
+    )
+    last_seen_at: datetime | None = Field(None, description="Its last heartbeat, if any.")
+    incident_id: uuid.UUID | None = Field(
+        None, description="guardian's incident; service.recovered and .escalated carry it too."
+    )
 
 
 class ServiceRecovered(Event):
+    """The service has been up for guardian's stable window: its incident is closed."""
+
     subject: ClassVar[str] = "service.recovered"
 
     service: str = NonEmpty
     down_since: datetime
-    downtime_seconds: float
-    restarts: int = 0
+    downtime_seconds: float = Field(description="From down to ready again.")
+    restarts: int = Field(0, description="Restarts during the incident.")
+    incident_id: uuid.UUID | None = None
 
 
 class ServiceEscalated(Event):
+    """Restarts failed too often in a row: guardian stopped restarting the service until an
+    operator resets it, and wrote an incident report."""
+
     subject: ClassVar[str] = "service.escalated"
 
     service: str = NonEmpty
     restarts: int
     reason: str
     report: str = Field(description="The incident report in markdown.")
+    report_name: str | None = Field(
+        None, description="Its file under FLEET_HOME/reports/, BUG-YYYYMMDD-HHMM.md."
+    )
+    incident_id: uuid.UUID | None = None
 
 
 class ServiceHeartbeat(Event):

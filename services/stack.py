@@ -3,6 +3,13 @@ DATABASE_URL name real ones) and the five services as child processes.
 
 State lives under FLEET_HOME (default `.fleet/`): server data, logs, and `stack.json`, which
 `fleet status` reads. A lock file makes a second `fleet up` on the same home refuse to start.
+
+`fleet up` owns the processes and guardian decides when one needs a restart, so `fleet up`
+serves guardian a narrow channel (`RestartChannel`): HTTP on a Unix socket under FLEET_HOME
+(mode 0600), each request with a bearer token from FLEET_HOME/supervisor.token (0600, new at
+every start). It tells of process exits the moment they happen and restarts one service on
+request, refusing requests of a stale leader epoch. If guardian itself exits, `fleet up`
+starts it again.
 """
 
 from __future__ import annotations
@@ -10,16 +17,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import hmac
 import json
 import os
+import queue
+import secrets
+import shutil
 import signal
+import socketserver
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 
@@ -89,6 +107,166 @@ def health(url: str, timeout: float = 1.0) -> str:
     return "ready" if r.status_code == 200 else "not ready"
 
 
+class StaleEpochError(RuntimeError):
+    pass
+
+
+class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+
+
+class RestartChannel:
+    """fleet up's side of guardian's restart channel (see the module's docstring).
+
+    GET  /exits?after=N&wait=S          exits after sequence N, waiting up to S seconds for
+                                         one; also which processes are alive now
+    POST /restart {"service", "epoch", "reason"}
+                                         kill the service's process if alive, start it again
+    """
+
+    def __init__(
+        self,
+        home: Path,
+        restart: Callable[[str], int],
+        alive: Callable[[], dict[str, bool]],
+    ) -> None:
+        self.token_file = home / "supervisor.token"
+        self.token = secrets.token_urlsafe(32)
+        fd = os.open(self.token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(self.token)
+        # AF_UNIX paths hold at most 107 bytes: a deep home gets a private temporary folder
+        path = home / "supervisor.sock"
+        self._tmp: Path | None = None
+        if len(os.fsencode(path)) > 100:
+            self._tmp = Path(tempfile.mkdtemp(prefix="fleet-"))
+            path = self._tmp / "supervisor.sock"
+        path.unlink(missing_ok=True)
+        self.socket = path
+        self._restart = restart
+        self._alive = alive
+        self._changed = threading.Condition()
+        self._exits: list[dict[str, Any]] = []
+        self._seq = 0
+        self.highest_epoch = 0
+        self.restarts: list[dict[str, Any]] = []  # every restart done, for tests and logs
+        old_umask = os.umask(0o177)  # the socket is created 0600
+        try:
+            self._server = _UnixHTTPServer(str(path), self._handler())
+        finally:
+            os.umask(old_umask)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def exited(self, service: str, pid: int, code: int | None) -> None:
+        with self._changed:
+            self._seq += 1
+            self._exits.append(
+                {
+                    "seq": self._seq,
+                    "service": service,
+                    "pid": pid,
+                    "code": code,
+                    "at": datetime.now(UTC).isoformat(),
+                }
+            )
+            del self._exits[:-1000]
+            self._changed.notify_all()
+
+    def exits_after(self, after: int, wait: float) -> dict[str, Any]:
+        deadline = time.monotonic() + min(max(wait, 0.0), 30.0)
+        with self._changed:
+            while self._seq <= after and time.monotonic() < deadline:
+                self._changed.wait(deadline - time.monotonic())
+            found = [e for e in self._exits if e["seq"] > after]
+            last = self._seq
+        return {"exits": found, "last": last, "alive": self._alive()}
+
+    def restart(self, service: str, epoch: int, reason: str) -> int:
+        with self._changed:
+            if epoch < self.highest_epoch:
+                raise StaleEpochError(f"epoch {epoch} is older than {self.highest_epoch}: refused")
+            self.highest_epoch = epoch
+        pid = self._restart(service)
+        self.restarts.append(
+            {"service": service, "epoch": epoch, "reason": reason, "pid": pid, "at": time.time()}
+        )
+        return pid
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        channel = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:
+                pass  # a Unix socket has no client address; fleet up prints what matters
+
+            def _answer(self, code: int, body: dict[str, Any]) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _authorized(self) -> bool:
+                sent = self.headers.get("Authorization", "")
+                if hmac.compare_digest(sent.encode(), f"Bearer {channel.token}".encode()):
+                    return True
+                self._answer(401, {"error": "unauthorized"})
+                return False
+
+            def do_GET(self) -> None:
+                if not self._authorized():
+                    return
+                url = urlsplit(self.path)
+                if url.path != "/exits":
+                    self._answer(404, {"error": "not_found"})
+                    return
+                query = parse_qs(url.query)
+                try:
+                    after = int(query.get("after", ["0"])[0])
+                    wait = float(query.get("wait", ["0"])[0])
+                except ValueError:
+                    self._answer(400, {"error": "after and wait are numbers"})
+                    return
+                self._answer(200, channel.exits_after(after, wait))
+
+            def do_POST(self) -> None:
+                if not self._authorized():
+                    return
+                if self.path != "/restart":
+                    self._answer(404, {"error": "not_found"})
+                    return
+                try:
+                    length = min(int(self.headers.get("Content-Length", "0")), 65536)
+                    body = json.loads(self.rfile.read(length) or b"{}")
+                    service, epoch = str(body["service"]), int(body["epoch"])
+                    reason = str(body.get("reason", ""))[:1000]
+                except (ValueError, KeyError, TypeError):
+                    self._answer(400, {"error": "expected {service, epoch, reason}"})
+                    return
+                try:
+                    pid = channel.restart(service, epoch, reason)
+                except StaleEpochError as exc:
+                    self._answer(409, {"error": "stale_epoch", "detail": str(exc)})
+                except KeyError:
+                    self._answer(404, {"error": "unknown_service", "service": service[:100]})
+                except OSError as exc:
+                    self._answer(500, {"error": "start_failed", "detail": str(exc)})
+                else:
+                    self._answer(200, {"service": service, "pid": pid})
+
+        return Handler
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self.socket.unlink(missing_ok=True)
+        self.token_file.unlink(missing_ok=True)
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+
+
 @dataclass
 class Stack:
     home: Path
@@ -98,6 +276,10 @@ class Stack:
     postgres: EmbeddedPostgres | None = None
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     urls: dict[str, str] = field(default_factory=dict)
+    channel: RestartChannel | None = None
+    _restarts: queue.Queue[tuple[str, Future[int]]] = field(default_factory=queue.Queue)
+    _envs: dict[str, dict[str, str]] = field(default_factory=dict)
+    _procs_lock: threading.Lock = field(default_factory=threading.Lock)
     _lock: IO[str] | None = None
 
     @property
@@ -139,6 +321,7 @@ class Stack:
             self._step("PostgreSQL (embedded)", pg.start)
             self.say(f"    {pg.url}")
             database_url = pg.url
+        self.channel = RestartChannel(self.home, self.restart, self.alive)
         for name, port in SERVICES.items():
             port = int(self.env.get(f"{name.upper()}_HTTP_PORT") or port_or_free(port))
             self.urls[name] = f"http://127.0.0.1:{port}"
@@ -148,8 +331,14 @@ class Stack:
                 "DATABASE_URL": database_url,
                 "HTTP_PORT": str(port),
                 "HTTP_HOST": "127.0.0.1",
+                "FLEET_HOME": str(self.home),
             }
-            self.procs[name] = spawn_service(name, child_env, self.home / "logs" / f"{name}.log")
+            if name == "guardian":
+                child_env["GUARDIAN_SUPERVISOR_SOCKET"] = str(self.channel.socket)
+                child_env["GUARDIAN_SUPERVISOR_TOKEN_FILE"] = str(self.channel.token_file)
+                child_env.setdefault("GUARDIAN_OPERATOR_TOKEN", self._operator_token())
+            self._envs[name] = child_env
+            self.procs[name] = self._spawn(name)
         self._step("services (migrate, connect, ready)", lambda: self._wait_ready(timeout))
         self.state_file.write_text(
             json.dumps(
@@ -185,23 +374,87 @@ class Stack:
         if pending:
             raise TimeoutError(f"not ready after {timeout:.0f}s: {', '.join(sorted(pending))}")
 
-    def wait(self) -> None:
-        """Run until interrupted (KeyboardInterrupt); report services that exit."""
-        reported: set[str] = set()
+    def _operator_token(self) -> str:
+        """guardian's control endpoints need an operator token: one is made once per home
+        (FLEET_HOME/operator.token, 0600) unless GUARDIAN_OPERATOR_TOKEN names one."""
+        path = self.home / "operator.token"
+        if not path.exists():
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(secrets.token_urlsafe(32))
+        return path.read_text().strip()
+
+    def _spawn(self, name: str) -> subprocess.Popen[bytes]:
+        return spawn_service(name, self._envs[name], self.home / "logs" / f"{name}.log")
+
+    def restart(self, name: str, timeout: float = 30) -> int:
+        """Kill the service's process if it is alive (hung or not) and start it again; the
+        killed process's exit is not reported as news. Guardian is not restarted this way.
+        The main thread does it: a child's parent-death signal fires when the *thread* that
+        started it ends, and the channel answers each request on a thread of its own."""
+        if name not in self.procs or name == "guardian":
+            raise KeyError(name)
+        done: Future[int] = Future()
+        self._restarts.put((name, done))
+        return done.result(timeout)
+
+    def _restart_now(self, name: str) -> int:
+        with self._procs_lock:
+            old = self.procs[name]
+            if old.poll() is None:
+                old.kill()  # SIGKILL also ends a stopped (SIGSTOP) process
+                old.wait()
+            self.procs[name] = proc = self._spawn(name)
+        self.say(f"{name} restarted at guardian's request (pid {proc.pid})")
+        return proc.pid
+
+    def alive(self) -> dict[str, bool]:
+        with self._procs_lock:
+            return {name: proc.poll() is None for name, proc in self.procs.items()}
+
+    def wait(self, poll_s: float = 0.02) -> None:
+        """Run until interrupted (KeyboardInterrupt): tell guardian of every process that
+        exits (polled often: guardian's detection time starts here), start guardian again
+        when it exits itself (1 s, doubling to 30 s while it keeps failing)."""
+        reported: set[int] = set()
+        guardian_delay, guardian_due = 1.0, 0.0
         while True:
-            for name, proc in self.procs.items():
-                if proc.poll() is not None and name not in reported:
-                    reported.add(name)
-                    self.say(
-                        f"{name} exited with code {proc.returncode}; "
-                        f"see {self.home / 'logs' / (name + '.log')}"
-                    )
-            time.sleep(0.2)
+            while not self._restarts.empty():
+                name, done = self._restarts.get_nowait()
+                try:
+                    done.set_result(self._restart_now(name))
+                except OSError as exc:
+                    done.set_exception(exc)
+            with self._procs_lock:
+                ended = [
+                    (name, proc)
+                    for name, proc in self.procs.items()
+                    if proc.poll() is not None and proc.pid not in reported
+                ]
+                reported.update(proc.pid for _, proc in ended)
+            for name, proc in ended:
+                if self.channel is not None:
+                    self.channel.exited(name, proc.pid, proc.returncode)
+                self.say(
+                    f"{name} exited with code {proc.returncode}; "
+                    f"see {self.home / 'logs' / (name + '.log')}"
+                )
+                if name == "guardian":
+                    guardian_due = time.monotonic() + guardian_delay
+                    guardian_delay = min(guardian_delay * 2, 30.0)
+            guardian = self.procs.get("guardian")
+            if guardian and guardian.poll() is not None and time.monotonic() >= guardian_due:
+                with self._procs_lock:
+                    self.procs["guardian"] = self._spawn("guardian")
+                self.say("guardian started again")
+            time.sleep(poll_s)
 
     def down(self) -> None:
         if self._lock is None:
             return  # never started: another stack holds the home
         self.say("stopping ...")
+        if self.channel is not None:
+            self.channel.close()
         for proc in self.procs.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)

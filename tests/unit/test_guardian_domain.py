@@ -23,6 +23,7 @@ from services.guardian.domain import (
     Reset,
     RestartObserved,
     RestartRequested,
+    Status,
     StoredIncident,
     Watch,
     WentDown,
@@ -394,13 +395,15 @@ def test_a_new_leader_keeps_an_escalated_service_held() -> None:
 
 
 def test_overall_status() -> None:
-    up = {"a": "up", "b": "up"}
-    assert overall_status(up, True, True, False) == "healthy"  # type: ignore[arg-type]
-    assert overall_status({"a": "up", "b": "down"}, True, True, False) == "degraded"  # type: ignore[arg-type]
-    assert overall_status(up, True, True, True) == "degraded"  # type: ignore[arg-type]
-    assert overall_status(up, False, True, False) == "unhealthy"  # type: ignore[arg-type]
-    assert overall_status(up, True, False, False) == "unhealthy"  # type: ignore[arg-type]
-    assert overall_status({"a": "down"}, True, True, False) == "unhealthy"  # type: ignore[arg-type]
+    up: dict[str, Status] = {"a": "up", "b": "up"}
+    one_down: dict[str, Status] = {"a": "up", "b": "down"}
+    all_down: dict[str, Status] = {"a": "down"}
+    assert overall_status(up, True, True, False) == "healthy"
+    assert overall_status(one_down, True, True, False) == "degraded"
+    assert overall_status(up, True, True, True) == "degraded"
+    assert overall_status(up, False, True, False) == "unhealthy"
+    assert overall_status(up, True, False, False) == "unhealthy"
+    assert overall_status(all_down, True, True, False) == "unhealthy"
 
 
 def test_human_duration() -> None:
