@@ -8,8 +8,10 @@ Each round starts on a fresh database: a first sync (every model added: 550 rows
 `model.synced` + 1 `sync.completed`), then the same response again (unchanged: 0 model rows,
 0 `model.synced`, the run's own `sync.completed` only), then one in which 10% of the prices
 moved. The catalog is built from the real responses in ../shared/data/openrouter (models of
-all three days, then copies of them under new ids up to the count), or synthesized when that
-folder is absent. Target (issue 3): a first sync within 0.5 s.
+all three days, then copies of them under new ids up to the count), or from the project's
+fixtures in tests/fixtures/openrouter when that folder is absent. Every output modality,
+variable price and price is kept: the most rows and events a run can write. Target
+(issue 3): a first sync within 0.5 s.
 """
 
 from __future__ import annotations
@@ -34,56 +36,40 @@ from benchmarks.harness import fresh_database
 from services.embedded import EmbeddedPostgres
 from services.runtime.db import RUNTIME_MIGRATIONS, create_pool, load_migrations, migrate
 from services.sync import db
+from services.sync.catalog import apply_catalog
 from services.sync.domain import SelectionRules, parse_catalog, select
-from services.sync.handlers import apply_catalog
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "openrouter"
-MIGRATIONS = Path(__file__).resolve().parents[1] / "services" / "sync" / "migrations"
-# every model kept: the most rows and events a run can write
-RULES = SelectionRules(
-    max_price_per_1m=Decimal(1_000_000), top_n=100_000, include_variable_price=True
-)
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "openrouter"
+FIXTURES = ROOT / "tests" / "fixtures" / "openrouter"
+MIGRATIONS = ROOT / "services" / "sync" / "migrations"
 
 
-def real_entries() -> list[dict[str, Any]]:
+def rules_keeping(entries: list[dict[str, Any]]) -> SelectionRules:
+    """Every model kept: the most rows and events a run can write."""
+    outputs = {m for e in entries for m in e["architecture"]["output_modalities"]}
+    return SelectionRules(
+        max_price_per_1m=Decimal(1_000_000),
+        top_n=100_000,
+        include_variable_price=True,
+        output_modalities=frozenset(outputs),
+    )
+
+
+def listed_entries(paths: list[Path]) -> list[dict[str, Any]]:
     entries: dict[str, dict[str, Any]] = {}
-    for day in ("2026-04-02", "2026-03-13", "2025-07-29"):
-        path = DATA / f"{day}.json"
+    for path in paths:
         if path.exists():
             for e in json.loads(path.read_bytes())["data"]:
                 entries.setdefault(e["id"], e)
     return list(entries.values())
 
 
-def synthetic_entry(i: int) -> dict[str, Any]:
-    return {
-        "id": f"vendor-{i % 40}/model-{i}",
-        "canonical_slug": f"vendor-{i % 40}/model-{i}-20260301",
-        "hugging_face_id": "",
-        "name": f"Vendor {i % 40}: Model {i}",
-        "created": 1_750_000_000 + i * 3600,
-        "description": "A synthetic model of realistic size. " * 12,
-        "context_length": [8192, 32768, 131072, 200000, 1048576][i % 5],
-        "architecture": {
-            "modality": "text->text",
-            "input_modalities": ["text"],
-            "output_modalities": ["text"],
-            "tokenizer": "Other",
-            "instruct_type": None,
-        },
-        "pricing": {"prompt": f"0.000000{i % 90 + 10}", "completion": f"0.00000{i % 90 + 10}"},
-        "top_provider": {"context_length": 131072, "max_completion_tokens": None,
-                         "is_moderated": False},
-        "per_request_limits": None,
-        "supported_parameters": ["max_tokens", "temperature", "top_p", "tools", "stop"],
-        "default_parameters": {},
-        "expiration_date": None,
-    }  # fmt: skip
-
-
 def catalog(n: int) -> tuple[list[dict[str, Any]], str]:
-    real = real_entries()
-    base = real or [synthetic_entry(i) for i in range(n)]
+    real = listed_entries(
+        [DATA / f"{day}.json" for day in ("2026-04-02", "2026-03-13", "2025-07-29")]
+    )
+    base = real or listed_entries(sorted(FIXTURES.glob("catalog-*.json")))
     entries = list(base)
     copies = 0
     while len(entries) < n:
@@ -91,9 +77,9 @@ def catalog(n: int) -> tuple[list[dict[str, Any]], str]:
         copies += 1
         e["id"] = f"{e['id']}-copy{copies}"
         entries.append(e)
-    if not real:
-        return entries[:n], "synthetic entries"
-    source = f"{len(real)} real entries from {DATA}"
+    source = (
+        f"{len(base)} {'real' if real else 'fixture'} entries from {DATA if real else FIXTURES}"
+    )
     return entries[:n], source + (f" + {copies} copies under new ids" if copies else "")
 
 
@@ -105,7 +91,9 @@ def repriced(entries: list[dict[str, Any]], every: int) -> list[dict[str, Any]]:
     return moved
 
 
-async def timed_run(pool: asyncpg.Pool, body: bytes) -> tuple[float, int, int]:
+async def timed_run(
+    pool: asyncpg.Pool, body: bytes, rules: SelectionRules
+) -> tuple[float, int, int]:
     """Seconds for one run over `body`; model rows written; model.synced events written."""
     async with pool.acquire() as conn:
         run_id = uuid.uuid4()
@@ -113,7 +101,7 @@ async def timed_run(pool: asyncpg.Pool, body: bytes) -> tuple[float, int, int]:
         versions = await conn.fetch("SELECT model_id, xmin::text FROM models")
         last_event = await conn.fetchval("SELECT coalesce(max(id), 0) FROM outbox")
         t0 = time.perf_counter()
-        await apply_catalog(conn, run_id, body, RULES)
+        await apply_catalog(conn, run_id, body, rules)
         seconds = time.perf_counter() - t0
         after = await conn.fetch("SELECT model_id, xmin::text FROM models")
         written = len(set(map(tuple, after)) - set(map(tuple, versions)))
@@ -125,6 +113,7 @@ async def timed_run(pool: asyncpg.Pool, body: bytes) -> tuple[float, int, int]:
 
 async def main(n: int, rounds: int) -> None:
     entries, source = catalog(n)
+    rules = rules_keeping(entries)
     bodies = {
         "first sync": json.dumps({"data": entries}).encode(),
         "unchanged": json.dumps({"data": entries}).encode(),
@@ -138,7 +127,7 @@ async def main(n: int, rounds: int) -> None:
     pure: list[float] = []
     for _ in range(rounds):
         t0 = time.perf_counter()
-        select(parse_catalog(bodies["first sync"]).models, RULES)
+        select(parse_catalog(bodies["first sync"]).models, rules)
         pure.append(time.perf_counter() - t0)
     try:
         for r in range(1, rounds + 1):
@@ -148,7 +137,7 @@ async def main(n: int, rounds: int) -> None:
             try:
                 line = []
                 for scenario, body in bodies.items():
-                    seconds, written, synced = await timed_run(pool, body)
+                    seconds, written, synced = await timed_run(pool, body, rules)
                     results[scenario].append(seconds)
                     line.append(
                         f"{scenario} {seconds * 1000:6.1f} ms ({written} rows, {synced} events)"

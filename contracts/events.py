@@ -11,9 +11,16 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationInfo,
+    model_validator,
+)
 
 Id = str  # user, session, plan and subtask ids are opaque strings (often UUIDs)
 NonEmpty = Field(min_length=1, max_length=512)
@@ -58,6 +65,37 @@ class Event(BaseModel):
 # --- sync: the model catalog -------------------------------------------------------------
 
 
+def plain_decimal(value: Decimal) -> str:
+    """A decimal in plain digits, exactly, without trailing zeros: "360000", never "3.6E+5";
+    "0.0000001", never "1E-7" (what `str(Decimal)` gives and JSON readers may not take)."""
+    text = format(value, "f")
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+Price = Annotated[
+    Decimal,
+    Field(ge=0, allow_inf_nan=False),
+    PlainSerializer(plain_decimal, return_type=str, when_used="json"),
+]
+"""A USD price: exact, never negative, written in JSON as a plain decimal string."""
+
+
+class PriceTier(BaseModel):
+    """Prices that replace the base ones when a request meets the tier's condition
+    (OpenRouter's `pricing.overrides`: typically from `min_prompt_tokens` prompt tokens up)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    min_prompt_tokens: int | None = Field(
+        None,
+        ge=0,
+        description="The tier applies from this many prompt tokens; null: it has another "
+        "condition (a time window, say), kept in the catalog's raw entry.",
+    )
+    prompt_price_per_1m: Price = Field(description="USD per 1M prompt tokens in this tier.")
+    completion_price_per_1m: Price = Field(description="USD per 1M completion tokens in this tier.")
+
+
 class ModelSynced(Event):
     """A catalog entry was added, changed (price, context length, name, or availability: its
     Ollama device went offline or came back) or removed (no longer in the kept set)."""
@@ -73,14 +111,33 @@ class ModelSynced(Event):
     change: Literal["added", "changed", "removed"]
     status: Literal["active", "removed", "unavailable"]
     context_length: int | None = None
-    prompt_price_per_1m: Decimal | None = Field(
-        None, description="USD per 1M prompt tokens; null when the price varies per request."
+    prompt_price_per_1m: Price | None = Field(
+        None,
+        description="USD per 1M prompt tokens (the base tier); null when the price varies per "
+        "request or the model is not priced per token (its output is not text: see "
+        "`unit_prices`). Null is never free.",
     )
-    completion_price_per_1m: Decimal | None = Field(
-        None, description="USD per 1M completion tokens; null when the price varies per request."
+    completion_price_per_1m: Price | None = Field(
+        None,
+        description="USD per 1M completion tokens (the base tier); null as for the prompt price.",
     )
     variable_price: bool = Field(
         False, description="True for router models whose price is only known per request."
+    )
+    price_tiers: list[PriceTier] = Field(
+        default_factory=list,
+        description="Higher tiers that replace the base prices (long prompts, say); a price "
+        "cap holds for the highest of them.",
+    )
+    output_modalities: list[str] = Field(
+        default_factory=lambda: ["text"],
+        description="What the model outputs (OpenRouter's `architecture.output_modalities`).",
+    )
+    unit_prices: dict[str, Price] = Field(
+        default_factory=dict,
+        description="For a model not priced per token (output other than text): its prices "
+        "as the source lists them, USD per unit of each key (per image, per request, per "
+        "token of a kind, ...). Empty for models priced per token.",
     )
 
 

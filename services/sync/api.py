@@ -8,15 +8,25 @@ from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 import asyncpg
-from fastapi import APIRouter, Depends, HTTPException, Query, Response
+from fastapi import APIRouter, Depends, Path, Query, Response
 from pydantic import BaseModel
 
+from contracts.events import Price, PriceTier
+from services.runtime.errors import ApiError
 from services.runtime.service import Runtime, runtime_of
 from services.sync import db
-from services.sync.handlers import CatalogSync, DeviceDiscovery, SyncInProgress
+from services.sync.catalog import CatalogSync, SyncInProgress
+from services.sync.discovery import DeviceDiscovery
 
 Provider = Literal["openrouter", "ollama"]
 RuntimeDep = Annotated[Runtime, Depends(runtime_of)]
+# What a model id or device name may be: printable text of sane length. NUL and other control
+# characters can name nothing in the catalog (PostgreSQL text cannot even hold NUL).
+NO_CONTROL = r"^[^\x00-\x1f\x7f]+$"
+# A cap far above any real price per 1M tokens, of at most 30 digits and 18 decimals, so the
+# number stays one PostgreSQL's numeric (and a person) can hold: 1e999999 is refused, not a
+# 500.
+MAX_PRICE_CAP = Decimal(1_000_000_000)
 
 
 class CatalogModel(BaseModel):
@@ -25,9 +35,12 @@ class CatalogModel(BaseModel):
     device: str | None
     name: str
     context_length: int | None
-    prompt_price_per_1m: Decimal | None
-    completion_price_per_1m: Decimal | None
+    prompt_price_per_1m: Price | None
+    completion_price_per_1m: Price | None
     variable_price: bool
+    price_tiers: list[PriceTier]
+    output_modalities: list[str]
+    unit_prices: dict[str, Price]
     status: Literal["active", "removed", "unavailable"]
     available: bool
     first_seen_at: datetime
@@ -35,9 +48,11 @@ class CatalogModel(BaseModel):
 
 
 class PricePoint(BaseModel):
-    prompt_price_per_1m: Decimal | None
-    completion_price_per_1m: Decimal | None
+    prompt_price_per_1m: Price | None
+    completion_price_per_1m: Price | None
     variable_price: bool
+    price_tiers: list[PriceTier]
+    unit_prices: dict[str, Price]
     recorded_at: datetime
 
 
@@ -92,6 +107,10 @@ def _model(r: asyncpg.Record) -> CatalogModel:
     )
 
 
+def _price_point(r: asyncpg.Record) -> PricePoint:
+    return PricePoint(**{k: r[k] for k in PricePoint.model_fields})
+
+
 def _run(r: asyncpg.Record) -> SyncRun:
     return SyncRun(run_id=r["id"], **{k: r[k] for k in SyncRun.model_fields if k != "run_id"})
 
@@ -107,8 +126,13 @@ def build_router(catalog: CatalogSync, discovery: DeviceDiscovery) -> APIRouter:
             Decimal | None,
             Query(
                 ge=0,
+                le=MAX_PRICE_CAP,
+                allow_inf_nan=False,
+                max_digits=30,
+                decimal_places=18,
                 description="USD per 1M tokens: prompt and completion price both at most "
-                "this (variable-price models are left out)",
+                "this, in every price tier (models whose price varies per request or is not "
+                "per token are left out)",
             ),
         ] = None,
         available: Annotated[
@@ -130,27 +154,32 @@ def build_router(catalog: CatalogSync, discovery: DeviceDiscovery) -> APIRouter:
         },
     )
     async def get_model(
-        model_id: str,
+        model_id: Annotated[str, Path(max_length=512, pattern=NO_CONTROL)],
         runtime: RuntimeDep,
-        device: Annotated[str | None, Query(description="The Ollama device serving it")] = None,
+        device: Annotated[
+            str | None,
+            Query(max_length=256, pattern=NO_CONTROL, description="The Ollama device serving it"),
+        ] = None,
     ) -> CatalogModelDetail:
         async with runtime.pool.acquire() as conn:
             rows = await db.model(conn, model_id, device)
             if len(rows) > 1:
                 served_by = ", ".join(r["device"] or r["provider"] for r in rows)
-                raise HTTPException(
-                    409, f"{model_id!r} is served by several devices ({served_by}); add ?device="
+                raise ApiError(
+                    409,
+                    "ambiguous_model",
+                    f"{model_id!r} is served by several devices ({served_by}); add ?device=",
                 )
             if not rows:
                 where = f" on device {device!r}" if device else ""
-                raise HTTPException(404, f"no model {model_id!r}{where} in the catalog")
+                raise ApiError(404, "not_found", f"no model {model_id!r}{where} in the catalog")
             history = await db.price_history(conn, model_id)
         row = rows[0]
         return CatalogModelDetail(
             **_model(row).model_dump(),
             raw=row["raw"],
             price_history=[
-                PricePoint(**{k: h[k] for k in PricePoint.model_fields})
+                _price_point(h)
                 for h in history
                 if (h["provider"], h["device"]) == (row["provider"], row["device"])
             ],
@@ -177,15 +206,18 @@ def build_router(catalog: CatalogSync, discovery: DeviceDiscovery) -> APIRouter:
         status_code=202,
         response_model=RunAccepted,
         summary="Sync the OpenRouter catalog now, in the background",
-        responses={409: {"description": "A run is in progress; its id is in the answer"}},
+        responses={409: {"description": "A run is in progress: `Location` names it"}},
     )
     async def run_sync(runtime: RuntimeDep, response: Response) -> RunAccepted:
         try:
             run_id = await catalog.request_run(runtime.pool)
         except SyncInProgress as exc:
-            raise HTTPException(
+            running = f"/v1/sync/runs/{exc.run_id}" if exc.run_id else None
+            raise ApiError(
                 409,
-                {"error": "sync_in_progress", "run_id": str(exc.run_id) if exc.run_id else None},
+                "sync_in_progress",
+                f"an OpenRouter sync is already running: {running or 'starting'}",
+                headers={"Location": running} if running else None,
             ) from None
         response.headers["Location"] = f"/v1/sync/runs/{run_id}"
         return RunAccepted(run_id=run_id)
@@ -207,7 +239,7 @@ def build_router(catalog: CatalogSync, discovery: DeviceDiscovery) -> APIRouter:
         async with runtime.pool.acquire() as conn:
             row = await db.run(conn, run_id)
         if row is None:
-            raise HTTPException(404, f"no sync run {run_id}")
+            raise ApiError(404, "not_found", f"no sync run {run_id}")
         return _run(row)
 
     @router.get("/devices", response_model=list[Device], summary="Ollama devices as last checked")

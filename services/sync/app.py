@@ -6,8 +6,9 @@ from pathlib import Path
 
 from services.runtime.service import ServiceSpec
 from services.sync import api
+from services.sync.catalog import CatalogSync
 from services.sync.config import SyncSettings
-from services.sync.handlers import CatalogSync, DeviceDiscovery
+from services.sync.discovery import DeviceDiscovery
 
 
 def build(settings: SyncSettings | None = None) -> ServiceSpec:

@@ -29,6 +29,16 @@ FETCH_SECONDS = Histogram(
 )
 
 
+class FetchDeadlineExceeded(Exception):
+    """The whole fetch, retries included, took longer than OPENROUTER_FETCH_DEADLINE_S."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(
+            f"no complete answer within the fetch deadline of {seconds:g}s "
+            "(OPENROUTER_FETCH_DEADLINE_S)"
+        )
+
+
 class UpstreamError(Exception):
     """OpenRouter answered with an error status."""
 
@@ -74,7 +84,9 @@ def _log_retry(state: RetryCallState) -> None:
 
 async def fetch_catalog(settings: SyncSettings, etag: str | None) -> CatalogResponse:
     """GET /api/v1/models, conditional on `etag`; network errors, 429 and 5xx are retried
-    with exponential backoff and full jitter, then the last error is raised."""
+    with exponential backoff and full jitter, then the last error is raised. httpx's timeout
+    bounds each read, not a body that keeps trickling in, so the whole fetch also has a
+    deadline (FetchDeadlineExceeded)."""
     headers = {"Accept": "application/json"}
     if settings.openrouter_api_key:
         headers["Authorization"] = f"Bearer {settings.openrouter_api_key.get_secret_value()}"
@@ -92,9 +104,12 @@ async def fetch_catalog(settings: SyncSettings, etag: str | None) -> CatalogResp
     )
     t0 = time.perf_counter()
     try:
-        async with httpx.AsyncClient(
-            base_url=settings.openrouter_base_url, timeout=settings.openrouter_timeout_s
-        ) as client:
+        async with (
+            asyncio.timeout(settings.openrouter_fetch_deadline_s) as deadline,
+            httpx.AsyncClient(
+                base_url=settings.openrouter_base_url, timeout=settings.openrouter_timeout_s
+            ) as client,
+        ):
             async for attempt in retrying:
                 with attempt:
                     response = await client.get("/api/v1/models", headers=headers)
@@ -108,6 +123,10 @@ async def fetch_catalog(settings: SyncSettings, etag: str | None) -> CatalogResp
                         etag=response.headers.get("etag"),
                     )
         raise AssertionError("unreachable: tenacity reraises the last error")
+    except TimeoutError:
+        if deadline.expired():
+            raise FetchDeadlineExceeded(settings.openrouter_fetch_deadline_s) from None
+        raise
     finally:
         FETCH_SECONDS.observe(time.perf_counter() - t0)
 

@@ -11,6 +11,18 @@ from services.runtime.config import RuntimeSettings
 from services.sync.domain import RankKey
 
 _DEVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_MODALITY = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+
+
+def parse_modalities(text: str) -> frozenset[str]:
+    """`text,image` → {"text", "image"}: the output modalities whose models are kept."""
+    modalities = frozenset(filter(None, (part.strip().lower() for part in text.split(","))))
+    bad = sorted(m for m in modalities if not _MODALITY.match(m))
+    if not modalities or bad:
+        raise ValueError(
+            f"OPENROUTER_OUTPUT_MODALITIES: expected names such as text,image, got {text!r}"
+        )
+    return modalities
 
 
 def parse_devices(text: str) -> dict[str, str]:
@@ -61,7 +73,22 @@ class SyncSettings(RuntimeSettings):
         description='Keep router models whose price is "-1" (varies per request) although '
         "the price cap cannot be checked for them.",
     )
-    openrouter_timeout_s: float = Field(30.0, gt=0, description="Per attempt.")
+    openrouter_output_modalities: Annotated[frozenset[str], NoDecode] = Field(
+        frozenset({"text"}),
+        description="Comma separated: a model is kept when everything it outputs "
+        "(`architecture.output_modalities`) is listed. Models with other output than text "
+        "(image, audio, video, embeddings, ...) are billed per image, second or request: "
+        "when kept they carry those unit prices, never a per-token price, and are never free.",
+    )
+    openrouter_timeout_s: float = Field(
+        30.0, gt=0, description="Per attempt, for connecting and between two reads."
+    )
+    openrouter_fetch_deadline_s: float = Field(
+        120.0,
+        gt=0,
+        description="Total seconds a catalog fetch may take, every attempt and backoff "
+        "included; a response still trickling in then fails the run.",
+    )
     openrouter_retry_attempts: int = Field(
         4, ge=1, description="Attempts on network errors, 429 and 5xx before a run fails."
     )
@@ -78,6 +105,11 @@ class SyncSettings(RuntimeSettings):
     ollama_timeout_s: float = Field(
         2.0, gt=0, description="A device that has not answered both requests by then is offline."
     )
+
+    @field_validator("openrouter_output_modalities", mode="before")
+    @classmethod
+    def _modalities_from_text(cls, value: Any) -> Any:
+        return parse_modalities(value) if isinstance(value, str) else value
 
     @field_validator("ollama_devices", mode="before")
     @classmethod

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
+from typing import Any
 
 import asyncpg
 
+from contracts.events import plain_decimal
 from services.runtime.db import Connection
-from services.sync.domain import DeviceCheck, Model, ModelChange, StoredModel
+from services.sync.domain import DeviceCheck, Model, ModelChange, PriceTier, StoredModel
 
 # one OpenRouter run at a time across every instance; held by the run's connection until
 # it goes back to the pool
@@ -122,6 +125,38 @@ async def last_success_at(conn: Connection) -> datetime | None:
 
 # --- the catalog --------------------------------------------------------------------------
 
+# Tiers and unit prices are jsonb with prices as decimal strings, so no float rounds them.
+
+
+def tiers_json(tiers: Sequence[PriceTier]) -> list[dict[str, Any]]:
+    return [
+        {
+            "min_prompt_tokens": t.min_prompt_tokens,
+            "prompt_price_per_1m": plain_decimal(t.prompt_price_per_1m),
+            "completion_price_per_1m": plain_decimal(t.completion_price_per_1m),
+        }
+        for t in tiers
+    ]
+
+
+def tiers_from_json(value: list[dict[str, Any]]) -> tuple[PriceTier, ...]:
+    return tuple(
+        PriceTier(
+            t["min_prompt_tokens"],
+            Decimal(t["prompt_price_per_1m"]),
+            Decimal(t["completion_price_per_1m"]),
+        )
+        for t in value
+    )
+
+
+def unit_prices_json(prices: Sequence[tuple[str, Decimal]]) -> dict[str, str]:
+    return {key: plain_decimal(price) for key, price in prices}
+
+
+def unit_prices_from_json(value: dict[str, str]) -> tuple[tuple[str, Decimal], ...]:
+    return tuple(sorted((key, Decimal(price)) for key, price in value.items()))
+
 
 async def stored_models(
     conn: Connection, provider: str
@@ -129,7 +164,8 @@ async def stored_models(
     """A provider's rows, by device (None for a hosted provider), then by model id."""
     rows = await conn.fetch(
         "SELECT device, model_id, name, context_length, prompt_price_per_1m,"
-        " completion_price_per_1m, variable_price, status, raw FROM models WHERE provider = $1",
+        " completion_price_per_1m, variable_price, price_tiers, output_modalities, unit_prices,"
+        " status, raw FROM models WHERE provider = $1",
         provider,
     )
     stored: dict[str | None, dict[str, StoredModel]] = {}
@@ -143,6 +179,9 @@ async def stored_models(
             completion_price_per_1m=r["completion_price_per_1m"],
             variable_price=r["variable_price"],
             device=r["device"],
+            price_tiers=tiers_from_json(r["price_tiers"]),
+            output_modalities=tuple(r["output_modalities"]),
+            unit_prices=unit_prices_from_json(r["unit_prices"]),
             raw=r["raw"],
         )
         stored.setdefault(r["device"], {})[r["model_id"]] = StoredModel(model, r["status"])
@@ -157,16 +196,25 @@ async def write_models(conn: Connection, changes: Sequence[ModelChange]) -> None
     await conn.execute(
         """
         INSERT INTO models AS m (provider, device, model_id, name, context_length,
-            prompt_price_per_1m, completion_price_per_1m, variable_price, status, raw)
-        SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[],
-                             $6::numeric[], $7::numeric[], $8::boolean[], $9::text[],
-                             $10::jsonb[])
+            prompt_price_per_1m, completion_price_per_1m, variable_price, status, raw,
+            price_tiers, unit_prices, output_modalities)
+        -- tiers and modalities travel as JSON text, one per row: a list per row would be
+        -- read as one more array dimension, and unnest flattens those
+        SELECT p, d, i, n, c, pp, cp, v, s, r, t::jsonb, u,
+               ARRAY(SELECT jsonb_array_elements_text(o::jsonb))
+        FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[],
+                    $6::numeric[], $7::numeric[], $8::boolean[], $9::text[], $10::jsonb[],
+                    $11::text[], $12::jsonb[], $13::text[])
+             AS x(p, d, i, n, c, pp, cp, v, s, r, t, u, o)
         ON CONFLICT (provider, device, model_id) DO UPDATE SET
             name                    = EXCLUDED.name,
             context_length          = EXCLUDED.context_length,
             prompt_price_per_1m     = EXCLUDED.prompt_price_per_1m,
             completion_price_per_1m = EXCLUDED.completion_price_per_1m,
             variable_price          = EXCLUDED.variable_price,
+            price_tiers             = EXCLUDED.price_tiers,
+            unit_prices             = EXCLUDED.unit_prices,
+            output_modalities       = EXCLUDED.output_modalities,
             status                  = EXCLUDED.status,
             raw                     = EXCLUDED.raw,
             last_seen_at = CASE WHEN EXCLUDED.status = 'active' THEN now()
@@ -183,6 +231,9 @@ async def write_models(conn: Connection, changes: Sequence[ModelChange]) -> None
         [m.variable_price for m in models],
         [c.status for c in changes],
         [m.raw for m in models],
+        [json.dumps(tiers_json(m.price_tiers)) for m in models],
+        [unit_prices_json(m.unit_prices) for m in models],
+        [json.dumps(m.output_modalities) for m in models],
     )
 
 
@@ -195,9 +246,10 @@ async def add_price_history(
     await conn.execute(
         """
         INSERT INTO price_history (provider, device, model_id, prompt_price_per_1m,
-            completion_price_per_1m, variable_price, run_id)
-        SELECT *, $7::uuid FROM unnest($1::text[], $2::text[], $3::text[], $4::numeric[],
-                                       $5::numeric[], $6::boolean[])
+            completion_price_per_1m, variable_price, price_tiers, unit_prices, run_id)
+        SELECT p, d, i, pp, cp, v, t::jsonb, u, $9::uuid
+        FROM unnest($1::text[], $2::text[], $3::text[], $4::numeric[], $5::numeric[],
+                    $6::boolean[], $7::text[], $8::jsonb[]) AS x(p, d, i, pp, cp, v, t, u)
         """,
         [m.provider for m in models],
         [m.device for m in models],
@@ -205,6 +257,8 @@ async def add_price_history(
         [m.prompt_price_per_1m for m in models],
         [m.completion_price_per_1m for m in models],
         [m.variable_price for m in models],
+        [json.dumps(tiers_json(m.price_tiers)) for m in models],
+        [unit_prices_json(m.unit_prices) for m in models],
         run_id,
     )
 
@@ -212,7 +266,8 @@ async def add_price_history(
 async def price_history(conn: Connection, model_id: str) -> list[asyncpg.Record]:
     return await conn.fetch(
         "SELECT provider, device, prompt_price_per_1m, completion_price_per_1m, variable_price,"
-        " recorded_at FROM price_history WHERE model_id = $1 ORDER BY recorded_at, id",
+        " price_tiers, unit_prices, recorded_at FROM price_history WHERE model_id = $1"
+        " ORDER BY recorded_at, id",
         model_id,
     )
 
@@ -221,7 +276,8 @@ async def price_history(conn: Connection, model_id: str) -> list[asyncpg.Record]
 # when that check rewrote nothing, so its last_seen_at is the later of the two.
 MODEL_VIEW = f"""
     SELECT m.provider, m.device, m.model_id, m.name, m.context_length, m.prompt_price_per_1m,
-           m.completion_price_per_1m, m.variable_price, m.status, m.first_seen_at, m.raw,
+           m.completion_price_per_1m, m.variable_price, m.price_tiers, m.output_modalities,
+           m.unit_prices, m.status, m.first_seen_at, m.raw,
            CASE WHEN m.status <> 'active' THEN m.last_seen_at
                 WHEN m.device IS NOT NULL THEN GREATEST(m.last_seen_at, d.last_seen_at)
                 ELSE GREATEST(m.last_seen_at,
@@ -241,9 +297,15 @@ async def models(
         MODEL_VIEW
         + """
         WHERE ($1::text IS NULL OR m.provider = $1)
+          -- the cap holds for prompt and completion in every tier; a NULL price (variable,
+          -- or not priced per token) is unknown and never within a cap
           AND ($2::numeric IS NULL OR (NOT m.variable_price
                                        AND m.prompt_price_per_1m <= $2
-                                       AND m.completion_price_per_1m <= $2))
+                                       AND m.completion_price_per_1m <= $2
+                                       AND NOT EXISTS (
+                                           SELECT FROM jsonb_array_elements(m.price_tiers) t
+                                           WHERE (t->>'prompt_price_per_1m')::numeric > $2
+                                              OR (t->>'completion_price_per_1m')::numeric > $2)))
           AND ($3::boolean IS NULL OR (m.status = 'active') = $3)
         ORDER BY m.provider, m.model_id, m.device NULLS FIRST
         """,

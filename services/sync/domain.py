@@ -4,11 +4,23 @@ models to keep, and what a sync or a device check changes in the catalog. No I/O
 How OpenRouter's `/api/v1/models` is read (the rules the tests hold it to):
 
 - Prices are strings in USD per token; they become `Decimal` USD per 1M tokens, never float.
-- Only `pricing.prompt` and `pricing.completion` matter. Newer responses leave out price keys
-  whose value is zero (`request`, `image`, `web_search`, ...); those are not read at all. The
-  two that matter are present in every real response, including "0" for free models, so an
-  entry that lacks one (or carries null, a non-number or a negative price) has an unknown
-  price: it is skipped with a warning and never turned into a price of 0.
+- A model is priced per token when its output is text only (`architecture.output_modalities`,
+  or the output side of the older `architecture.modality` "text+image->text"). Then
+  `pricing.prompt` and `pricing.completion` are its prices, and `pricing.overrides` its higher
+  tiers. Newer responses leave out price keys whose value is zero (`request`, `image`,
+  `web_search`, ...); those are not read. The two that matter are present in every real
+  response, including "0" for free models, so an entry that lacks one (or carries null, a
+  non-number or a negative price) has an unknown price: it is skipped with a warning and never
+  turned into a price of 0. An entry that says nothing of its output is skipped the same way.
+- A model whose output is not text only (image, audio, video, embeddings, ...) is billed per
+  image, per second, per request...: its "0" per-token prices do not make it free. Only the
+  modalities in `OPENROUTER_OUTPUT_MODALITIES` are kept (text by default); a kept one has no
+  per-token price (null, never 0) and carries every price of its listing in `unit_prices`, as
+  listed (USD per unit). It passes the per-1M price cap only in the sense that the cap does
+  not apply to it, and ranks last by price.
+- `pricing.overrides` is a list of tiers, each with a condition (`min_prompt_tokens`, or a
+  time window) and the price keys it replaces (missing keys inherit the base price). The
+  tiers are kept (USD per 1M) and the price cap holds for the highest price of any tier.
 - `"-1"` marks a router model (e.g. `openrouter/auto`) whose price is known only per request.
   Such an entry is a *variable-price* model: stored and published with `variable_price=true`
   and null prices, and left out by the price filter unless
@@ -31,6 +43,7 @@ from typing import Any, Literal
 
 from contracts import Event
 from contracts.events import DeviceOffline, DeviceOnline, ModelSynced
+from contracts.events import PriceTier as TierMessage
 
 OPENROUTER = "openrouter"
 OLLAMA = "ollama"
@@ -49,6 +62,20 @@ class EntryError(ValueError):
     """One catalog entry cannot be read; it is skipped, the others are kept."""
 
 
+TEXT = "text"
+PRICE_KEYS = ("prompt", "completion")
+
+
+@dataclass(frozen=True)
+class PriceTier:
+    """Per-token prices that replace the base ones from `min_prompt_tokens` prompt tokens up
+    (None: under another condition, such as a time window)."""
+
+    min_prompt_tokens: int | None
+    prompt_price_per_1m: Decimal
+    completion_price_per_1m: Decimal
+
+
 @dataclass(frozen=True)
 class Model:
     """One model as the catalog holds it."""
@@ -57,21 +84,51 @@ class Model:
     model_id: str
     name: str
     context_length: int | None
-    prompt_price_per_1m: Decimal | None  # None only for variable-price models
+    # None for variable-price models and for models not priced per token; never 0 for them
+    prompt_price_per_1m: Decimal | None
     completion_price_per_1m: Decimal | None
     variable_price: bool = False
     device: str | None = None  # the Ollama device serving it; None for hosted providers
+    price_tiers: tuple[PriceTier, ...] = ()
+    output_modalities: tuple[str, ...] = (TEXT,)
+    # USD per unit as the source lists them; only for models not priced per token
+    unit_prices: tuple[tuple[str, Decimal], ...] = ()
     created: int | None = field(default=None, compare=False)  # OpenRouter's unix time
     raw: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
     def tracked(self) -> tuple[object, ...]:
         """What consumers are told about when it changes."""
-        return (self.name, self.context_length, *self.price)
+        return (self.name, self.context_length, self.output_modalities, *self.price)
 
     @property
-    def price(self) -> tuple[Decimal | None, Decimal | None, bool]:
-        return (self.prompt_price_per_1m, self.completion_price_per_1m, self.variable_price)
+    def price(self) -> tuple[object, ...]:
+        return (
+            self.prompt_price_per_1m,
+            self.completion_price_per_1m,
+            self.variable_price,
+            self.price_tiers,
+            self.unit_prices,
+        )
+
+    @property
+    def priced_per_token(self) -> bool:
+        return set(self.output_modalities) <= {TEXT}
+
+    def highest_prices(self) -> tuple[Decimal, Decimal] | None:
+        """(prompt, completion) USD per 1M at their highest over the base and every tier;
+        None when the model has no per-token price (variable, or not priced per token)."""
+        if self.prompt_price_per_1m is None or self.completion_price_per_1m is None:
+            return None
+        return (
+            max([self.prompt_price_per_1m, *(t.prompt_price_per_1m for t in self.price_tiers)]),
+            max(
+                [
+                    self.completion_price_per_1m,
+                    *(t.completion_price_per_1m for t in self.price_tiers),
+                ]
+            ),
+        )
 
 
 @dataclass(frozen=True)
@@ -96,10 +153,14 @@ class ParsedCatalog:
 # --- reading OpenRouter -------------------------------------------------------------------
 
 
+# A per-token price above this is not a price but a mistake (or an attack): $1,000 per token
+MAX_PRICE_PER_TOKEN = Decimal(1000)
+
+
 def per_million(price_per_token: Decimal) -> Decimal:
-    """USD per token → USD per 1M tokens, exactly, without trailing zeros (2.5, not 2.5000000)."""
-    value = price_per_token.scaleb(6).normalize()
-    return value.quantize(Decimal(1)) if value == value.to_integral_value() else value
+    """USD per token → USD per 1M tokens, exactly. (How it is written is the serializer's
+    business: `contracts.events.plain_decimal`.)"""
+    return price_per_token.scaleb(6)
 
 
 def _preview(body: bytes) -> str:
@@ -154,19 +215,75 @@ def _count(value: Any) -> int | None:
     return int(value)
 
 
-def _price(pricing: Mapping[str, Any], key: str) -> Decimal:
+def _price(pricing: Mapping[str, Any], key: str, where: str = "") -> Decimal:
     if key not in pricing:
-        raise EntryError(f"no {key} price (a missing price is unknown, not 0)")
+        raise EntryError(f"no {where}{key} price (a missing price is unknown, not 0)")
     value = pricing[key]
     if isinstance(value, bool) or not isinstance(value, str | int | float):
-        raise EntryError(f"{key} price {value!r} is not a number")
+        raise EntryError(f"{where}{key} price {value!r} is not a number")
     try:
-        price = Decimal(str(value).strip())
+        price = Decimal(str(value).strip()[:100])
     except InvalidOperation:
-        raise EntryError(f"{key} price {value!r} is not a number") from None
+        raise EntryError(f"{where}{key} price {value!r} is not a number") from None
     if not price.is_finite() or (price < 0 and price != VARIABLE_PRICE):
-        raise EntryError(f"{key} price {value!r} is not a price")
+        raise EntryError(f"{where}{key} price {value!r} is not a price")
+    if price > MAX_PRICE_PER_TOKEN:
+        raise EntryError(f"{where}{key} price {value!r} is beyond any real price")
     return price
+
+
+def output_modalities(entry: Mapping[str, Any]) -> tuple[str, ...]:
+    """`architecture.output_modalities`, or the output side of `architecture.modality`
+    ("text+image->text"); an entry that says neither has an unknown output."""
+    architecture = entry.get("architecture")
+    if isinstance(architecture, dict):
+        listed = architecture.get("output_modalities")
+        if isinstance(listed, list) and listed and all(isinstance(m, str) for m in listed):
+            return tuple(sorted({m.strip().lower() for m in listed}))
+        modality = architecture.get("modality")
+        if isinstance(modality, str) and "->" in modality:
+            outputs = {m.strip().lower() for m in modality.split("->", 1)[1].split("+")}
+            if outputs - {""}:
+                return tuple(sorted(outputs - {""}))
+    raise EntryError("no output modalities (architecture.output_modalities)")
+
+
+def _tiers(
+    pricing: Mapping[str, Any], base: tuple[Decimal, Decimal]
+) -> list[tuple[int | None, Decimal, Decimal]]:
+    """`pricing.overrides` as (min_prompt_tokens, prompt, completion) USD per token: each tier
+    replaces the price keys it lists; the others inherit the base price."""
+    overrides = pricing.get("overrides")
+    if overrides is None:
+        return []
+    if not isinstance(overrides, list):
+        raise EntryError(f"pricing.overrides is a {type(overrides).__name__}, not a list")
+    tiers = []
+    for index, override in enumerate(overrides):
+        where = f"pricing.overrides[{index}]."
+        if not isinstance(override, dict):
+            raise EntryError(f"{where[:-1]} is not an object")
+        prompt, completion = (
+            _price(override, key, where) if key in override else default
+            for key, default in zip(PRICE_KEYS, base, strict=True)
+        )
+        threshold = override.get("min_prompt_tokens")
+        if threshold is not None and _count(threshold) is None:
+            raise EntryError(f"{where}min_prompt_tokens {threshold!r} is not a token count")
+        tiers.append((_count(threshold), prompt, completion))
+    return tiers
+
+
+def _unit_prices(pricing: Mapping[str, Any]) -> tuple[tuple[str, Decimal], ...]:
+    """Every price of a listing not priced per token, as listed (USD per unit)."""
+    prices = {}
+    for key, value in pricing.items():
+        if key == "overrides" or value is None or isinstance(value, dict | list):
+            continue  # not a unit price; the raw entry keeps it
+        prices[key] = _price(pricing, key)
+    if not prices:
+        raise EntryError("no price at all (a missing price is unknown, not 0)")
+    return tuple(sorted(prices.items()))
 
 
 def parse_entry(entry: Any) -> Model:
@@ -182,18 +299,39 @@ def parse_entry(entry: Any) -> Model:
     pricing = entry.get("pricing")
     if not isinstance(pricing, dict):
         raise EntryError("no pricing")
-    prompt, completion = _price(pricing, "prompt"), _price(pricing, "completion")
-    variable = VARIABLE_PRICE in (prompt, completion)
-    return Model(
+    outputs = output_modalities(entry)
+    common: dict[str, Any] = dict(
         provider=OPENROUTER,
         model_id=model_id,
         name=name if isinstance(name, str) and name else model_id,
         context_length=context_length,
-        prompt_price_per_1m=None if variable else per_million(prompt),
-        completion_price_per_1m=None if variable else per_million(completion),
-        variable_price=variable,
+        output_modalities=outputs,
         created=_count(entry.get("created")),
         raw=entry,
+    )
+    if not set(outputs) <= {TEXT}:  # billed per image, second, request...: no per-token price
+        units = _unit_prices(pricing)
+        variable = VARIABLE_PRICE in dict(units).values()
+        return Model(
+            prompt_price_per_1m=None,
+            completion_price_per_1m=None,
+            variable_price=variable,
+            unit_prices=() if variable else units,
+            **common,
+        )
+    prompt, completion = (_price(pricing, key) for key in PRICE_KEYS)
+    tiers = _tiers(pricing, (prompt, completion))
+    if VARIABLE_PRICE in (prompt, completion, *(p for _, *tier in tiers for p in tier)):
+        return Model(
+            prompt_price_per_1m=None, completion_price_per_1m=None, variable_price=True, **common
+        )
+    return Model(
+        prompt_price_per_1m=per_million(prompt),
+        completion_price_per_1m=per_million(completion),
+        price_tiers=tuple(
+            PriceTier(threshold, per_million(p), per_million(c)) for threshold, p, c in tiers
+        ),
+        **common,
     )
 
 
@@ -206,29 +344,38 @@ class SelectionRules:
     top_n: int
     rank_by: RankKey = "context_length"
     include_variable_price: bool = False
+    output_modalities: frozenset[str] = frozenset({TEXT})
 
     @property
     def key(self) -> str:
         """Stored with a run: a 304 may only be trusted when the rules have not changed since."""
-        return (
+        key = (
             f"max_price_per_1m={self.max_price_per_1m.normalize()};top_n={self.top_n};"
             f"rank_by={self.rank_by};include_variable_price={self.include_variable_price}"
         )
+        if self.output_modalities != {TEXT}:  # so that keys stored before it stay valid
+            key += f";output_modalities={','.join(sorted(self.output_modalities))}"
+        return key
 
 
 def within_price(model: Model, rules: SelectionRules) -> bool:
+    """The price rule: a variable price only when allowed; a model not priced per token (its
+    output is not text) is outside what a per-1M cap can measure, so the cap does not hold
+    it back (keeping its modality is the operator's choice); any other model has its prompt
+    and completion prices at most the cap in every tier."""
     if model.variable_price:
         return rules.include_variable_price
-    cap = rules.max_price_per_1m
-    assert model.prompt_price_per_1m is not None and model.completion_price_per_1m is not None
-    return model.prompt_price_per_1m <= cap and model.completion_price_per_1m <= cap
+    highest = model.highest_prices()
+    if highest is None:
+        return not model.priced_per_token
+    return all(price <= rules.max_price_per_1m for price in highest)
 
 
 def _total_price(model: Model) -> Decimal:
-    if model.variable_price:
-        return Decimal("Infinity")  # unknown: ranks as the most expensive
-    assert model.prompt_price_per_1m is not None and model.completion_price_per_1m is not None
-    return model.prompt_price_per_1m + model.completion_price_per_1m
+    """Prompt + completion at their highest tier; unknown (variable, or not priced per token)
+    ranks as the most expensive, so nothing is ever first for looking free."""
+    highest = model.highest_prices()
+    return Decimal("Infinity") if highest is None else sum(highest, Decimal(0))
 
 
 RANK_KEYS: dict[RankKey, Callable[[Model], tuple[Any, ...]]] = {
@@ -238,9 +385,14 @@ RANK_KEYS: dict[RankKey, Callable[[Model], tuple[Any, ...]]] = {
 }
 
 
+def kept_output(model: Model, rules: SelectionRules) -> bool:
+    return set(model.output_modalities) <= rules.output_modalities
+
+
 def select(models: Iterable[Model], rules: SelectionRules) -> tuple[list[Model], list[Model]]:
-    """(the models within the price cap, the top N of them by the rank key)."""
-    filtered = [m for m in models if within_price(m, rules)]
+    """(the models of a kept output modality within the price cap, the top N of them by the
+    rank key)."""
+    filtered = [m for m in models if kept_output(m, rules) and within_price(m, rules)]
     return filtered, sorted(filtered, key=RANK_KEYS[rules.rank_by])[: rules.top_n]
 
 
@@ -302,6 +454,14 @@ def change_counts(changes: Iterable[ModelChange]) -> dict[Change, int]:
     return counts
 
 
+def tier_message(tier: PriceTier) -> TierMessage:
+    return TierMessage(
+        min_prompt_tokens=tier.min_prompt_tokens,
+        prompt_price_per_1m=tier.prompt_price_per_1m,
+        completion_price_per_1m=tier.completion_price_per_1m,
+    )
+
+
 def model_synced(changes: Iterable[ModelChange], batch_id: uuid.UUID) -> list[ModelSynced]:
     """One `model.synced` per told change; ids derive from the run, so a retried write of the
     same run cannot publish twice."""
@@ -318,6 +478,9 @@ def model_synced(changes: Iterable[ModelChange], batch_id: uuid.UUID) -> list[Mo
             prompt_price_per_1m=m.prompt_price_per_1m,
             completion_price_per_1m=m.completion_price_per_1m,
             variable_price=m.variable_price,
+            price_tiers=[tier_message(t) for t in m.price_tiers],
+            output_modalities=list(m.output_modalities),
+            unit_prices=dict(m.unit_prices),
         )
         for c in changes
         if c.change

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -22,9 +23,11 @@ from services.sync.app import build
 from services.sync.config import SyncSettings
 from tests.conftest import SHARED_DATA, Infra, eventually, running
 
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "openrouter"
 OPENROUTER_DATA = SHARED_DATA / "openrouter"
 needs_data = pytest.mark.skipif(
-    not OPENROUTER_DATA.is_dir(), reason=f"real OpenRouter responses not found in {OPENROUTER_DATA}"
+    not OPENROUTER_DATA.is_dir(),
+    reason=f"an extra over the fixtures: real OpenRouter responses are not in {OPENROUTER_DATA}",
 )
 
 # --- a local HTTP server --------------------------------------------------------------------
@@ -44,6 +47,7 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0  # seconds before answering
     declared_length: int | None = None  # more than len(body): the connection is cut short
+    trickle: float = 0.0  # seconds between 64-byte pieces of the body (each read is quick)
 
 
 Route = Callable[[Request], Reply]
@@ -114,7 +118,14 @@ class FakeHttp:
             if reply.status != 304:
                 lines.append(f"Content-Length: {length}")
             lines.append("Connection: close")
-            writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + reply.body)
+            writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+            body = reply.body
+            while reply.trickle and len(body) > 64:
+                writer.write(body[:64])
+                await writer.drain()
+                body = body[64:]
+                await asyncio.sleep(reply.trickle)
+            writer.write(body)
             await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
             pass
@@ -243,6 +254,7 @@ def entry(
         "name": extra.pop("name", model_id),
         "created": extra.pop("created", 1_750_000_000),
         "context_length": context_length,
+        "architecture": {"modality": "text->text", "output_modalities": ["text"]},
         "pricing": {"prompt": prompt, "completion": completion},
         "top_provider": {"context_length": context_length, "max_completion_tokens": None},
         **extra,
@@ -265,19 +277,37 @@ def small(*entries: dict[str, Any]) -> bytes:
 # --- the real responses -------------------------------------------------------------------
 
 
-def fixed_price_entries(day: str) -> dict[str, tuple[Any, ...]]:
-    """The test's own reading of a real response: id → (name, context length, prompt and
-    completion USD per 1M); router models ("-1") are not kept by default."""
+def listing(name: str) -> bytes:
+    """A response by name: one of the project's fixtures ("catalog-a") or a real day."""
+    if name.startswith("catalog-"):
+        return (FIXTURES / f"{name}.json").read_bytes()
+    return (OPENROUTER_DATA / f"{name}.json").read_bytes()
+
+
+def fixed_price_entries(name: str) -> dict[str, tuple[Any, ...]]:
+    """The test's own reading of a response: id → (name, context length, prompt and
+    completion USD per 1M, tiers as (min prompt tokens, prompt, completion)) of the models
+    kept by default: text output only, price known (routers' "-1" are left out)."""
     models = {}
-    for e in json.loads((OPENROUTER_DATA / f"{day}.json").read_bytes())["data"]:
-        prompt, completion = e["pricing"]["prompt"], e["pricing"]["completion"]
-        if "-1" in (prompt, completion):
+    for e in json.loads(listing(name))["data"]:
+        pricing = e["pricing"]
+        prompt, completion = pricing["prompt"], pricing["completion"]
+        if "-1" in (prompt, completion) or e["architecture"]["output_modalities"] != ["text"]:
             continue
+        tiers = tuple(
+            (
+                o.get("min_prompt_tokens"),
+                Decimal(o.get("prompt", prompt)) * 1_000_000,
+                Decimal(o.get("completion", completion)) * 1_000_000,
+            )
+            for o in pricing.get("overrides", [])
+        )
         models[e["id"]] = (
             e["name"],
             e["context_length"],
             Decimal(prompt) * 1_000_000,
             Decimal(completion) * 1_000_000,
+            tiers,
         )
     return models
 
@@ -297,25 +327,36 @@ def published_changes(events: list[dict[str, Any]]) -> set[tuple[str, str]]:
     return set(found)
 
 
-@needs_data
-async def test_two_real_days_publish_exactly_what_changed_between_them(
-    infra: Infra, database_url: str, js: JetStreamContext
+TWO_LISTINGS = [
+    pytest.param("catalog-a", "catalog-b", id="fixtures"),
+    pytest.param("2026-03-13", "2026-04-02", id="real-days", marks=needs_data),
+]
+
+
+@pytest.mark.parametrize(("first", "second"), TWO_LISTINGS)
+async def test_two_listings_publish_exactly_what_changed_between_them(
+    first: str, second: str, infra: Infra, database_url: str, js: JetStreamContext
 ) -> None:
-    march, april = fixed_price_entries("2026-03-13"), fixed_price_entries("2026-04-02")
+    march, april = fixed_price_entries(first), fixed_price_entries(second)
     expected = expected_changes(march, april)
     assert {c for _, c in expected} == {"added", "changed", "removed"}  # the data has all three
+    fetched = [len(json.loads(listing(n))["data"]) for n in (first, second)]
     async with (
         openrouter() as server,
         running(build(settings(infra, database_url, server.url))) as (runtime, client),
     ):
         stream = Catalog(js)
-        server.serve((OPENROUTER_DATA / "2026-03-13.json").read_bytes())
+        server.serve(listing(first))
         run = await sync_once(client)
         assert run["status"] == "succeeded", run
-        assert (run["fetched"], run["selected"], run["added"]) == (344, len(march), len(march))
+        assert (run["fetched"], run["selected"], run["added"]) == (
+            fetched[0],
+            len(march),
+            len(march),
+        )
         assert published_changes(await stream.new(runtime)) == {(m, "added") for m in march}
 
-        server.serve((OPENROUTER_DATA / "2026-04-02.json").read_bytes())
+        server.serve(listing(second))
         run = await sync_once(client)
         events = await stream.new(runtime)
         assert published_changes(events) == expected
@@ -323,15 +364,24 @@ async def test_two_real_days_publish_exactly_what_changed_between_them(
         assert {c: run[c] for c in counts} == counts
         [completed] = [e for e in events if e["subject"] == "sync.completed"]
         assert completed["status"] == "succeeded" and completed["run_id"] == run["run_id"]
-        assert (completed["fetched"], completed["selected"]) == (350, len(april))
+        assert (completed["fetched"], completed["selected"]) == (fetched[1], len(april))
 
         for e in events:  # what a consumer is told is the new state, exactly
             if e["subject"] == "model.synced" and e["change"] != "removed":
-                name, ctx, prompt, completion = april[e["model_id"]]
+                name, ctx, prompt, completion, tiers = april[e["model_id"]]
                 assert (e["name"], e["context_length"]) == (name, ctx)
                 assert Decimal(e["prompt_price_per_1m"]) == prompt
                 assert Decimal(e["completion_price_per_1m"]) == completion
-                assert e["status"] == "active"
+                told_tiers = tuple(
+                    (
+                        t["min_prompt_tokens"],
+                        Decimal(t["prompt_price_per_1m"]),
+                        Decimal(t["completion_price_per_1m"]),
+                    )
+                    for t in e["price_tiers"]
+                )
+                assert told_tiers == tiers
+                assert e["status"] == "active" and e["output_modalities"] == ["text"]
 
         repriced = next(m for m in march.keys() & april.keys() if march[m][2] != april[m][2])
         detail = (await client.get(f"/v1/models/{repriced}")).json()
@@ -351,20 +401,39 @@ async def test_two_real_days_publish_exactly_what_changed_between_them(
         ]
 
 
-@needs_data
+def highest(model: tuple[Any, ...]) -> tuple[Decimal, Decimal]:
+    """(prompt, completion) at their highest over the base and every tier."""
+    _, _, prompt, completion, tiers = model
+    return max([prompt, *(t[1] for t in tiers)]), max([completion, *(t[2] for t in tiers)])
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "cap", "top_n"),
+    [
+        pytest.param("catalog-a", "catalog-b", Decimal("0.15"), 5, id="fixtures"),
+        pytest.param("2026-03-13", "2026-04-02", Decimal(10), 25, id="real-days", marks=needs_data),
+    ],
+)
 async def test_a_small_top_n_publishes_what_entered_and_left_the_top(
-    infra: Infra, database_url: str, js: JetStreamContext
+    first: str,
+    second: str,
+    cap: Decimal,
+    top_n: int,
+    infra: Infra,
+    database_url: str,
+    js: JetStreamContext,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    cap, top_n = Decimal(10), 25
+    caplog.set_level(logging.INFO)
 
     def top(day: str) -> dict[str, tuple[Any, ...]]:
         models = fixed_price_entries(day)
-        within = [m for m, v in models.items() if v[2] <= cap and v[3] <= cap]
-        # the documented rank: largest context, then cheapest, then model id
-        within.sort(key=lambda m: (-models[m][1], models[m][2] + models[m][3], m))
+        within = [m for m, v in models.items() if max(highest(v)) <= cap]
+        # the documented rank: largest context, then cheapest (highest tier), then model id
+        within.sort(key=lambda m: (-models[m][1], sum(highest(models[m])), m))
         return {m: models[m] for m in within[:top_n]}
 
-    march, april = top("2026-03-13"), top("2026-04-02")
+    march, april = top(first), top(second)
     expected = expected_changes(march, april)
     assert expected, "the two days should differ in their top models"
     config = settings(
@@ -379,21 +448,28 @@ async def test_a_small_top_n_publishes_what_entered_and_left_the_top(
         config.openrouter_base_url = server.url
         async with running(build(config)) as (runtime, client):
             stream = Catalog(js)
-            server.serve((OPENROUTER_DATA / "2026-03-13.json").read_bytes())
+            server.serve(listing(first))
             assert (await sync_once(client))["selected"] == top_n
             assert published_changes(await stream.new(runtime)) == {(m, "added") for m in march}
-            server.serve((OPENROUTER_DATA / "2026-04-02.json").read_bytes())
-            await sync_once(client)
+            server.serve(listing(second))
+            run = await sync_once(client)
             assert published_changes(await stream.new(runtime)) == expected
             listed = (await client.get("/v1/models", params={"available": "true"})).json()
             assert {m["model_id"] for m in listed} == set(april)
+    # the log says what the numbers are: N kept of M eligible, not N/N
+    eligible = sum(1 for v in fixed_price_entries(second).values() if max(highest(v)) <= cap)
+    assert eligible > top_n
+    assert (
+        f"kept the top {top_n} of {eligible} eligible models (OPENROUTER_TOP_N={top_n}): "
+        f"{run['added']} added, {run['changed']} changed, {run['removed']} removed"
+    ) in caplog.text
 
 
 @needs_data
 async def test_the_older_schema_loads(
     infra: Infra, database_url: str, js: JetStreamContext
 ) -> None:
-    raw = (OPENROUTER_DATA / "2025-07-29.json").read_bytes()
+    raw = listing("2025-07-29")
     expected = fixed_price_entries("2025-07-29")
     async with (
         openrouter() as server,
@@ -405,7 +481,7 @@ async def test_the_older_schema_loads(
         assert run["selected"] == run["added"] == len(expected) == 151
         listed = {m["model_id"]: m for m in (await client.get("/v1/models")).json()}
         assert listed.keys() == expected.keys()
-        for model_id, (_, ctx, prompt, completion) in expected.items():
+        for model_id, (_, ctx, prompt, completion, _) in expected.items():
             m = listed[model_id]
             assert m["context_length"] == ctx
             assert Decimal(m["prompt_price_per_1m"]) == prompt
@@ -551,7 +627,7 @@ async def test_the_api_key_is_sent_and_never_logged(
             assert (await sync_once(client))["status"] == "succeeded"
     assert {r.headers["authorization"] for r in server.requests} == {f"Bearer {secret}"}
     assert "fetched 5 models from OpenRouter" in caplog.text
-    assert "synced 4/4 models" in caplog.text
+    assert "kept the top 4 of 4 eligible models" in caplog.text
     assert secret not in caplog.text
     assert all(secret not in str(r.__dict__) for r in caplog.records)
 
@@ -567,10 +643,9 @@ async def test_runs_never_overlap(infra: Infra, database_url: str, js: JetStream
         second = await client.post("/v1/sync/run")
         assert first.status_code == 202
         assert second.status_code == 409
-        assert second.json()["detail"] == {
-            "error": "sync_in_progress",
-            "run_id": first.json()["run_id"],
-        }
+        assert second.json()["error"]["code"] == "sync_in_progress"
+        assert second.headers["location"] == f"/v1/sync/runs/{first.json()['run_id']}"
+        assert first.json()["run_id"] in second.json()["error"]["message"]
         server.failure = lambda attempt: None
         await eventually(
             lambda: _ended(client, first.json()["run_id"]), timeout=15, what="the first run"
@@ -681,10 +756,212 @@ async def test_models_api_filters_and_refuses_bad_input(
             ]:
                 r = await client.get(path, params=params)
                 assert r.status_code == status, (path, params, r.text)
-                assert r.json()["detail"]
+                assert r.json()["error"]["message"]
 
             metrics = (await client.get("/metrics")).text
             assert 'sync_runs_total{status="succeeded"}' in metrics
             assert 'sync_catalog_models{provider="openrouter",status="active"} 4.0' in metrics
             assert "sync_seconds_since_last_success" in metrics
             assert "sync_openrouter_fetch_seconds_count" in metrics
+
+
+# --- what a model outputs, price tiers, how prices are written -----------------------------
+
+
+async def test_prices_are_plain_decimal_strings_in_the_api_and_events(
+    infra: Infra, database_url: str, js: JetStreamContext
+) -> None:
+    async with (
+        openrouter() as server,
+        running(build(settings(infra, database_url, server.url))) as (runtime, client),
+    ):
+        server.serve(listing("catalog-a"))
+        await sync_once(client)
+        events = {e["model_id"]: e for e in await Catalog(js).new(runtime, "model.synced")}
+        listed = {m["model_id"]: m for m in (await client.get("/v1/models")).json()}
+        for told in (events, listed):
+            dear, cheap = told["harbor/dear-oracle"], told["harbor/nearly-free"]
+            assert (dear["prompt_price_per_1m"], dear["completion_price_per_1m"]) == (
+                "360000",
+                "720000",
+            )
+            assert (cheap["prompt_price_per_1m"], cheap["completion_price_per_1m"]) == (
+                "0.0000001",
+                "0.0000002",
+            )
+            assert told["iris/long-context-pro"]["price_tiers"] == [
+                {
+                    "min_prompt_tokens": 200000,
+                    "prompt_price_per_1m": "2.5",
+                    "completion_price_per_1m": "15",
+                }
+            ]
+        detail = (await client.get("/v1/models/harbor/dear-oracle")).json()
+        assert detail["price_history"][0]["prompt_price_per_1m"] == "360000"
+        for model in listed.values():  # no exponent anywhere a price is written
+            prices = [model["prompt_price_per_1m"], model["completion_price_per_1m"]]
+            prices += [p for t in model["price_tiers"] for p in t.values() if isinstance(p, str)]
+            assert all(p is None or "E" not in p.upper() for p in prices), model
+
+
+async def test_output_that_is_not_text_is_left_out_by_default(
+    infra: Infra, database_url: str, js: JetStreamContext
+) -> None:
+    cheapest = dict(openrouter_rank_by="cheapest")  # and every model within the cap kept
+    async with (
+        openrouter() as server,
+        running(build(settings(infra, database_url, server.url, **cheapest))) as (_, client),
+    ):
+        server.serve(listing("catalog-a"))
+        await sync_once(client)
+        listed = (await client.get("/v1/models")).json()
+        assert {tuple(m["output_modalities"]) for m in listed} == {("text",)}
+        free = {m["model_id"] for m in listed if m["prompt_price_per_1m"] == "0"}
+        assert free == {"anvil/forge-mini:free", "bluebird/chirp-70b:free"}  # truly free only
+
+
+async def test_output_kept_by_choice_carries_its_unit_prices_and_is_never_free(
+    infra: Infra, database_url: str, js: JetStreamContext
+) -> None:
+    every = "text,image,video,embeddings,rerank,speech,transcription,audio"
+    config = dict(
+        openrouter_output_modalities=every,
+        openrouter_rank_by="cheapest",
+        openrouter_top_n=8,
+        openrouter_max_price_per_1m=Decimal(0),
+    )
+    async with (
+        openrouter() as server,
+        running(build(settings(infra, database_url, server.url, **config))) as (runtime, client),
+    ):
+        server.serve(listing("catalog-a"))
+        run = await sync_once(client)
+        # a $0 cap: the two free text models, then models not priced per token, last by price
+        listed = {m["model_id"]: m for m in (await client.get("/v1/models")).json()}
+        assert run["selected"] == len(listed) == 8
+        not_text = {k: m for k, m in listed.items() if m["output_modalities"] != ["text"]}
+        assert len(not_text) == 6
+        for m in not_text.values():
+            assert m["prompt_price_per_1m"] is None and m["completion_price_per_1m"] is None
+            assert m["unit_prices"] and m["variable_price"] is False
+        events = {e["model_id"]: e for e in await Catalog(js).new(runtime, "model.synced")}
+        assert events["pixel/canvas-gen"]["unit_prices"] == {
+            "completion": "0",
+            "image": "0.04",
+            "prompt": "0",
+        }
+        assert events["pixel/canvas-gen"]["prompt_price_per_1m"] is None
+        # a price filter cannot hold what has no per-token price: it is left out
+        within = await client.get("/v1/models", params={"max_price_per_1m": "1000"})
+        assert {m["model_id"] for m in within.json()} == {
+            "anvil/forge-mini:free",
+            "bluebird/chirp-70b:free",
+        }
+
+
+async def test_the_price_filter_holds_for_prompt_completion_and_every_tier(
+    infra: Infra, database_url: str, js: JetStreamContext
+) -> None:
+    async with (
+        openrouter() as server,
+        running(build(settings(infra, database_url, server.url))) as (_, client),
+    ):
+        server.serve(listing("catalog-b"))
+        await sync_once(client)
+        stored = fixed_price_entries("catalog-b")
+        for cap in ("0", "0.1", "0.15", "1", "2.5", "3", "1000000"):
+            r = await client.get("/v1/models", params={"max_price_per_1m": cap})
+            assert r.status_code == 200, r.text
+            expected = {m for m, v in stored.items() if max(highest(v)) <= Decimal(cap)}
+            assert {m["model_id"] for m in r.json()} == expected, cap
+        within_one = {
+            m["model_id"]
+            for m in (await client.get("/v1/models", params={"max_price_per_1m": "1"})).json()
+        }
+        assert "cobalt/reasoner-lite" not in within_one  # prompt 0.8, completion 4
+        assert "lark/prefill-heavy" not in within_one  # prompt 3, completion 0.5
+        assert "iris/long-context-flash" not in within_one  # base 0.3/2.5
+        assert "bluebird/chirp-7b" in within_one  # its tier is 0.1/0.2
+        within_small = {
+            m["model_id"]
+            for m in (await client.get("/v1/models", params={"max_price_per_1m": "0.15"})).json()
+        }
+        assert "bluebird/chirp-7b" not in within_small  # base 0.05/0.1, its tier 0.1/0.2
+
+
+async def test_a_catalog_that_trickles_in_fails_at_the_fetch_deadline(
+    infra: Infra, database_url: str, js: JetStreamContext
+) -> None:
+    async with openrouter() as server:
+        # each read comes well within the per-read timeout; the whole would take minutes
+        config = settings(
+            infra,
+            database_url,
+            server.url,
+            openrouter_timeout_s=5.0,
+            openrouter_fetch_deadline_s=1.0,
+        )
+        async with running(build(config)) as (runtime, client):
+            server.serve(small(*SMALL[:2]))
+            await sync_once(client)
+            before = await snapshot(runtime)
+            slow = listing("catalog-a")
+            server.failure = lambda _: Reply(200, slow, trickle=0.2)
+            run = await sync_once(client)
+            assert run["status"] == "failed"
+            assert "fetch deadline of 1s" in run["error"], run["error"]
+            assert await snapshot(runtime) == before
+            assert len(server.hits("/api/v1/models")) == 2  # the deadline is not retried
+    # (the whole body would take over a minute: sync_once's 30 s wait holds the deadline)
+    assert len(slow) / 64 * 0.2 > 60
+
+
+# (httpx sends no URL over 64 KiB, so the longest values here are 60,000 characters)
+BAD_INPUT = [
+    ("/v1/models", {"provider": "anthropic"}),
+    ("/v1/models", {"provider": "openrouter\x00"}),
+    ("/v1/models", {"max_price_per_1m": "-1"}),
+    ("/v1/models", {"max_price_per_1m": "cheap"}),
+    ("/v1/models", {"max_price_per_1m": "NaN"}),
+    ("/v1/models", {"max_price_per_1m": "nan"}),
+    ("/v1/models", {"max_price_per_1m": "Infinity"}),
+    ("/v1/models", {"max_price_per_1m": "1e999999"}),
+    ("/v1/models", {"max_price_per_1m": "1e-999999"}),
+    ("/v1/models", {"max_price_per_1m": "9" * 60_000}),
+    ("/v1/models", {"max_price_per_1m": "1\x00"}),
+    ("/v1/models", {"available": "maybe"}),
+    ("/v1/models", {"available": "true\x00"}),
+    ("/v1/models/vendor/a%00b", {}),  # a NUL, percent-encoded as a client sends it
+    ("/v1/models/" + "m" * 60_000, {}),
+    ("/v1/models/vendor/mid", {"device": "gpu\x00box"}),
+    ("/v1/models/vendor/mid", {"device": "d" * 60_000}),
+    ("/v1/sync/runs/not-a-uuid", {}),
+    ("/v1/sync/runs/%00", {}),
+    ("/v1/sync/runs", {"limit": "0"}),
+    ("/v1/sync/runs", {"limit": "-5"}),
+    ("/v1/sync/runs", {"limit": str(10**30)}),
+    ("/v1/sync/runs", {"limit": "NaN"}),
+    ("/v1/sync/runs", {"limit": "1\x00"}),
+]
+
+
+async def test_bad_input_is_a_clear_4xx_never_a_500(
+    infra: Infra, database_url: str, js: JetStreamContext
+) -> None:
+    async with (
+        openrouter() as server,
+        running(build(settings(infra, database_url, server.url))) as (_, client),
+    ):
+        server.serve(small())
+        await sync_once(client)
+        for path, params in BAD_INPUT:
+            r = await client.get(path, params=params)
+            assert r.status_code == 422, (path[:80], {k: v[:80] for k, v in params.items()}, r.text)
+            assert r.json()["error"]["code"] == "invalid_request"
+        # the route takes no body: one with a NUL is refused (by the chassis) or ignored
+        r = await client.post("/v1/sync/run", content=b'{"x": "\\u0000"}')
+        assert r.status_code in (202, 409, 422), r.text
+        # the catalog still answers
+        assert (await client.get("/v1/models/vendor/mid")).status_code == 200
+        unknown = await client.get("/v1/models/vendor/mid", params={"device": "laptop"})
+        assert unknown.status_code == 404

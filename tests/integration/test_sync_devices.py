@@ -195,7 +195,9 @@ async def test_device_models_are_added_and_removed_and_named_by_device(
                 "0",
             )
             ambiguous = await client.get("/v1/models/llama3.1:8b")
-            assert ambiguous.status_code == 409 and "gpu-box" in ambiguous.json()["detail"]
+            assert ambiguous.status_code == 409
+            assert ambiguous.json()["error"]["code"] == "ambiguous_model"
+            assert "gpu-box" in ambiguous.json()["error"]["message"]
             one = (await client.get("/v1/models/llama3.1:8b", params={"device": "laptop"})).json()
             assert one["device"] == "laptop" and one["raw"]["details"]["parameter_size"] == "8.0B"
             providers = (await client.get("/v1/providers")).json()

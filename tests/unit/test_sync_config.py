@@ -7,7 +7,7 @@ from decimal import Decimal
 import pytest
 from pydantic import ValidationError
 
-from services.sync.config import SyncSettings, parse_devices
+from services.sync.config import SyncSettings, parse_devices, parse_modalities
 
 
 def test_seed_variables_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -52,3 +52,28 @@ def test_empty_device_list_and_bad_rank_key() -> None:
     assert parse_devices("") == {} == parse_devices(" , ")
     with pytest.raises(ValidationError):
         SyncSettings(openrouter_rank_by="popularity")
+
+
+def test_output_modalities_and_the_fetch_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    default = SyncSettings()
+    assert default.openrouter_output_modalities == {"text"}
+    assert 0 < default.openrouter_timeout_s < default.openrouter_fetch_deadline_s
+    monkeypatch.setenv("OPENROUTER_OUTPUT_MODALITIES", " Text, image ,,embeddings")
+    monkeypatch.setenv("OPENROUTER_FETCH_DEADLINE_S", "45")
+    s = SyncSettings()
+    assert s.openrouter_output_modalities == {"text", "image", "embeddings"}
+    assert s.openrouter_fetch_deadline_s == 45
+
+
+@pytest.mark.parametrize("text", ["", " , ", "text;image", "te xt", "text,\x00"])
+def test_a_wrong_modality_list_is_refused(text: str) -> None:
+    with pytest.raises(ValueError, match="OPENROUTER_OUTPUT_MODALITIES"):
+        parse_modalities(text)
+    with pytest.raises(ValidationError):
+        SyncSettings(openrouter_output_modalities=text)
+
+
+@pytest.mark.parametrize("seconds", ["0", "-1", "nan"])
+def test_the_fetch_deadline_is_a_positive_time(seconds: str) -> None:
+    with pytest.raises(ValidationError):
+        SyncSettings(openrouter_fetch_deadline_s=seconds)

@@ -4,17 +4,20 @@ sync changes, and device transitions."""
 from __future__ import annotations
 
 import json
+import random
 import uuid
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from contracts.events import DeviceOffline, DeviceOnline, ModelSynced
+from contracts.events import DeviceOffline, DeviceOnline, ModelSynced, plain_decimal
 from services.sync.domain import (
     CatalogFormatError,
     DeviceCheck,
     Model,
+    PriceTier,
     SelectionRules,
     StoredModel,
     diff,
@@ -27,11 +30,14 @@ from services.sync.domain import (
 )
 from tests.conftest import SHARED_DATA
 
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "openrouter"
 OPENROUTER_DATA = SHARED_DATA / "openrouter"
 needs_data = pytest.mark.skipif(
-    not OPENROUTER_DATA.is_dir(), reason=f"real OpenRouter responses not found in {OPENROUTER_DATA}"
+    not OPENROUTER_DATA.is_dir(),
+    reason=f"an extra over the fixtures: real OpenRouter responses are not in {OPENROUTER_DATA}",
 )
 RUN = uuid.UUID("00000000-0000-0000-0000-0000000000aa")
+CAP = Decimal(1_000_000)
 
 
 def entry(
@@ -42,11 +48,25 @@ def entry(
         "name": extra.pop("name", model_id.title()),
         "created": extra.pop("created", 1750000000),
         "context_length": extra.pop("context_length", 128000),
+        "architecture": {"modality": "text->text", "output_modalities": ["text"]},
         "pricing": {"prompt": prompt, "completion": completion},
         "top_provider": {"context_length": None, "max_completion_tokens": None},
     }
     e.update(extra)
     return e
+
+
+def producing(model_id: str, outputs: list[str], **pricing: str) -> dict[str, Any]:
+    """An entry whose output is `outputs`, priced as given."""
+    return entry(
+        model_id,
+        architecture={"modality": "text->" + "+".join(outputs), "output_modalities": outputs},
+        pricing=pricing,
+    )
+
+
+def fixture(name: str) -> bytes:
+    return (FIXTURES / name).read_bytes()
 
 
 def body(*entries: dict[str, Any]) -> bytes:
@@ -73,14 +93,32 @@ def test_prices_become_exact_decimals_per_million_tokens() -> None:
         body(entry("a/b", "0.0000025", "0.000000035"), entry("a/free", "0", "0"))
     )
     a, free = parsed.models
-    assert a.prompt_price_per_1m == Decimal("2.5") and str(a.prompt_price_per_1m) == "2.5"
-    assert str(a.completion_price_per_1m) == "0.035"
+    assert a.prompt_price_per_1m == Decimal("2.5") and plain_decimal(a.prompt_price_per_1m) == "2.5"
+    assert plain_decimal(a.completion_price_per_1m) == "0.035"  # type: ignore[arg-type]
     assert isinstance(a.prompt_price_per_1m, Decimal)
     assert (free.prompt_price_per_1m, free.completion_price_per_1m) == (Decimal(0), Decimal(0))
-    assert (
-        str(parse_catalog(body(entry("x", "0.00001", "0.00015"))).models[0].completion_price_per_1m)
-        == "150"
-    )
+    [x] = parse_catalog(body(entry("x", "0.00001", "0.00015"))).models
+    assert x.completion_price_per_1m == 150
+
+
+@pytest.mark.parametrize(
+    ("per_token", "per_million"),
+    [
+        ("0.36", "360000"),  # str(Decimal) would say 3.6E+5
+        ("0.0000000000001", "0.0000001"),  # and 1E-7
+        ("0.00015", "150"),
+        ("0.000000035", "0.035"),
+        ("0.0000025000", "2.5"),
+        ("0", "0"),
+        ("0.00000008333333333333334", "0.08333333333333334"),
+    ],
+)
+def test_prices_travel_as_plain_decimal_strings(per_token: str, per_million: str) -> None:
+    [m] = parse_catalog(body(entry("a/b", per_token, per_token))).models
+    [event] = model_synced(diff({}, [m]), RUN)
+    sent = json.loads(event.model_dump_json())
+    assert sent["prompt_price_per_1m"] == sent["completion_price_per_1m"] == per_million
+    assert ModelSynced.model_validate_json(event.model_dump_json()) == event  # exact round trip
 
 
 def test_minus_one_is_a_variable_price_with_no_number() -> None:
@@ -100,6 +138,15 @@ def test_minus_one_is_a_variable_price_with_no_number() -> None:
         ({"prompt": "abc", "completion": "0"}, "not a number"),
         ({"prompt": "-0.5", "completion": "0"}, "not a price"),
         ({"prompt": "NaN", "completion": "0"}, "not a price"),
+        ({"prompt": "Infinity", "completion": "0"}, "not a price"),
+        ({"prompt": "1e999999", "completion": "0"}, "beyond any real price"),
+        ({"prompt": "1" * 5000, "completion": "0"}, "beyond any real price"),
+        ({"prompt": "0", "completion": "0", "overrides": {"a": 1}}, "not a list"),
+        ({"prompt": "0", "completion": "0", "overrides": [{"prompt": "x"}]}, "overrides[0]"),
+        (
+            {"prompt": "0", "completion": "0", "overrides": [{"min_prompt_tokens": -5}]},
+            "not a token count",
+        ),
     ],
 )
 def test_an_entry_whose_price_is_unknown_is_skipped_never_priced_zero(
@@ -127,6 +174,20 @@ def test_omitted_zero_price_keys_nulls_and_unknown_fields_are_fine() -> None:
     assert parse_catalog(body(e2)).models[0].context_length is None
 
 
+def test_an_entry_that_does_not_say_what_it_outputs_is_skipped() -> None:
+    silent = entry("x/silent")
+    del silent["architecture"]
+    empty = entry("x/empty", architecture={"output_modalities": []})
+    older = entry("x/older", architecture={"modality": "text+image->text"})  # no list yet
+    parsed = parse_catalog(body(silent, empty, older))
+    assert [m.model_id for m in parsed.models] == ["x/older"]
+    assert parsed.models[0].output_modalities == ("text",)
+    assert {s.model_id: s.reason for s in parsed.skipped} == {
+        "x/silent": "no output modalities (architecture.output_modalities)",
+        "x/empty": "no output modalities (architecture.output_modalities)",
+    }
+
+
 def test_entries_without_id_and_duplicates_are_skipped() -> None:
     parsed = parse_catalog(body(entry("a"), {"name": "no id"}, "not an object", entry("a", "0.1")))  # type: ignore[arg-type]
     assert [m.model_id for m in parsed.models] == ["a"]
@@ -152,22 +213,188 @@ def test_a_body_that_is_not_the_catalog_fails_clearly(raw: bytes, message: str) 
         parse_catalog(raw)
 
 
-@needs_data
-@pytest.mark.parametrize("day", ["2025-07-29", "2026-03-13", "2026-04-02"])
-def test_every_real_response_is_read_whole(day: str) -> None:
-    raw = (OPENROUTER_DATA / f"{day}.json").read_bytes()
+RESPONSES = [
+    pytest.param(lambda: fixture("catalog-a.json"), id="fixture-a"),
+    pytest.param(lambda: fixture("catalog-b.json"), id="fixture-b"),
+    *(
+        pytest.param(
+            lambda day=day: (OPENROUTER_DATA / f"{day}.json").read_bytes(), id=day, marks=needs_data
+        )
+        for day in ("2025-07-29", "2026-03-13", "2026-04-02")
+    ),
+]
+
+
+@pytest.mark.parametrize("response", RESPONSES)
+def test_every_response_is_read_whole(response: Any) -> None:
+    raw = response()
     entries = json.loads(raw)["data"]
     parsed = parse_catalog(raw)
     assert parsed.skipped == []
     assert parsed.fetched == len(parsed.models) == len(entries)
-    variable = {m.model_id for m in parsed.models if m.variable_price}
-    expected = {
-        e["id"] for e in entries if "-1" in (e["pricing"]["prompt"], e["pricing"]["completion"])
-    }
-    assert variable == expected
     for m, e in zip(parsed.models, entries, strict=True):
-        if not m.variable_price:
-            assert m.prompt_price_per_1m == Decimal(e["pricing"]["prompt"]) * 1_000_000
+        outputs = e["architecture"]["output_modalities"]
+        pricing = e["pricing"]
+        assert m.output_modalities == tuple(sorted(outputs))
+        assert m.variable_price == ("-1" in (pricing["prompt"], pricing["completion"]))
+        if outputs != ["text"]:  # never priced per token, never 0
+            assert m.prompt_price_per_1m is None and m.completion_price_per_1m is None
+            if not m.variable_price:
+                assert dict(m.unit_prices) == {k: Decimal(v) for k, v in pricing.items()}
+        elif not m.variable_price:
+            assert m.prompt_price_per_1m == Decimal(pricing["prompt"]) * 1_000_000
+            assert m.completion_price_per_1m == Decimal(pricing["completion"]) * 1_000_000
+            assert len(m.price_tiers) == len(pricing.get("overrides", []))
+            assert m.unit_prices == ()
+
+
+def test_the_fixture_holds_the_shapes_it_is_for() -> None:
+    a = parse_catalog(fixture("catalog-a.json")).models
+    assert {m.model_id for m in a if m.variable_price} == {
+        "openrouter/auto",
+        "openrouter/bodybuilder",
+    }
+    assert {m for model in a for m in model.output_modalities} >= {
+        "text", "image", "video", "embeddings", "rerank", "speech", "transcription", "audio"
+    }  # fmt: skip
+    assert sum(1 for m in a if m.price_tiers) == 3
+    assert any(m.raw["top_provider"]["max_completion_tokens"] is None for m in a)
+    assert any(set(m.raw["pricing"]) == {"prompt", "completion"} for m in a)
+
+
+# --- what a model outputs -----------------------------------------------------------------
+
+NOT_TEXT = [
+    producing("img/gen", ["image"], prompt="0", completion="0", image="0.04"),
+    producing("img/chat", ["image", "text"], prompt="0.0000003", completion="0.0000025"),
+    producing("vid/gen", ["video"], prompt="0", completion="0", request="0.5"),
+    producing("emb/large", ["embeddings"], prompt="0.00000002", completion="0"),
+    producing("tts/hd", ["speech"], prompt="0.000015", completion="0"),
+    producing("stt/one", ["transcription"], prompt="0", completion="0", audio="0.0001"),
+    producing("rr/two", ["rerank"], prompt="0", completion="0", request="0.002"),
+    producing("music/clip", ["text", "audio"], prompt="0", completion="0"),
+]
+TEXT_MODELS = [entry("txt/free:free", "0", "0"), entry("txt/cheap"), entry("txt/dear", "1", "1")]
+
+
+def test_only_text_output_is_kept_by_default() -> None:
+    models = parse_catalog(body(*NOT_TEXT, *TEXT_MODELS)).models
+    filtered, selected = select(models, SelectionRules(CAP, 100, "cheapest"))
+    assert [m.model_id for m in filtered] == ["txt/free:free", "txt/cheap", "txt/dear"]
+    assert [m.model_id for m in selected] == ["txt/free:free", "txt/cheap", "txt/dear"]
+
+
+def test_output_that_is_not_text_is_never_free_nor_first_by_price() -> None:
+    models = parse_catalog(body(*NOT_TEXT, *TEXT_MODELS)).models
+    every_output = frozenset(
+        {"text", "image", "video", "embeddings", "speech", "transcription", "rerank", "audio"}
+    )
+    rules = SelectionRules(Decimal(0), 5, "cheapest", output_modalities=every_output)
+    filtered, selected = select(models, rules)
+    # a $0 cap keeps the free text model and every model not priced per token (the cap
+    # measures per-token prices only), but ranks none of those as free
+    assert selected[0].model_id == "txt/free:free"
+    assert {m.model_id for m in filtered} == {"txt/free:free"} | {e["id"] for e in NOT_TEXT}
+    for m in filtered:
+        if m.model_id == "txt/free:free":
+            continue
+        assert m.prompt_price_per_1m is None and m.completion_price_per_1m is None
+        assert m.unit_prices and not m.variable_price
+    by_id = {m.model_id: m for m in models}
+    assert dict(by_id["img/gen"].unit_prices) == {
+        "prompt": 0,
+        "completion": 0,
+        "image": Decimal("0.04"),
+    }
+    [event] = model_synced(diff({}, [by_id["img/gen"]]), RUN)
+    sent = json.loads(event.model_dump_json())
+    assert (sent["prompt_price_per_1m"], sent["completion_price_per_1m"]) == (None, None)
+    assert sent["unit_prices"] == {"completion": "0", "image": "0.04", "prompt": "0"}
+    assert sent["output_modalities"] == ["image"]
+    # ranked by price, a model without a per-token price comes after every priced one
+    ranked = select(models, SelectionRules(CAP, 100, "cheapest", output_modalities=every_output))
+    priced = [m.model_id for m in ranked[1] if m.prompt_price_per_1m is not None]
+    assert [m.model_id for m in ranked[1]][: len(priced)] == priced
+
+
+def test_keeping_a_modality_is_all_or_nothing_per_model() -> None:
+    models = parse_catalog(body(*NOT_TEXT, *TEXT_MODELS)).models
+    with_images = SelectionRules(CAP, 100, output_modalities=frozenset({"text", "image"}))
+    kept = {m.model_id for m in select(models, with_images)[0]}
+    assert kept == {"img/gen", "img/chat", "txt/free:free", "txt/cheap", "txt/dear"}
+
+
+# --- price tiers (pricing.overrides) --------------------------------------------------------
+
+
+def tiered(model_id: str, prompt: str, completion: str, *overrides: dict[str, Any]) -> Any:
+    e = entry(model_id, prompt, completion)
+    e["pricing"]["overrides"] = list(overrides)
+    return e
+
+
+def test_tiers_inherit_the_prices_they_do_not_list() -> None:
+    [m] = parse_catalog(
+        body(
+            tiered(
+                "g/pro",
+                "0.00000125",
+                "0.00001",
+                {"min_prompt_tokens": 200000, "prompt": "0.0000025", "input_cache_read": "1"},
+                {"utc_start": "16:30", "utc_end": "00:30", "completion": "0.000005"},
+            )
+        )
+    ).models
+    assert m.price_tiers == (
+        PriceTier(200000, Decimal("2.5"), Decimal(10)),
+        PriceTier(None, Decimal("1.25"), Decimal(5)),
+    )
+    assert m.highest_prices() == (Decimal("2.5"), Decimal(10))
+    [event] = model_synced(diff({}, [m]), RUN)
+    assert [
+        (t["min_prompt_tokens"], t["prompt_price_per_1m"], t["completion_price_per_1m"])
+        for t in json.loads(event.model_dump_json())["price_tiers"]
+    ] == [(200000, "2.5", "10"), (None, "1.25", "5")]
+
+
+def test_the_price_cap_holds_for_the_highest_tier() -> None:
+    base = ("0.000001", "0.000002")  # 1 and 2 USD per 1M
+    models = parse_catalog(
+        body(
+            tiered("under", *base, {"min_prompt_tokens": 1000, "prompt": "0.000003"}),
+            tiered("prompt-tier-over", *base, {"min_prompt_tokens": 1000, "prompt": "0.0000031"}),
+            tiered(
+                "completion-over", *base, {"min_prompt_tokens": 1000, "completion": "0.0000031"}
+            ),
+            tiered(
+                "second-tier-over",
+                *base,
+                {"min_prompt_tokens": 1000, "prompt": "0.000002"},
+                {"min_prompt_tokens": 9000, "prompt": "0.000004"},
+            ),
+            tiered("variable-tier", *base, {"min_prompt_tokens": 10, "prompt": "-1"}),
+        )
+    ).models
+    filtered, _ = select(models, SelectionRules(Decimal(3), 10))
+    assert [m.model_id for m in filtered] == ["under"]
+    assert {m.model_id for m in models if m.variable_price} == {"variable-tier"}
+    # ranked by price, the highest tier is what counts: 1 + 3.1, 3 + 2, 3.1 + 2, 4 + 2
+    cheapest = select(models, SelectionRules(Decimal(10), 10, "cheapest"))[1]
+    assert [m.model_id for m in cheapest] == [
+        "completion-over",
+        "under",
+        "prompt-tier-over",
+        "second-tier-over",
+    ]
+
+
+def test_a_new_tier_is_a_price_change() -> None:
+    plain = parse_catalog(body(entry("a", "0.000001", "0.000002"))).models
+    tiered_a = parse_catalog(
+        body(tiered("a", "0.000001", "0.000002", {"min_prompt_tokens": 5, "prompt": "0.00001"}))
+    ).models
+    [change] = diff(stored(*plain), tiered_a)
+    assert (change.change, change.price_changed) == ("changed", True)
 
 
 # --- choosing -----------------------------------------------------------------------------
@@ -207,7 +434,13 @@ def test_ranking_keys_and_ties_are_deterministic() -> None:
     assert ranked("cheapest") == ["cheap", "a", "b", "none", "big"]
     assert ranked("newest") == ["a", "b", "big", "cheap", "none"]
     assert ranked("context_length", top_n=2) == ["big", "a"]
-    assert ranked("cheapest", top_n=2) == ranked("cheapest", top_n=2)
+    assert ranked("cheapest", top_n=2) == ["cheap", "a"]
+    # the order the source lists them in does not matter
+    shuffled = models[:]
+    random.Random(7).shuffle(shuffled)
+    for rank_by in ("context_length", "cheapest", "newest"):
+        rules = SelectionRules(cap, 3, rank_by)
+        assert select(shuffled, rules)[1] == select(models, rules)[1]
 
 
 def test_the_selection_key_changes_with_any_rule() -> None:
@@ -221,10 +454,15 @@ def test_the_selection_key_changes_with_any_rule() -> None:
                 SelectionRules(Decimal(100), 5).key,
                 SelectionRules(Decimal(100), 100, "newest").key,
                 SelectionRules(Decimal(100), 100, include_variable_price=True).key,
+                SelectionRules(
+                    Decimal(100), 100, output_modalities=frozenset({"text", "image"})
+                ).key,
             }
         )
-        == 5
+        == 6
     )
+    # a key stored before output modalities were a rule still matches the default rules
+    assert "output_modalities" not in base.key
 
 
 # --- what changes -------------------------------------------------------------------------

@@ -1,73 +1,39 @@
-"""The work of sync: OpenRouter catalog runs and Ollama discovery passes. Each reads the
-stored catalog, decides (domain.py) and writes its changes and their events in one
-transaction; events leave only through the outbox."""
+"""OpenRouter catalog runs, on a schedule and on request: fetch, then read the stored
+catalog, decide (domain.py) and write the changes with their events and the finished run in
+one transaction; events leave only through the outbox. No message comes in here."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-import math
 import time
 import uuid
 from dataclasses import dataclass
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
-from prometheus_client import Counter, Gauge
 
-from contracts.events import SyncCompleted
+from contracts.events import SyncCompleted, plain_decimal
 from services.runtime import outbox
 from services.runtime.db import Connection
 from services.runtime.service import Runtime
 from services.sync import db
-from services.sync.clients import check_device, describe, fetch_catalog
+from services.sync.clients import describe, fetch_catalog
 from services.sync.config import SyncSettings
 from services.sync.db import RunCounts
 from services.sync.domain import (
-    OLLAMA,
     OPENROUTER,
-    DiscoveryOutcome,
     SelectionRules,
     change_counts,
     diff,
-    discovery_outcome,
     model_synced,
     parse_catalog,
     select,
 )
+from services.sync.metrics import LAST_SUCCESS, RUNS, refresh_metrics
 
 log = logging.getLogger(__name__)
-
-RUNS = Counter("sync_runs_total", "OpenRouter catalog runs by outcome", ["status"])
-CATALOG_MODELS = Gauge(
-    "sync_catalog_models", "Models in the catalog by provider and status", ["provider", "status"]
-)
-DEVICE_UP = Gauge("sync_device_up", "1 when an Ollama device answered its last check", ["device"])
-
-
-class _LastSuccess:
-    at: float | None = None  # unix time of the last successful (or not-modified) run
-
-
-LAST_SUCCESS = _LastSuccess()
-SECONDS_SINCE_SUCCESS = Gauge(
-    "sync_seconds_since_last_success",
-    "Seconds since the last OpenRouter run that succeeded or found nothing new (NaN: never)",
-)
-SECONDS_SINCE_SUCCESS.set_function(
-    lambda: time.time() - LAST_SUCCESS.at if LAST_SUCCESS.at is not None else math.nan
-)
-
-
-async def refresh_metrics(conn: Connection) -> None:
-    for provider in (OPENROUTER, OLLAMA):
-        for status in ("active", "removed", "unavailable"):
-            CATALOG_MODELS.labels(provider, status).set(0)
-    for r in await db.provider_counts(conn):
-        CATALOG_MODELS.labels(r["provider"], r["status"]).set(r["count"])
-    if LAST_SUCCESS.at is None and (at := await db.last_success_at(conn)):
-        LAST_SUCCESS.at = at.timestamp()
 
 
 def selection_rules(settings: SyncSettings) -> SelectionRules:
@@ -76,6 +42,7 @@ def selection_rules(settings: SyncSettings) -> SelectionRules:
         top_n=settings.openrouter_top_n,
         rank_by=settings.openrouter_rank_by,
         include_variable_price=settings.openrouter_include_variable_price,
+        output_modalities=settings.openrouter_output_modalities,
     )
 
 
@@ -116,8 +83,13 @@ async def apply_catalog(
             "; ".join(f"{s.model_id}: {s.reason}" for s in parsed.skipped[:5]),
         )
     filtered, selected = select(parsed.models, rules)
-    log.info("filtered to %d models (price <= %s)", len(filtered), f"{rules.max_price_per_1m:.2f}")
-    log.info("selected top %d models", len(selected))
+    log.info(
+        "%d of %d models output only %s and are within the price cap (%s USD per 1M)",
+        len(filtered),
+        len(parsed.models),
+        "+".join(sorted(rules.output_modalities)),
+        plain_decimal(rules.max_price_per_1m),
+    )
     async with conn.transaction():
         current = (await db.stored_models(conn, OPENROUTER)).get(None, {})
         changes = diff(current, selected)
@@ -138,10 +110,15 @@ async def apply_catalog(
             conn, [*model_synced(changes, run_id), _completed(run_id, "succeeded", counts)]
         )
     log.info(
-        "synced %d/%d models",
+        "kept the top %d of %d eligible models (OPENROUTER_TOP_N=%d): %d added, %d changed, "
+        "%d removed",
         len(selected),
-        len(selected),
-        extra={"run_id": str(run_id), "rows_written": len(changes), **dict(told.items())},
+        len(filtered),
+        rules.top_n,
+        told["added"],
+        told["changed"],
+        told["removed"],
+        extra={"run_id": str(run_id), "rows_written": len(changes)},
     )
     return counts
 
@@ -294,69 +271,3 @@ class CatalogSync:
         finally:
             while not self._requested.empty():
                 await self._requested.get_nowait().release()
-
-
-class DeviceDiscovery:
-    """Checks every configured Ollama device; passes never overlap (a lock in this process,
-    an advisory lock across instances)."""
-
-    def __init__(self, settings: SyncSettings) -> None:
-        self.settings = settings
-        self._lock = asyncio.Lock()
-
-    async def discovery_loop(self, runtime: Runtime) -> None:
-        log.info(
-            "Ollama discovery started (%d devices, interval=%gs)",
-            len(self.settings.ollama_devices),
-            self.settings.ollama_discovery_interval,
-        )
-        while True:
-            await self.run(runtime.pool)
-            await asyncio.sleep(self.settings.ollama_discovery_interval)
-
-    async def run(self, pool: asyncpg.Pool) -> DiscoveryOutcome:
-        s = self.settings
-        async with self._lock:
-            checks = await asyncio.gather(
-                *(check_device(n, url, s.ollama_timeout_s) for n, url in s.ollama_devices.items())
-            )
-            async with pool.acquire() as conn:
-                async with conn.transaction():
-                    await db.lock_discovery(conn)
-                    stored = await db.stored_models(conn, OLLAMA)
-                    outcome = discovery_outcome(
-                        await db.device_status(conn),
-                        {d: m for d, m in stored.items() if d is not None},
-                        checks,
-                        uuid.uuid4(),
-                    )
-                    await db.write_devices(conn, checks)
-                    await db.forget_devices(conn, outcome.forgotten)
-                    await db.write_models(conn, outcome.changes)
-                    await db.add_price_history(conn, outcome.changes, None)
-                    await outbox.add(conn, outcome.events)
-                if outcome.changes:
-                    await refresh_metrics(conn)
-        for check in outcome.transitions:
-            if check.error:
-                log.warning(
-                    "device %s (%s) offline: %s; its models are unavailable",
-                    check.device,
-                    check.base_url,
-                    check.error,
-                )
-            else:
-                log.info(
-                    "device %s (%s) online: Ollama %s, %d models",
-                    check.device,
-                    check.base_url,
-                    check.version,
-                    len(check.models),
-                )
-        for check in checks:
-            DEVICE_UP.labels(check.device).set(0 if check.error else 1)
-        for device in outcome.forgotten:
-            log.info("device %s is no longer configured; its models are removed", device)
-            with contextlib.suppress(KeyError):
-                DEVICE_UP.remove(device)
-        return outcome
