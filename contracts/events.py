@@ -11,7 +11,7 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, Self
 
 from pydantic import (
     BaseModel,
@@ -52,14 +52,21 @@ class Event(BaseModel):
     )
     occurred_at: datetime = Field(default_factory=utcnow, description="When it happened (UTC).")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _identity_sent(cls, data: Any, info: ValidationInfo) -> Any:
-        if info.context == INBOUND and isinstance(data, dict):
-            missing = [k for k in ("event_id", "occurred_at") if data.get(k) is None]
+    @model_validator(mode="after")
+    def _identity_sent(self, info: ValidationInfo) -> Self:
+        # an "after" check: a "before" one would turn JSON validation into Python validation,
+        # under which strict mode refuses the JSON forms of dates, UUIDs and decimals
+        if info.context == INBOUND:
+            missing = [k for k in ("event_id", "occurred_at") if k not in self.model_fields_set]
             if missing:
                 raise ValueError(f"missing {' and '.join(missing)}: every event must carry them")
-        return data
+        return self
+
+    @classmethod
+    def from_wire(cls, data: bytes | str) -> Self:
+        """Read a message as its JSON Schema says it is: strictly (`"12"` or `12.0` is not an
+        integer, `"true"` not a boolean), identity required, unknown fields ignored."""
+        return cls.model_validate_json(data, strict=True, context=INBOUND)
 
 
 # --- sync: the model catalog -------------------------------------------------------------

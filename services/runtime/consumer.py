@@ -37,9 +37,8 @@ from pydantic import ValidationError
 
 from contracts import Event, dead_letter_subject
 from contracts.catalog import DEAD_LETTER_STREAM, STREAMS, stream_for
-from contracts.events import INBOUND
 from services.runtime import inbox
-from services.runtime.db import Connection
+from services.runtime.db import Connection, usable
 from services.runtime.faults import backoff_seconds, describe, permanent, unavailable
 from services.runtime.messaging import ensure_streams
 from services.runtime.outbox import Relay
@@ -127,7 +126,7 @@ class Processor(Generic[E]):
         again: list[tuple[Msg, E]] = []
         for msg in msgs:
             try:
-                event = self.consumer.event.model_validate_json(msg.data, context=INBOUND)
+                event = self.consumer.event.from_wire(msg.data)
             except ValidationError as exc:
                 await self.dead_letter(msg, "invalid", _short(exc))
                 continue
@@ -416,7 +415,7 @@ class Subscription:
 
     @contextlib.asynccontextmanager
     async def _transaction(self) -> AsyncIterator[Connection]:
-        if self.conn is None or self.conn.is_closed():  # first use, or PostgreSQL restarted
+        if not usable(self.conn):  # first use, or PostgreSQL went away
             await self._release()
             self.conn = await self.pool.acquire(timeout=5)
         async with self.relay.transaction(self.conn) as conn:

@@ -106,6 +106,17 @@ async def migrate(
         await conn.close()
 
 
+def usable(conn: Connection | None) -> bool:
+    """False for no connection, a closed one, or one the pool took back (it does when the
+    server goes away, and the borrowed proxy then refuses every call)."""
+    if conn is None:
+        return False
+    try:
+        return not conn.is_closed()
+    except asyncpg.InterfaceError:
+        return False
+
+
 async def _init_connection(conn: asyncpg.Connection) -> None:
     for typ in ("json", "jsonb"):
         await conn.set_type_codec(typ, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
@@ -118,7 +129,7 @@ async def create_pool(
     connection defaults, so the pool's RESET ALL between uses keeps them."""
     pool = await asyncpg.create_pool(
         database_url,
-        min_size=1,
+        min_size=0,  # a floor would be refilled (and logged) once a second in an outage
         max_size=size,
         init=_init_connection,
         server_settings={"search_path": schema, "role": role, "application_name": application},

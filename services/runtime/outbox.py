@@ -31,7 +31,7 @@ from prometheus_client import Counter, Gauge
 
 from contracts import Event
 from contracts.catalog import stream_for
-from services.runtime.db import Connection
+from services.runtime.db import Connection, usable
 from services.runtime.faults import backoff_seconds, describe
 from services.runtime.messaging import ensure_streams
 from services.runtime.telemetry import context_from_headers, current_trace_headers
@@ -194,7 +194,7 @@ class Relay:
         try:
             while True:
                 try:
-                    if listener is None or listener.is_closed():  # new, or PostgreSQL restarted
+                    if not usable(listener):  # new, or PostgreSQL went away
                         await self._release(listener)
                         listener = None
                         listener = await self.pool.acquire(timeout=self.ack_timeout_s)

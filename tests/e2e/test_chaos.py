@@ -1,6 +1,8 @@
 """Nothing lost, nothing counted twice, under failure: while events flow, the stats service
 is killed with SIGKILL and restarted, NATS is killed and restarted, PostgreSQL is killed and
-restarted. Afterwards every event is counted exactly once."""
+restarted, and PostgreSQL then stays away for longer than the consumer's whole retry budget
+(`CONSUMER_MAX_DELIVER` x `CONSUMER_ACK_WAIT_S`). Afterwards every event is counted exactly
+once and nothing was dead-lettered."""
 
 from __future__ import annotations
 
@@ -15,12 +17,15 @@ import nats
 import pytest
 from nats.aio.client import Client as Nats
 
+from contracts.catalog import DEAD_LETTER_STREAM
 from contracts.events import SubtaskCompleted
 from services.embedded import EmbeddedNats, EmbeddedPostgres, free_port
 from services.runtime.messaging import ensure_streams
 from services.stack import spawn_service, wait_until_up
 
 EVENTS = 3000
+MAX_DELIVER, ACK_WAIT_S = 2, 1.0
+LONG_OUTAGE_S = 3 * MAX_DELIVER * ACK_WAIT_S
 
 
 class StatsProcess:
@@ -32,6 +37,8 @@ class StatsProcess:
             "DATABASE_URL": database_url,
             "HTTP_PORT": str(self.port),
             "STATS_BATCH_SIZE": "100",
+            "CONSUMER_MAX_DELIVER": str(MAX_DELIVER),
+            "CONSUMER_ACK_WAIT_S": str(ACK_WAIT_S),
         }
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
@@ -151,6 +158,11 @@ async def test_every_event_is_applied_exactly_once_through_kills_and_restarts(
         stats.kill()
         during.append(published)
         await stats.start()
+        await asyncio.sleep(0.5)
+        during.append(published)
+        pg.stop()
+        await asyncio.sleep(LONG_OUTAGE_S)  # longer than the consumer's retry budget
+        pg.start()
 
     try:
         await asyncio.gather(publisher(), chaos())
@@ -164,6 +176,8 @@ async def test_every_event_is_applied_exactly_once_through_kills_and_restarts(
             await asyncio.sleep(0.2)
         await asyncio.sleep(1.0)  # a late redelivery would show up now
         assert await total_counted(pg.url) == (EVENTS, EVENTS)
+        dead = await nc.jetstream().stream_info(DEAD_LETTER_STREAM.name)
+        assert dead.state.messages == 0, "a valid event was dead-lettered"
     finally:
         stats.stop()
         await nc.close()

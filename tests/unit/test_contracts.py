@@ -139,7 +139,7 @@ def test_every_channel_has_an_example() -> None:
 @pytest.mark.parametrize("event_type", list(EXAMPLES), ids=lambda t: t.subject)
 def test_round_trip_through_json_keeps_every_field(event_type: type[ev.Event]) -> None:
     event = event_type(**EXAMPLES[event_type])
-    again = event_type.model_validate_json(event.model_dump_json(), context=INBOUND)
+    again = event_type.from_wire(event.model_dump_json())
     assert again == event
 
 
@@ -163,6 +163,27 @@ def test_an_inbound_event_without_its_id_is_refused() -> None:
     del wire["event_id"]
     with pytest.raises(ValidationError, match="missing event_id"):
         ev.ModelRewarded.model_validate(wire, context=INBOUND)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("prompt_tokens", "12"), ("prompt_tokens", 12.0), ("prompt_tokens", True), ("attempt", "2")],
+)
+def test_inbound_events_are_read_as_strictly_as_their_schema_says(
+    field: str, value: object
+) -> None:
+    wire = ev.SubtaskCompleted(**EXAMPLES[ev.SubtaskCompleted]).model_dump(mode="json")
+    assert ev.SubtaskCompleted.from_wire(json.dumps(wire)).event_id  # as sent: accepted
+    wire[field] = value
+    with pytest.raises(ValidationError, match=field):
+        ev.SubtaskCompleted.from_wire(json.dumps(wire))
+
+
+def test_an_inbound_event_read_from_json_needs_its_identity() -> None:
+    wire = ev.ModelRewarded(**EXAMPLES[ev.ModelRewarded]).model_dump(mode="json")
+    del wire["occurred_at"]
+    with pytest.raises(ValidationError, match="missing occurred_at"):
+        ev.ModelRewarded.from_wire(json.dumps(wire))
 
 
 def test_bad_values_are_refused_with_the_field_named() -> None:
