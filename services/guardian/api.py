@@ -11,13 +11,14 @@ import hmac
 import uuid
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Header, HTTPException, Query
+from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SecretStr
 
 from services.guardian import db
 from services.guardian.handlers import Guardian
+from services.runtime.service import runtime_of
 
 
 class Control(BaseModel):
@@ -28,24 +29,29 @@ class Control(BaseModel):
     service: str | None = Field(None, max_length=100, description="For reset: which service.")
 
 
+def require_operator(
+    request: Request,
+    authorization: Annotated[str | None, Header(max_length=4096)] = None,
+) -> str:
+    """The caller is an operator; returns who (for the record). For now: the shared token
+    GUARDIAN_OPERATOR_TOKEN (fleet up makes one in FLEET_HOME/operator.token)."""
+    settings = runtime_of(request).settings
+    token: SecretStr | None = getattr(settings, "guardian_operator_token", None)
+    if token is None:
+        raise HTTPException(503, "control endpoints are off: GUARDIAN_OPERATOR_TOKEN is unset")
+    expected = f"Bearer {token.get_secret_value()}".encode()
+    if not authorization or not hmac.compare_digest(authorization.encode(), expected):
+        raise HTTPException(
+            401, "an operator's bearer token is needed", headers={"WWW-Authenticate": "Bearer"}
+        )
+    return "operator"
+
+
+Operator = Annotated[str, Depends(require_operator)]
+
+
 def build_router(guardian: Guardian) -> APIRouter:
     router = APIRouter(tags=["guardian"])
-
-    def require_operator(
-        authorization: Annotated[str | None, Header(max_length=4096)] = None,
-    ) -> str:
-        """The caller is an operator; returns who (for the record)."""
-        token = guardian.settings.guardian_operator_token
-        if token is None:
-            raise HTTPException(503, "control endpoints are off: GUARDIAN_OPERATOR_TOKEN is unset")
-        expected = f"Bearer {token.get_secret_value()}".encode()
-        if not authorization or not hmac.compare_digest(authorization.encode(), expected):
-            raise HTTPException(
-                401, "an operator's bearer token is needed", headers={"WWW-Authenticate": "Bearer"}
-            )
-        return "operator"
-
-    Operator = Annotated[str, Depends(require_operator)]
 
     @router.get(
         "/api/health",

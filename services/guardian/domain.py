@@ -147,6 +147,8 @@ def _plain(value: Any) -> Any:
         return str(value)
     if isinstance(value, tuple | list):
         return [_plain(v) for v in value]
+    if isinstance(value, Attempt):
+        return {k: _plain(v) for k, v in value.__dict__.items()}
     return value
 
 
