@@ -111,7 +111,7 @@ class Processor(Generic[E]):
         transaction: Transaction,
         max_deliver: int,
         ack_wait_s: float,
-        max_pause_s: float = 5.0,
+        max_pause_s: float = 1.0,
     ) -> None:
         self.consumer = consumer
         self.js = js

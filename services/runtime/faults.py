@@ -20,6 +20,7 @@ _NATS_UNAVAILABLE = (
     nats.errors.ConnectionClosedError,
     nats.errors.ConnectionReconnectingError,
     nats.errors.ConnectionDrainingError,
+    nats.errors.NoServersError,
     nats.errors.StaleConnectionError,
     nats.errors.OutboundBufferLimitError,
     nats.errors.NoRespondersError,
@@ -30,6 +31,8 @@ _NATS_UNAVAILABLE = (
 
 def unavailable(exc: BaseException) -> bool:
     """True when `exc` says PostgreSQL or NATS cannot be used right now (trying later helps)."""
+    if isinstance(exc, BaseExceptionGroup):  # from a task group: all of them, or it is a bug
+        return all(unavailable(e) for e in exc.exceptions)
     if isinstance(exc, asyncpg.PostgresError):
         return (exc.sqlstate or "")[:2] in _TRANSIENT_SQLSTATE_CLASSES
     if isinstance(exc, asyncpg.InterfaceError):

@@ -8,6 +8,7 @@ and subscriptions, pull requests and publishers carry on over the new one.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import nats.errors
@@ -27,6 +28,17 @@ class ResilientNats(Nats):
     """A nats-py client that treats a server's protocol error as a lost connection."""
 
     closing = False  # set by close(): what follows is a shutdown, not an outage
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reconnected: list[asyncio.Event] = []  # set on each reconnection
+
+    def on_reconnect(self) -> asyncio.Event:
+        """An event set whenever the connection is reopened (the watcher clears it): pull
+        requests pending on the lost connection are gone and must be made again."""
+        event = asyncio.Event()
+        self.reconnected.append(event)
+        return event
 
     async def close(self) -> None:
         self.closing = True
@@ -55,6 +67,8 @@ async def connect_nats(url: str, name: str) -> Nats:
 
     async def reconnected_cb() -> None:
         log.info("nats reconnected")
+        for event in client.reconnected:
+            event.set()
 
     async def closed_cb() -> None:
         if not client.closing:

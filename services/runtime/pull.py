@@ -60,10 +60,14 @@ class Puller:
         self._request_done = asyncio.Event()
         self._delivered = 0
         self._inbox = ""
+        self._reconnected = asyncio.Event()
         self._sub: Subscription | None = None
         self._requests: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        # pull requests die with a lost connection: ask again as soon as it is back
+        watch = getattr(self.nc, "on_reconnect", None)
+        self._reconnected = watch() if watch else asyncio.Event()
         self._inbox = self.nc.new_inbox()
         self._sub = await self.nc.subscribe(self._inbox, cb=self._on_message)
         self._requests = asyncio.create_task(self._request_loop(), name=f"pull {self.api}")
@@ -128,8 +132,8 @@ class Puller:
             self._delivered = 0
             try:
                 await self.nc.publish(self.api, request, reply=self._inbox)
-                # no answer by then (connection lost and server forgot it): ask again
-                await asyncio.wait_for(self._request_done.wait(), self.expires_s + 1)
+                # no answer by then (the server forgot it): ask again
+                await asyncio.wait_for(self._answered_or_reconnected(), self.expires_s + 1)
             except TimeoutError:
                 continue
             except Exception as exc:  # disconnected; nats-py reconnects by itself
@@ -137,6 +141,16 @@ class Puller:
                 if self._failures == 1:
                     log.warning("pull request failed, retrying: %s", describe(exc))
                 continue
+
+    async def _answered_or_reconnected(self) -> None:
+        answered = asyncio.ensure_future(self._request_done.wait())
+        reconnected = asyncio.ensure_future(self._reconnected.wait())
+        try:
+            await asyncio.wait((answered, reconnected), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            answered.cancel()
+            reconnected.cancel()
+        self._reconnected.clear()
 
     async def _declare_again(self) -> None:
         """Recreate the durable consumer (and its stream) until it works, with backoff."""
