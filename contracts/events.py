@@ -19,6 +19,7 @@ from pydantic import (
     Field,
     PlainSerializer,
     ValidationInfo,
+    field_validator,
     model_validator,
 )
 
@@ -189,27 +190,51 @@ class DeviceOnline(Event):
 # --- benchmark ---------------------------------------------------------------------------
 
 
-class BenchmarkRequested(Event):
+class BenchmarkSpec(BaseModel):
+    """What a benchmark job does: `runs` streamed requests of `prompt` to `model` through
+    `provider`. The API's request body and `benchmark.requested` share these fields and
+    limits."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
+
+    provider: Literal["ollama", "openrouter", "openai"] = Field(
+        description="ollama (OLLAMA_BASE_URL), openrouter (OPENROUTER_BASE_URL) or openai "
+        "(any OpenAI-compatible server at OPENAI_BASE_URL)."
+    )
+    model: str = Field(min_length=1, max_length=512, description="The model's id.")
+    task_type: Literal["generate", "chat"] = Field(
+        description="ollama: /api/generate or /api/chat; openrouter and openai: both send the "
+        "prompt as one user message to /chat/completions."
+    )
+    prompt: str = Field(min_length=1, max_length=100_000)
+    runs: int = Field(ge=1, le=1000, description="Measured runs.")
+    warmup_runs: int = Field(
+        0, ge=0, le=100, description="Runs before the measured ones, not counted."
+    )
+    concurrency: int = Field(1, ge=1, le=256, description="Measured runs in flight at once.")
+    max_tokens: int | None = Field(None, ge=1, le=32768, description="Output limit per run.")
+    timeout_s: float = Field(
+        120.0, gt=0, le=3600, description="Limit of one run, request start to done, seconds."
+    )
+
+    @field_validator("model", "prompt")
+    @classmethod
+    def _no_nul(cls, value: str) -> str:
+        if "\x00" in value:
+            raise ValueError("must not contain NUL characters")
+        return value
+
+
+class BenchmarkRequested(Event, BenchmarkSpec):
     """A benchmark job was accepted and waits for a worker. Published by the benchmark API
     (after its price guard) or by any client; a worker applies the price guard again."""
 
     subject: ClassVar[str] = "benchmark.requested"
 
     job_id: uuid.UUID
-    provider: Literal["ollama", "openrouter", "openai"]
-    model: str = NonEmpty
-    task_type: Literal["generate", "chat"] = Field(
-        description="ollama: /api/generate or /api/chat; openrouter and openai: both send the "
-        "prompt as one user message to /chat/completions."
+    user_id: str | None = Field(
+        None, max_length=512, description="Who submitted it (their quota and their job)."
     )
-    prompt: str = Field(min_length=1)
-    runs: int = Field(ge=1, le=1000, description="Measured runs.")
-    warmup_runs: int = Field(
-        0, ge=0, le=100, description="Runs before the measured ones, not counted."
-    )
-    concurrency: int = Field(1, ge=1, le=256, description="Measured runs in flight at once.")
-    max_tokens: int | None = Field(None, ge=1)
-    timeout_s: float = Field(120.0, gt=0, description="Limit of one run, request to last byte.")
 
 
 class LatencySummary(BaseModel):
@@ -233,12 +258,19 @@ class BenchmarkSummary(BaseModel):
     runs_failed: int
     ttft_ms: LatencySummary | None = Field(None, description="Time to first token, per run.")
     inter_token_ms: LatencySummary | None = Field(
-        None, description="Gaps between content chunks, pooled over the runs."
+        None, description="Gaps between content chunks (ITL per chunk), pooled over the runs."
+    )
+    itl_per_token_ms: LatencySummary | None = Field(
+        None,
+        description="ITL per token: each gap over the tokens its chunk held, once per token, "
+        "pooled; only from servers that say how many tokens each chunk held.",
     )
     tpot_ms: LatencySummary | None = Field(
         None, description="Time per output token after the first, per run."
     )
-    e2e_ms: LatencySummary | None = Field(None, description="Request to last byte, per run.")
+    e2e_ms: LatencySummary | None = Field(
+        None, description="Request start to the server's done, per run."
+    )
     tokens_per_s: LatencySummary | None = Field(
         None, description="Output tokens (server's count) over end-to-end time, per run."
     )
@@ -265,8 +297,10 @@ class BenchmarkCompleted(Event):
 
 
 class BenchmarkFailed(Event):
-    """A job ended without a successful run: every run failed, the price guard refused it
-    when it was about to start, or its workers kept dying."""
+    """A job ended without a successful run, or was stopped: every run failed, the price
+    guard refused it when it was about to start, its workers kept dying, it was cancelled
+    (`error` starts with "cancelled") or ran out of time (`error` starts with "time
+    limit"); `summary` covers the runs it finished."""
 
     subject: ClassVar[str] = "benchmark.failed"
 

@@ -38,6 +38,10 @@ class Script:
     error_after: int | None = None  # an error object in the stream after this many chunks
     stall_s: float = 0.0  # before the final lines (to provoke a client timeout)
     sse_comment: bool = False  # ": OPENROUTER PROCESSING" before the first chunk
+    chunk_usage: bool = False  # SSE: a running usage in every chunk (vLLM's continuous stats)
+    raw: bytes | None = None  # answer 200 with exactly this body instead (a broken server)
+    raw_content_type: str = "application/json"
+    echo_authorization: bool = False  # an error answer quotes the request's Authorization
 
     @property
     def completion_tokens(self) -> int:
@@ -125,9 +129,18 @@ class FakeModelServer:
             await self._plain(writer, 404, {"error": f"no route {method} {path}"})
             return True
         if script.status != 200:
-            await self._plain(
-                writer, script.status, {"error": f"model {body.get('model')!r} not found"}
+            message = f"model {body.get('model')!r} not found"
+            if script.echo_authorization:
+                message = f"invalid credentials: Authorization: {headers.get('authorization')}"
+            await self._plain(writer, script.status, {"error": message})
+            return True
+        if script.raw is not None:
+            writer.write(
+                f"HTTP/1.1 200 OK\r\nContent-Type: {script.raw_content_type}\r\n"
+                f"Content-Length: {len(script.raw)}\r\n\r\n".encode()
+                + script.raw
             )
+            await writer.drain()
             return True
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
@@ -249,7 +262,13 @@ class FakeModelServer:
             await self._send(writer, b": OPENROUTER PROCESSING\n\n")
         role = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
         await self._send(writer, event([role]))
-        outputs = [event([delta(text)]) for text, _ in script.chunks]
+        outputs, running = [], 0
+        for text, tokens in script.chunks:
+            running += tokens
+            so_far = {"prompt_tokens": script.prompt_tokens, "completion_tokens": running}
+            outputs.append(
+                event([delta(text)], **({"usage": so_far} if script.chunk_usage else {}))
+            )
         error = (
             f"data: {json.dumps({'error': {'message': 'upstream overloaded', 'code': 502}})}\n\n"
         )

@@ -3,74 +3,34 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Coroutine
 from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
-from fastapi.exceptions import RequestValidationError
+from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query
 from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from contracts.events import BenchmarkRequested, BenchmarkSummary
+from contracts.events import BenchmarkRequested, BenchmarkSpec, BenchmarkSummary
 from services.benchmark import db, handlers
 from services.benchmark.config import BenchmarkSettings
-from services.benchmark.domain import summarize
+from services.benchmark.domain import (
+    CANCELLED,
+    PRICE_GUARD_RULE,
+    cut_short,
+    quota_refusal,
+    summarize,
+)
 from services.runtime import outbox
+from services.runtime.errors import ApiError
 from services.runtime.service import Runtime, runtime_of
 
-
-def explain(errors: list[dict[str, Any]]) -> str:
-    """Validation errors as one sentence a person can act on."""
-    parts = []
-    for e in errors:
-        where = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
-        if e.get("type") == "json_invalid":
-            parts.append("the body is not valid JSON")
-        elif e.get("type") == "missing":
-            parts.append(f"{where} is required")
-        elif e.get("type") == "extra_forbidden":
-            parts.append(f"{where} is not a known field")
-        else:
-            got = f" (got {e['input']!r})" if "input" in e and e.get("input") is not None else ""
-            parts.append(f"{where or 'body'}: {e.get('msg', 'invalid')}{got}")
-    return "; ".join(parts)
+ModelId = Annotated[str, StringConstraints(min_length=1, max_length=512)]
 
 
-class PlainErrors(APIRoute):
-    """422 answers that say in words what is wrong, besides FastAPI's `detail` list."""
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handle = super().get_route_handler()
-
-        async def plain(request: Request) -> Response:
-            try:
-                return await handle(request)
-            except RequestValidationError as exc:
-                errors = list(exc.errors())
-                return JSONResponse(
-                    {
-                        "error": "invalid_request",
-                        "message": explain(errors),
-                        "detail": _jsonable(errors),
-                    },
-                    status_code=422,
-                )
-
-        return plain
-
-
-def _jsonable(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    keep = ("type", "loc", "msg", "input")
-    return [
-        {k: e[k] for k in keep if k in e and isinstance(e[k], str | int | list)} for e in errors
-    ]
-
-
-class RunRequest(BaseModel):
-    """A benchmark job: `runs` streamed requests of `prompt` to `model` through `provider`."""
+class RunRequest(BenchmarkSpec):
+    """A benchmark job: `runs` streamed requests of `prompt` to `model` through `provider`
+    (the fields and limits of `benchmark.requested`)."""
 
     model_config = ConfigDict(
         extra="forbid",
@@ -90,22 +50,6 @@ class RunRequest(BaseModel):
         },
     )
 
-    provider: Literal["ollama", "openrouter", "openai"] = Field(
-        description="ollama (OLLAMA_BASE_URL), openrouter (OPENROUTER_BASE_URL) or openai "
-        "(any OpenAI-compatible server at OPENAI_BASE_URL)."
-    )
-    model: str = Field(min_length=1, max_length=512, description="The model's id.")
-    task_type: Literal["generate", "chat"] = Field(
-        description="ollama: /api/generate or /api/chat; openrouter and openai: both send "
-        "the prompt as one user message to /chat/completions."
-    )
-    prompt: str = Field(min_length=1, max_length=100_000)
-    runs: int = Field(ge=1, le=1000, description="Measured runs.")
-    max_tokens: int | None = Field(None, ge=1, le=32768, description="Output limit per run.")
-    concurrency: int = Field(1, ge=1, le=256, description="Measured runs in flight at once.")
-    warmup_runs: int = Field(0, ge=0, le=100, description="Runs before, not counted.")
-    timeout_s: float = Field(120.0, gt=0, le=3600, description="Limit of one run, in seconds.")
-
 
 class RunAccepted(BaseModel):
     job_id: uuid.UUID
@@ -113,15 +57,12 @@ class RunAccepted(BaseModel):
     url: str = Field(description="Where to follow the job.")
 
 
-class Blocked(BaseModel):
-    error: Literal["benchmark_blocked"] = "benchmark_blocked"
-    reason: str = Field(description="Why, naming the price and the cap.")
-
-
-class InvalidRequest(BaseModel):
-    error: Literal["invalid_request"] = "invalid_request"
-    message: str = Field(description="What is wrong, in words.")
-    detail: list[dict[str, Any]]
+class CancelAnswer(BaseModel):
+    job_id: uuid.UUID
+    status: Literal["cancelled", "running"] = Field(
+        description="cancelled: it was queued and is cancelled; running: its worker stops it "
+        "within BENCHMARK_HEARTBEAT_S (then `cancelled`)."
+    )
 
 
 class RunView(BaseModel):
@@ -141,6 +82,7 @@ class RunView(BaseModel):
     tpot_ms: float | None
     prompt_tokens: int | None
     output_tokens: int | None
+    ttfb_ms: float | None = Field(description="Request start to the response's first byte.")
     tokens_per_s: float | None = Field(description="Output tokens over end-to-end time.")
     server_tokens_per_s: float | None = Field(
         description="Ollama's own eval_count / eval_duration, when it reports them."
@@ -156,7 +98,7 @@ class JobBrief(BaseModel):
     model: str
     task_type: str
     runs: int
-    status: Literal["queued", "running", "completed", "failed"]
+    status: Literal["queued", "running", "completed", "failed", "cancelled"]
     attempt: int = Field(description="Workers that started the job so far.")
     error: str | None
     summary: BenchmarkSummary | None
@@ -171,6 +113,7 @@ class JobView(JobBrief):
     concurrency: int
     max_tokens: int | None
     timeout_s: float
+    user_id: str | None = Field(description="Who submitted it.")
     worker: str | None = Field(description="The worker that took the current attempt.")
     runs_done: int = Field(description="Measured runs finished by the current attempt.")
     runs_failed: int
@@ -193,12 +136,7 @@ class ModelResults(BaseModel):
     )
 
 
-router = APIRouter(
-    prefix="/v1/benchmarks",
-    tags=["benchmark"],
-    route_class=PlainErrors,
-    responses={422: {"model": InvalidRequest, "description": "The request is not valid"}},
-)
+router = APIRouter(prefix="/v1/benchmarks", tags=["benchmark"])
 
 
 def settings_of(runtime: Annotated[Runtime, Depends(runtime_of)]) -> BenchmarkSettings:
@@ -207,7 +145,19 @@ def settings_of(runtime: Annotated[Runtime, Depends(runtime_of)]) -> BenchmarkSe
     return settings
 
 
+def submitter(
+    x_user_id: Annotated[
+        ModelId | None,
+        Header(description="Who calls (until the chassis verifies a bearer token's `sub`)."),
+    ] = None,
+) -> str:
+    """The caller's user id. The one seam for authentication: when the chassis verifies
+    bearer tokens, this returns the token's `sub` instead of a header anyone may set."""
+    return x_user_id or "anonymous"
+
+
 RuntimeDep = Annotated[Runtime, Depends(runtime_of)]
+UserDep = Annotated[str, Depends(submitter)]
 
 
 @router.post(
@@ -215,43 +165,85 @@ RuntimeDep = Annotated[Runtime, Depends(runtime_of)]
     status_code=202,
     response_model=RunAccepted,
     summary="Start a benchmark job",
-    description="Checks the price guard, stores the job and publishes `benchmark.requested`; "
-    "a worker runs it. The guard, by the model's catalog price whatever the provider: a "
-    "prompt or completion price per 1M tokens above `BENCHMARK_MAX_PRICE_PER_1M` is refused; "
-    "a variable price is refused unless `BENCHMARK_ALLOW_VARIABLE_PRICE`; a model the "
-    "catalog does not know is allowed through `ollama` (local models are free) and refused "
-    "through `openrouter`/`openai` unless `BENCHMARK_ALLOW_UNKNOWN_MODELS`.",
+    description="Checks the caller's quota (`BENCHMARK_MAX_ACTIVE_JOBS_PER_USER` queued and "
+    "running jobs, else 429 with `Retry-After`) and the price guard, stores the job and "
+    "publishes `benchmark.requested`; a worker runs it within `BENCHMARK_MAX_JOB_S`.\n\n"
+    "The price guard:\n\n" + PRICE_GUARD_RULE,
     responses={
-        400: {"model": Blocked, "description": "Refused by the price guard"},
+        400: {
+            "description": "Refused by the price guard: `benchmark_blocked`, the message "
+            "names the price and the cap"
+        },
+        429: {"description": "`quota_exceeded`: too many queued and running jobs"},
     },
 )
 async def run(
     body: RunRequest,
     runtime: RuntimeDep,
+    user: UserDep,
     settings: Annotated[BenchmarkSettings, Depends(settings_of)],
 ) -> Any:
     async with runtime.pool.acquire() as conn:
         verdict = await handlers.price_verdict(conn, settings, body.provider, body.model)
         if not verdict.allowed:
-            return JSONResponse(Blocked(reason=verdict.reason).model_dump(), status_code=400)
-        job = BenchmarkRequested(job_id=uuid.uuid4(), **body.model_dump())
+            raise ApiError(400, "benchmark_blocked", verdict.reason)
+        job = BenchmarkRequested(job_id=uuid.uuid4(), user_id=user, **body.model_dump())
         async with conn.transaction():
-            await db.insert_job(conn, job)
-            await outbox.add(conn, [job])
+            active = await db.lock_user_quota(conn, user)
+            over = quota_refusal(active, settings.benchmark_max_active_jobs_per_user)
+            if over is None:
+                await db.insert_job(conn, job)
+                await outbox.add(conn, [job])
+    if over is not None:
+        retry_after = str(settings.benchmark_quota_retry_after_s)
+        raise ApiError(429, "quota_exceeded", over, headers={"Retry-After": retry_after})
     return RunAccepted(job_id=job.job_id, url=f"{router.prefix}/{job.job_id}")
 
 
-@router.get("", response_model=list[JobBrief], summary="Jobs, newest first")
+@router.post(
+    "/{job_id}/cancel",
+    response_model=CancelAnswer,
+    summary="Cancel a job",
+    description="A queued job is cancelled at once (200, `cancelled`). A running one is "
+    "stopped by its worker between runs or mid-run, its streams closed, within "
+    "`BENCHMARK_HEARTBEAT_S` (202, `running`; then `cancelled`, keeping the runs it "
+    "finished). Either way `benchmark.failed` goes out with an error starting `cancelled`.",
+    responses={
+        202: {"model": CancelAnswer, "description": "The worker was asked to stop it"},
+        404: {"description": "No such job of the caller"},
+        409: {"description": "`job_finished`: the job has ended already"},
+    },
+)
+async def cancel(job_id: uuid.UUID, runtime: RuntimeDep, user: UserDep) -> Any:
+    async with runtime.transaction() as conn:
+        row = await db.request_cancel(conn, job_id, user, CANCELLED)
+        if row is not None and row["status"] == "cancelled":
+            fields = {k: v for k, v in dict(row).items() if k != "status"}
+            await outbox.add(conn, [cut_short(BenchmarkRequested(**fields), CANCELLED, [])])
+        existing = await db.job(conn, job_id, user) if row is None else None
+    if row is not None:
+        answer = CancelAnswer(job_id=job_id, status=row["status"])
+        return JSONResponse(
+            answer.model_dump(mode="json"), status_code=200 if row["status"] == "cancelled" else 202
+        )
+    if existing is None:
+        raise HTTPException(404, f"no benchmark job {job_id}")
+    raise ApiError(409, "job_finished", f"job {job_id} has ended: {existing['status']}")
+
+
+@router.get("", response_model=list[JobBrief], summary="The caller's jobs, newest first")
 async def list_jobs(
     runtime: RuntimeDep,
-    model: Annotated[str | None, Query(description="Only this model")] = None,
+    user: UserDep,
+    model: Annotated[ModelId | None, Query(description="Only this model")] = None,
     status: Annotated[
-        Literal["queued", "running", "completed", "failed"] | None, Query(description="Only")
+        Literal["queued", "running", "completed", "failed", "cancelled"] | None,
+        Query(description="Only"),
     ] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> list[JobBrief]:
     async with runtime.pool.acquire() as conn:
-        rows = await db.list_jobs(conn, model, status, limit)
+        rows = await db.list_jobs(conn, user, model, status, limit)
     return [JobBrief(**dict(r)) for r in rows]
 
 
@@ -261,11 +253,11 @@ async def list_jobs(
     summary="The latest results of a model",
     responses={404: {"description": "No completed job for this model"}},
 )
-async def model_results(model: str, runtime: RuntimeDep) -> ModelResults:
+async def model_results(model: Annotated[ModelId, Path()], runtime: RuntimeDep) -> ModelResults:
     async with runtime.pool.acquire() as conn:
         rows = await db.latest_results(conn, model)
     if not rows:
-        raise HTTPException(404, f"no completed benchmark of model {model!r}")
+        raise HTTPException(404, f"no completed benchmark of model {model[:100]!r}")
     return ModelResults(model=model, results=[LatestResult(**dict(r)) for r in rows])
 
 
@@ -274,11 +266,13 @@ async def model_results(model: str, runtime: RuntimeDep) -> ModelResults:
     response_model=JobView,
     summary="A job: status, per-run results and aggregates",
     description="While the job runs, `summary` covers the runs finished so far.",
-    responses={404: {"description": "No such job (or deleted after the retention period)"}},
+    responses={
+        404: {"description": "No such job of the caller (or deleted after the retention period)"}
+    },
 )
-async def get_job(job_id: uuid.UUID, runtime: RuntimeDep) -> JobView:
+async def get_job(job_id: uuid.UUID, runtime: RuntimeDep, user: UserDep) -> JobView:
     async with runtime.pool.acquire() as conn:
-        row = await db.job(conn, job_id)
+        row = await db.job(conn, job_id, user)
         if row is None:
             raise HTTPException(404, f"no benchmark job {job_id}")
         results = await db.job_runs(conn, job_id, row["attempt"])

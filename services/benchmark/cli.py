@@ -23,7 +23,7 @@ import httpx
 
 DEFAULT_URL = "http://127.0.0.1:8102"
 DEFAULT_PROMPT = "Explain in three sentences why the sky is blue."
-FINISHED = ("completed", "failed")
+FINISHED = ("completed", "failed", "cancelled")
 
 
 def default_url() -> str:
@@ -88,11 +88,10 @@ def submit_and_follow(client: httpx.Client, args: argparse.Namespace, out: TextI
     if args.max_tokens is not None:
         body["max_tokens"] = args.max_tokens
     r = client.post("/v1/benchmarks/run", json=body)
-    if r.status_code == 400:
-        print(f"refused: {r.json().get('reason')}", file=out)
-        return 1
-    if r.status_code == 422:
-        print(f"invalid request: {r.json().get('message')}", file=out)
+    if r.status_code in (400, 422, 429):
+        error = r.json().get("error") or {}
+        what = {400: "refused", 422: "invalid request", 429: "over quota"}[r.status_code]
+        print(f"{what}: {error.get('message')}", file=out)
         return 1
     r.raise_for_status()
     job_id = r.json()["job_id"]
@@ -204,7 +203,8 @@ def results_table(job: dict[str, Any]) -> str:
         agg = [("", "mean", "p50", "p90", "p99")]
         for key, label in (
             ("ttft_ms", "ttft ms"),
-            ("inter_token_ms", "inter-token ms"),
+            ("inter_token_ms", "itl/chunk ms"),
+            ("itl_per_token_ms", "itl/token ms"),
             ("tpot_ms", "tpot ms"),
             ("e2e_ms", "e2e ms"),
             ("tokens_per_s", "tokens/s"),

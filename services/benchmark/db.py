@@ -76,8 +76,8 @@ async def catalog_prices(conn: Connection, model_ids: Sequence[str]) -> list[Cat
 async def insert_job(conn: Connection, job: BenchmarkRequested) -> bool:
     """Store a new queued job; False when the id is taken."""
     status = await conn.execute(
-        f"INSERT INTO jobs ({JOB_REQUEST_COLUMNS}, status, created_at)"
-        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'queued', $11)"
+        f"INSERT INTO jobs ({JOB_REQUEST_COLUMNS}, user_id, status, created_at)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 'queued', $12)"
         " ON CONFLICT (job_id) DO NOTHING",
         job.job_id,
         job.provider,
@@ -89,21 +89,127 @@ async def insert_job(conn: Connection, job: BenchmarkRequested) -> bool:
         job.concurrency,
         job.max_tokens,
         job.timeout_s,
+        job.user_id,
         job.occurred_at,
     )
     return bool(status == "INSERT 0 1")
 
 
-async def claim_job(conn: Connection, job_id: uuid.UUID, worker: str) -> asyncpg.Record | None:
-    """Take a queued job, or a running one whose worker stopped (its message came back):
-    the attempt goes up, so the previous holder can no longer write. None when the job is
-    finished (or unknown)."""
+async def lock_user_quota(conn: Connection, user_id: str) -> int:
+    """Inside a transaction: serialize the user's submissions (so two at once cannot both
+    pass the quota) and return how many of their jobs are queued or running."""
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtext('benchmark-quota:' || $1))", user_id)
+    count: int = await conn.fetchval(
+        "SELECT count(*) FROM jobs WHERE user_id = $1 AND status IN ('queued', 'running')",
+        user_id,
+    )
+    return count
+
+
+# Every clock below is clock_timestamp(): when the statement ran, not when its transaction
+# began. A claim also returns the seconds left until the job's deadline, on the database's
+# clock, so workers need not agree with it on the time.
+_CLAIMED = (
+    f"RETURNING attempt, {JOB_REQUEST_COLUMNS}, user_id, created_at AS occurred_at,"
+    " extract(epoch FROM deadline_at - clock_timestamp())::float8 AS seconds_left,"
+    " cancel_requested_at IS NOT NULL AS cancel_requested"
+)
+_CLAIM_SET = (
+    "SET status = 'running', attempt = attempt + 1, worker = $2,"
+    " lease_expires_at = clock_timestamp() + make_interval(secs => $3),"
+    " started_at = clock_timestamp(),"
+    " deadline_at = coalesce(deadline_at, clock_timestamp() + make_interval(secs => $4))"
+)
+_CLAIMABLE = "(status = 'queued' OR (status = 'running' AND lease_expires_at < clock_timestamp()))"
+
+
+async def claim_job(
+    conn: Connection, job_id: uuid.UUID, worker: str, lease_s: float, max_job_s: float
+) -> asyncpg.Record | None:
+    """Take the job if it is queued, or running under a lease that ran out (its worker
+    stopped): the attempt goes up, so the previous holder can no longer write. None when
+    it is finished, unknown, or held by a living worker. In a transaction, the claim also
+    holds the job's advisory lock until it ends, for `renew_lease(..., first=True)`."""
+    await conn.execute("SELECT pg_advisory_xact_lock($1)", _job_lock(job_id))
     return await conn.fetchrow(
-        "UPDATE jobs SET status = 'running', attempt = attempt + 1, worker = $2,"
-        " started_at = now() WHERE job_id = $1 AND status IN ('queued', 'running')"
-        f" RETURNING attempt, {JOB_REQUEST_COLUMNS}, created_at AS occurred_at",
+        f"UPDATE jobs {_CLAIM_SET} WHERE job_id = $1 AND {_CLAIMABLE} {_CLAIMED}",
         job_id,
         worker,
+        lease_s,
+        max_job_s,
+    )
+
+
+async def claim_next(
+    conn: Connection, worker: str, lease_s: float, max_job_s: float, limit: int
+) -> list[asyncpg.Record]:
+    """Take up to `limit` jobs that may be taken (oldest first), skipping those another
+    worker is taking right now."""
+    return await conn.fetch(
+        f"WITH next AS (SELECT job_id FROM jobs WHERE {_CLAIMABLE} ORDER BY created_at"
+        " LIMIT $1 FOR UPDATE SKIP LOCKED)"
+        f" UPDATE jobs {_CLAIM_SET} WHERE job_id IN (SELECT job_id FROM next) {_CLAIMED}",
+        limit,
+        worker,
+        lease_s,
+        max_job_s,
+    )
+
+
+def _job_lock(job_id: uuid.UUID) -> int:
+    """The advisory lock key of a job (a collision only makes a claim wait a moment)."""
+    return int.from_bytes(job_id.bytes[:8], "big", signed=True)
+
+
+async def renew_lease(
+    conn: Connection, job_id: uuid.UUID, attempt: int, lease_s: float, *, first: bool = False
+) -> bool | None:
+    """Extend the lease of the attempt that holds the job. None when it does not hold it
+    (another worker took it over, or the claim was never committed); else whether the
+    job's cancelling was asked for. `first`: wait until the transaction that claimed the
+    job has ended (its advisory lock), so its outcome is seen."""
+    async with conn.transaction():
+        if first:
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _job_lock(job_id))
+        held: bool | None = await conn.fetchval(
+            "UPDATE jobs SET lease_expires_at = clock_timestamp() + make_interval(secs => $3)"
+            " WHERE job_id = $1 AND attempt = $2 AND status = 'running'"
+            " RETURNING cancel_requested_at IS NOT NULL",
+            job_id,
+            attempt,
+            lease_s,
+        )
+    return held
+
+
+async def release_leases(conn: Connection, worker: str) -> int:
+    """A worker stopping: its running jobs may be taken over at once."""
+    status = await conn.execute(
+        "UPDATE jobs SET lease_expires_at = clock_timestamp()"
+        " WHERE worker = $1 AND status = 'running'",
+        worker,
+    )
+    return int(status.split()[-1])
+
+
+async def request_cancel(
+    conn: Connection, job_id: uuid.UUID, user_id: str, reason: str
+) -> asyncpg.Record | None:
+    """Cancel the caller's queued job at once, or ask its worker to stop a running one.
+    Returns the job's status afterwards with its request fields; None when the job is not
+    the caller's, unknown, or finished already."""
+    return await conn.fetchrow(
+        "UPDATE jobs SET"
+        " cancel_requested_at = coalesce(cancel_requested_at, clock_timestamp()),"
+        " status = CASE WHEN status = 'queued' THEN 'cancelled' ELSE status END,"
+        " error = CASE WHEN status = 'queued' THEN $3 ELSE error END,"
+        " finished_at = CASE WHEN status = 'queued' THEN clock_timestamp() ELSE finished_at END"
+        " WHERE job_id = $1 AND (user_id IS NULL OR user_id = $2)"
+        " AND status IN ('queued', 'running')"
+        f" RETURNING status, {JOB_REQUEST_COLUMNS}, user_id, created_at AS occurred_at",
+        job_id,
+        user_id,
+        reason,
     )
 
 
@@ -144,7 +250,8 @@ async def finish_job(
     """Write the final state, only if `attempt` still holds the running job; False when
     another worker took it over or it ended already."""
     finished = await conn.fetchval(
-        "UPDATE jobs SET status = $3, summary = $4, error = $5, finished_at = now()"
+        "UPDATE jobs SET status = $3, summary = $4, error = $5,"
+        " finished_at = clock_timestamp(), lease_expires_at = NULL"
         " WHERE job_id = $1 AND attempt = $2 AND status = 'running' RETURNING true",
         job_id,
         attempt,
@@ -157,8 +264,13 @@ async def finish_job(
     return bool(finished)
 
 
-async def job(conn: Connection, job_id: uuid.UUID) -> asyncpg.Record | None:
-    return await conn.fetchrow("SELECT * FROM jobs WHERE job_id = $1", job_id)
+async def job(conn: Connection, job_id: uuid.UUID, user_id: str) -> asyncpg.Record | None:
+    """The job, if it is the caller's (or nobody's: published without a user)."""
+    return await conn.fetchrow(
+        "SELECT * FROM jobs WHERE job_id = $1 AND (user_id IS NULL OR user_id = $2)",
+        job_id,
+        user_id,
+    )
 
 
 async def job_runs(conn: Connection, job_id: uuid.UUID, attempt: int) -> list[RunResult]:
@@ -172,16 +284,19 @@ async def job_runs(conn: Connection, job_id: uuid.UUID, attempt: int) -> list[Ru
 
 
 async def list_jobs(
-    conn: Connection, model: str | None, status: str | None, limit: int
+    conn: Connection, user_id: str, model: str | None, status: str | None, limit: int
 ) -> list[asyncpg.Record]:
+    """The caller's jobs (and those of nobody), newest first."""
     return await conn.fetch(
         "SELECT job_id, provider, model, task_type, runs, status, attempt, error, summary,"
         " created_at, started_at, finished_at FROM jobs"
         " WHERE ($1::text IS NULL OR model = $1) AND ($2::text IS NULL OR status = $2)"
+        " AND (user_id IS NULL OR user_id = $4)"
         " ORDER BY created_at DESC LIMIT $3",
         model,
         status,
         limit,
+        user_id,
     )
 
 
@@ -196,10 +311,10 @@ async def latest_results(conn: Connection, model: str) -> list[asyncpg.Record]:
 
 
 async def delete_jobs_created_before(conn: Connection, days: float) -> int:
-    """Delete jobs created more than `days` ago, except those a worker is running."""
+    """Delete jobs created more than `days` ago, except queued and running ones."""
     status = await conn.execute(
         "DELETE FROM jobs WHERE created_at < now() - make_interval(secs => $1)"
-        " AND status <> 'running'",
+        " AND status NOT IN ('queued', 'running')",
         days * 86400,
     )
     return int(status.split()[-1])

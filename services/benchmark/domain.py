@@ -1,29 +1,15 @@
 """Pure decisions of benchmark: the price guard, what one streamed run measured, the summary
-of a job, and how a job ends. No I/O here.
+of a job, how a job ends, and what of an upstream's text may be kept. No I/O here.
 
-The price guard
----------------
-The service keeps its own copy of the catalog's prices from `model.synced`. A request is
-judged by the catalog price of the model it names, whatever provider it goes through (the
-seed refuses `openai/gpt-4` asked through `ollama`):
-
-1. Every catalog entry whose id is the model's (for provider `openai`, `gpt-4o` is also
-   looked up as `openai/gpt-4o`) is considered; the strictest decides. An entry of
-   provider `ollama` is free (a local model).
-2. A prompt or completion price per 1M tokens above `BENCHMARK_MAX_PRICE_PER_1M` → blocked,
-   naming the price and the cap. A price equal to the cap is allowed.
-3. A variable price (`variable_price`, a negative price such as OpenRouter's `-1`, or no
-   price) → blocked unless `BENCHMARK_ALLOW_VARIABLE_PRICE` (its cost is then unknown
-   unless the server reports it).
-4. A model the catalog does not know → allowed for provider `ollama` (a local model is
-   free); blocked for `openrouter` and `openai` unless `BENCHMARK_ALLOW_UNKNOWN_MODELS`.
-
-A removed catalog entry keeps its last known price, so the guard still knows what it costs.
+The price guard is written once, in `PRICE_GUARD_RULE` below; the API's documentation and
+the README point to it.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+import re
 import uuid
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -45,6 +31,26 @@ MILLION = Decimal(1_000_000)
 
 
 # --- the price guard ---------------------------------------------------------------------
+
+PRICE_GUARD_RULE = """\
+A request is judged by the catalog price (from `model.synced`) of the model it names, whatever
+provider it goes through (the seed refuses `openai/gpt-4` asked through `ollama`), when the
+API accepts it and again when a worker starts it (prices change, and any client may publish
+`benchmark.requested`):
+
+1. Every catalog entry whose id is the model's is considered (for provider `openai`,
+   `gpt-4o` is also looked up as `openai/gpt-4o`); the strictest decides. An entry of
+   provider `ollama` is free (a local model).
+2. A prompt or completion price per 1M tokens above `BENCHMARK_MAX_PRICE_PER_1M` is refused,
+   naming the price and the cap; a price equal to the cap is allowed.
+3. A variable price (`variable_price`, a negative price such as OpenRouter's `-1`, or no
+   price) is refused unless `BENCHMARK_ALLOW_VARIABLE_PRICE` (the cost is then unknown
+   unless the server reports it).
+4. A model the catalog does not know is allowed through `ollama` (a local model is free)
+   and refused through `openrouter` and `openai` unless `BENCHMARK_ALLOW_UNKNOWN_MODELS`.
+
+A removed catalog entry keeps its last known price, so the guard still knows what it costs.
+A refusal answers `400 {"error": "benchmark_blocked", "reason": ...}`."""
 
 
 @dataclass(frozen=True)
@@ -116,7 +122,7 @@ def _usd(value: Decimal) -> str:
 def check_price(
     provider: str, model: str, catalog: Sequence[CatalogPrice], policy: Policy
 ) -> Verdict:
-    """May `model` be benchmarked through `provider`? See the module's docstring."""
+    """May `model` be benchmarked through `provider`? See `PRICE_GUARD_RULE`."""
     cap = _usd(policy.max_price_per_1m)
     entries = [c for c in catalog if c.model_id in catalog_ids(provider, model)]
     priced = [c for c in entries if not c.is_local and not c.is_variable]
@@ -170,11 +176,15 @@ def check_price(
 
 @dataclass
 class Stream:
-    """What a provider client saw of one streamed request. Times are `perf_counter()`
-    seconds; token counts and cost are the server's own."""
+    """What a provider client saw of one streamed request: `perf_counter()` seconds, stamped
+    as `providers` states (started, sent, first_byte, token_times, finished); token counts
+    and cost are the server's own."""
 
     started: float
+    sent: float | None = None
+    first_byte: float | None = None
     token_times: list[float] = field(default_factory=list)  # each chunk carrying output
+    chunk_tokens: list[int] | None = None  # tokens in each of those chunks, if the server says
     finished: float | None = None
     prompt_tokens: int | None = None
     output_tokens: int | None = None
@@ -206,6 +216,8 @@ class RunResult:
     cost_usd: Decimal | None = None
     cost_source: str | None = None  # "server" or "catalog"
     content_chunks: int = 0
+    ttfb_ms: float | None = None
+    itl_per_token_ms: list[float] = field(default_factory=list)
 
 
 def run_cost(
@@ -227,13 +239,31 @@ def run_cost(
     return cost, "catalog"
 
 
-def measure(index: int, stream: Stream, price: Price | None) -> RunResult:
-    """Turn what a client saw into the run's measurements.
+def per_token_gaps(token_times: Sequence[float], chunk_tokens: Sequence[int]) -> list[float]:
+    """ITL per token, in seconds: each chunk after the first holding k tokens contributes k
+    gaps of (its arrival - the previous chunk's arrival) / k. The first chunk's extra
+    tokens came with the first token and add nothing."""
+    gaps: list[float] = []
+    for (before, after), tokens in zip(
+        itertools.pairwise(token_times), chunk_tokens[1:], strict=False
+    ):
+        gaps += [(after - before) / tokens] * tokens
+    return gaps
 
-    TTFT: request start to the first chunk carrying output. Inter-token latencies: gaps
-    between consecutive chunks carrying output (a chunk may hold several tokens). Time per
-    output token: the time after the first token over the tokens after the first, with the
-    server's token count. Tokens/s: the server's output tokens over the end-to-end time."""
+
+def measure(index: int, stream: Stream, price: Price | None) -> RunResult:
+    """Turn what a client saw into the run's measurements (times as `providers` stamps them):
+
+    ttft_ms          started -> first chunk carrying output
+    ttfb_ms          started -> first byte of the response (its status line)
+    inter_token_ms   gaps between consecutive chunks carrying output (ITL per chunk; a chunk
+                     may hold several tokens)
+    itl_per_token_ms each gap divided by the tokens its later chunk held, once per token,
+                     when the server said how many tokens each chunk held (else empty)
+    tpot_ms          (e2e - ttft) / (output tokens - 1), with the server's token count, as
+                     vLLM and AIPerf define it
+    e2e_ms           started -> done (the line in which the server said it was done)
+    tokens_per_s     the server's output tokens over e2e"""
     if stream.error is not None:
         return RunResult(index, False, stream.error_kind, stream.error)
     if not stream.token_times or stream.finished is None:
@@ -247,6 +277,7 @@ def measure(index: int, stream: Stream, price: Price | None) -> RunResult:
     tokens = stream.output_tokens
     tpot = (e2e - ttft) / (tokens - 1) if tokens is not None and tokens > 1 else None
     cost, source = run_cost(price, stream.prompt_tokens, tokens, stream.server_cost_usd)
+    counts = stream.chunk_tokens
     return RunResult(
         index,
         True,
@@ -268,7 +299,42 @@ def measure(index: int, stream: Stream, price: Price | None) -> RunResult:
         cost_usd=cost,
         cost_source=source,
         content_chunks=len(stream.token_times),
+        ttfb_ms=(stream.first_byte - stream.started) * ms if stream.first_byte else None,
+        itl_per_token_ms=(
+            [g * ms for g in per_token_gaps(stream.token_times, counts)]
+            if counts is not None and len(counts) == len(stream.token_times)
+            else []
+        ),
     )
+
+
+# --- what of an upstream's text may be kept ----------------------------------------------
+
+REDACTED = "[redacted]"
+_HEADER_VALUE = re.compile(
+    r"(?i)(\b(?:proxy-)?authorization|x-api-key|api[_-]?key)(\W{1,4})"
+    r"(?:(?:bearer|basic)\s+)?[^\s\"',;}]+"
+)
+_SCHEME_TOKEN = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+")
+_API_KEY = re.compile(r"\bsk-[A-Za-z0-9_-]{6,}")
+_SHORTEST_PARTIAL_SECRET = 6
+
+
+def scrub(text: str, secrets: Iterable[str] = ()) -> str:
+    """`text` without any of `secrets` (also one cut off at the end of the text),
+    authorization header values, Bearer/Basic credentials and `sk-...` keys; apply it to
+    an upstream's text before it is stored or logged."""
+    for secret in secrets:
+        if len(secret) < 4:
+            continue
+        text = text.replace(secret, REDACTED)
+        for n in range(len(secret) - 1, _SHORTEST_PARTIAL_SECRET - 1, -1):
+            if text.endswith(secret[:n]):
+                text = text[:-n] + REDACTED
+                break
+    text = _HEADER_VALUE.sub(lambda m: f"{m[1]}{m[2]}{REDACTED}", text)
+    text = _SCHEME_TOKEN.sub(lambda m: f"{m[1]} {REDACTED}", text)
+    return _API_KEY.sub(f"sk-{REDACTED}", text)
 
 
 # --- a job's summary ---------------------------------------------------------------------
@@ -306,6 +372,7 @@ def summarize(results: Sequence[RunResult]) -> BenchmarkSummary:
         runs_failed=len(results) - len(ok),
         ttft_ms=distribution(_present(r.ttft_ms for r in ok)),
         inter_token_ms=distribution([g for r in ok for g in r.inter_token_ms]),
+        itl_per_token_ms=distribution([g for r in ok for g in r.itl_per_token_ms]),
         tpot_ms=distribution(_present(r.tpot_ms for r in ok)),
         e2e_ms=distribution(_present(r.e2e_ms for r in ok)),
         tokens_per_s=distribution(_present(r.tokens_per_s for r in ok)),
@@ -347,8 +414,9 @@ def outcome(job: BenchmarkRequested, results: Sequence[RunResult]) -> Outcome:
 def refused(
     job: BenchmarkRequested, error: str, summary: BenchmarkSummary | None = None
 ) -> BenchmarkFailed:
-    """A job that failed: every run failed (with their `summary`), or it ended before any
-    run, refused by the guard or given up on."""
+    """A job that failed: every run failed (with their `summary`), or it ended before its
+    runs did: refused by the guard, given up on, cancelled, or out of time (with the
+    `summary` of the runs it finished, if any)."""
     return BenchmarkFailed(
         event_id=final_event_id(job.job_id),
         job_id=job.job_id,
@@ -360,13 +428,44 @@ def refused(
     )
 
 
-def start_refusal(attempt: int, max_attempts: int, verdict: Verdict) -> str | None:
-    """Why a claimed job must not run now, if it must not: the guard refuses it (prices
-    may have changed since it was accepted), or too many workers already stopped mid-job."""
+def cut_short(job: BenchmarkRequested, error: str, results: Sequence[RunResult]) -> BenchmarkFailed:
+    """A job stopped before its runs ended (cancelled, or out of time): failed, with the
+    runs it finished."""
+    return refused(job, error, summarize(results) if results else None)
+
+
+CANCELLED = "cancelled on request"
+
+
+def time_limit_reason(max_job_s: float) -> str:
+    return (
+        f"time limit: the job ran longer than BENCHMARK_MAX_JOB_S={max_job_s:g}s and was "
+        "stopped; the runs finished before are kept"
+    )
+
+
+def start_refusal(
+    attempt: int, max_attempts: int, verdict: Verdict, seconds_left: float, max_job_s: float
+) -> str | None:
+    """Why a claimed job must not run now, if it must not: too many workers already
+    stopped mid-job, its time is up, or the guard refuses it (prices may have changed
+    since it was accepted)."""
     if attempt > max_attempts:
         return (
             f"gave up: {max_attempts} workers started this job and each stopped before finishing it"
         )
+    if seconds_left <= 0:
+        return time_limit_reason(max_job_s)
     if not verdict.allowed:
         return f"benchmark_blocked: {verdict.reason}"
+    return None
+
+
+def quota_refusal(active_jobs: int, limit: int) -> str | None:
+    """Why a user may not queue another job, if they may not."""
+    if active_jobs >= limit:
+        return (
+            f"quota: {active_jobs} of your benchmark jobs are queued or running, the most "
+            f"BENCHMARK_MAX_ACTIVE_JOBS_PER_USER={limit} allows; wait for one to end or cancel one"
+        )
     return None

@@ -1,5 +1,7 @@
-"""Streaming clients of the model servers, timed with `time.perf_counter()`.
+"""Streaming clients of the model servers, and when each of their clocks starts and stops.
 
+Wire formats
+------------
 - Ollama: `POST /api/generate` (task `generate`) and `POST /api/chat` (task `chat`), an
   NDJSON stream whose last object has `done: true` with `eval_count`, `eval_duration`
   (nanoseconds) and `prompt_eval_count`.
@@ -8,14 +10,38 @@
   `stream: true` and `stream_options.include_usage`, an SSE stream of `data: {...}` lines
   ending with a chunk that carries `usage` (OpenRouter adds `usage.cost` in USD) and
   `data: [DONE]`. SSE comments such as OpenRouter's `: OPENROUTER PROCESSING` are skipped.
+  A server that puts a running `usage.completion_tokens` into every chunk (vLLM's
+  continuous usage statistics) tells how many tokens each chunk held.
 
-Each line is timestamped as it is read, before it is parsed. Token counts come from the
-server's usage, never from counting chunks.
+Token counts come from the server's usage, never from counting chunks. Anything that is
+not the promised format (an HTML page, JSON of another shape, text that is not UTF-8, a
+stream cut short, a body above `MAX_BODY_BYTES`) is a protocol error of that run, with a
+reason that says what was wrong; it never escapes a run.
 
-Concurrent runs go through lanes: one client with one kept-alive connection each. A single
-pool of N connections costs O(N) work whenever a request starts or ends (httpcore walks
-every connection and polls each idle one), which at 64 streams stalls the loop for
-milliseconds and shows up as measurement error in the other streams.
+The clocks (all `time.perf_counter()`, one monotonic clock for the whole machine)
+---------------------------------------------------------------------------------
+    started     the run begins: before the connection is opened when the lane has none
+                open, else right before the request's bytes are written
+    sent        the request's bytes were handed to the kernel (`transport.write` returned)
+    first_byte  the first bytes of the response (its status line) were read
+    token_times for each chunk carrying output: when the read that completed its line
+                arrived (the first token chunk is `token_times[0]`, the last token chunk
+                `token_times[-1]`)
+    finished    "done": the read that completed the line in which the server said the
+                answer is complete (Ollama's `done: true`, SSE's `[DONE]`), else the line
+                with the final usage
+
+An arrival is stamped in the protocol's `data_received`, the first Python code that runs
+when the event loop sees the socket readable, and before anything else is done with the
+bytes: HTTP framing is undone there by `httptools` (C), and every line is split, decoded
+and parsed only once the response has ended. So a busy stream costs the others a few
+microseconds per read, not a JSON parse per line, and gaps between chunks are not
+collapsed by a loop that gets round to reading late. `benchmarks/benchmark_accuracy.py`
+measures the remaining error against a server's own write times.
+
+Connections: each concurrent lane keeps one HTTP/1.1 connection open (keep-alive) and
+reopens it when the server closes it. TLS is verified with certifi's roots. Proxies from
+the environment are not used (a proxy would be part of what is measured).
 """
 
 from __future__ import annotations
@@ -23,15 +49,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import Any, cast
+from urllib.parse import urlsplit
 
-import httpx
+import certifi
+import httptools
 
-from services.benchmark.domain import Stream
+from services.benchmark.domain import Stream, scrub
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 64 * 1024 * 1024  # of one response; a runaway stream ends as a protocol error
+ERROR_TEXT_CHARS = 300  # of an upstream error body kept in a run's error
 
 
 @dataclass(frozen=True)
@@ -58,14 +93,17 @@ class Chunk:
     output: bool = False  # carries generated text (or reasoning)
     done: bool = False  # the server says the answer is complete
     prompt_tokens: int | None = None
-    output_tokens: int | None = None
+    output_tokens: int | None = None  # SSE: the running count when sent with every chunk
     cost_usd: Decimal | None = None
     eval_ns: int | None = None
     error: str | None = None
 
 
 class ProtocolError(Exception):
-    """A line that is not what the wire format promises."""
+    """A response that is not what the wire format promises."""
+
+
+# --- reading the wire formats ------------------------------------------------------------
 
 
 def _int(value: Any) -> int | None:
@@ -79,13 +117,19 @@ def _error_text(error: Any) -> str:
 
 
 def _json_object(text: str) -> dict[str, Any]:
+    if text.lstrip().startswith("<"):
+        raise ProtocolError(f"an HTML page, not a stream: {text[:120]!r}")
     try:
         data = json.loads(text)
     except ValueError as exc:
-        raise ProtocolError(f"not JSON: {text[:200]!r}") from exc
+        raise ProtocolError(f"not JSON: {text[:120]!r}") from exc
     if not isinstance(data, dict):
-        raise ProtocolError(f"not a JSON object: {text[:200]!r}")
+        raise ProtocolError(f"JSON that is not an object: {text[:120]!r}")
     return data
+
+
+def _has_text(value: Any) -> bool:
+    return isinstance(value, str) and bool(value)
 
 
 def parse_ollama_line(line: str) -> Chunk | None:
@@ -95,12 +139,13 @@ def parse_ollama_line(line: str) -> Chunk | None:
     data = _json_object(line)
     if data.get("error"):
         return Chunk(error=_error_text(data["error"]))
-    message = data.get("message")
+    message = data.get("message", {})
     if not isinstance(message, dict):
-        message = {}
-    texts = [data.get("response"), data.get("thinking")]
-    texts += [message.get("content"), message.get("thinking")]
-    chunk = Chunk(output=any(isinstance(t, str) and t for t in texts))
+        raise ProtocolError(f"JSON whose message is not an object: {line[:120]!r}")
+    if not any(k in data for k in ("response", "message", "done")):
+        raise ProtocolError(f"JSON without response, message or done: {line[:120]!r}")
+    texts = (data.get("response"), data.get("thinking"), message.get("content"))
+    chunk = Chunk(output=any(_has_text(t) for t in (*texts, message.get("thinking"))))
     if data.get("done") is True:
         chunk.done = True
         chunk.prompt_tokens = _int(data.get("prompt_eval_count"))
@@ -113,6 +158,8 @@ def parse_sse_line(line: str) -> Chunk | None:
     """One line of an OpenAI-compatible SSE stream; None for what carries nothing
     (blank lines, comments, `event:`/`id:` fields)."""
     if not line.startswith("data:"):
+        if line.lstrip().startswith("<"):
+            raise ProtocolError(f"an HTML page, not a stream: {line[:120]!r}")
         return None
     payload = line[5:].strip()
     if payload == "[DONE]":
@@ -120,22 +167,30 @@ def parse_sse_line(line: str) -> Chunk | None:
     data = _json_object(payload)
     if data.get("error"):
         return Chunk(error=_error_text(data["error"]))
-    chunk = Chunk()
-    for choice in data.get("choices") or []:
-        delta = choice.get("delta") or {}
-        texts = (delta.get("content"), delta.get("reasoning_content"), delta.get("reasoning"))
-        if any(isinstance(t, str) and t for t in texts):
-            chunk.output = True
+    choices = data.get("choices", [])
     usage = data.get("usage")
+    if not isinstance(choices, list):
+        raise ProtocolError(f"JSON whose choices is not a list: {payload[:120]!r}")
+    if "choices" not in data and not isinstance(usage, dict):
+        raise ProtocolError(f"JSON without choices or usage: {payload[:120]!r}")
+    chunk = Chunk()
+    for i, choice in enumerate(choices):
+        if not isinstance(choice, dict):
+            raise ProtocolError(f"JSON whose choices[{i}] is not an object: {payload[:120]!r}")
+        delta = choice.get("delta") or {}
+        if not isinstance(delta, dict):
+            raise ProtocolError(f"JSON whose choices[{i}].delta is not an object")
+        texts = (delta.get("content"), delta.get("reasoning_content"), delta.get("reasoning"))
+        chunk.output |= any(_has_text(t) for t in texts)
     if isinstance(usage, dict):
         chunk.prompt_tokens = _int(usage.get("prompt_tokens"))
         chunk.output_tokens = _int(usage.get("completion_tokens"))
         cost = usage.get("cost")
         if isinstance(cost, int | float | str) and not isinstance(cost, bool):
-            try:
+            with contextlib.suppress(InvalidOperation):
                 chunk.cost_usd = Decimal(str(cost))
-            except InvalidOperation:
-                chunk.cost_usd = None
+                if not chunk.cost_usd.is_finite():
+                    chunk.cost_usd = None
     return chunk
 
 
@@ -168,93 +223,312 @@ def request_of(endpoint: Endpoint, prompt: Prompt) -> tuple[str, dict[str, Any],
     return f"{base}/chat/completions", body, headers
 
 
-async def stream_once(
-    client: httpx.AsyncClient, endpoint: Endpoint, prompt: Prompt, timeout_s: float
-) -> Stream:
-    """Send one streamed request and time it; failures are recorded, not raised."""
+# --- one HTTP/1.1 connection -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a URL's requests go."""
+
+    tls: bool
+    host: str
+    port: int
+    path: str
+
+    @classmethod
+    def of(cls, url: str) -> Target:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) URL: {url!r}")
+        tls = parts.scheme == "https"
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        return cls(tls, parts.hostname, parts.port or (443 if tls else 80), path)
+
+
+class Reply:
+    """One response as it arrives: status, headers, and body pieces with arrival stamps.
+    Methods named `on_*` are httptools' callbacks."""
+
+    def __init__(self) -> None:
+        self.parser = httptools.HttpResponseParser(self)
+        self.ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.first_byte: float | None = None
+        self.status = 0
+        self.headers: dict[str, str] = {}
+        self.pieces: list[tuple[float, bytes]] = []
+        self.size = 0
+        self.keep_alive = False
+        self._now = 0.0
+        self._headers_done = False
+
+    def feed(self, now: float, data: bytes) -> None:
+        if self.ended.done():
+            return
+        if self.first_byte is None:
+            self.first_byte = now
+        self._now = now
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self.fail(ProtocolError(f"not a valid HTTP/1.1 response: {exc}"))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+
+    def on_headers_complete(self) -> None:
+        self.status = self.parser.get_status_code()
+        self._headers_done = True
+
+    def on_body(self, body: bytes) -> None:
+        self.size += len(body)
+        if self.size > MAX_BODY_BYTES:
+            self.fail(ProtocolError(f"a response larger than {MAX_BODY_BYTES} bytes"))
+            return
+        self.pieces.append((self._now, body))
+
+    def on_message_complete(self) -> None:
+        self.keep_alive = self.parser.should_keep_alive()
+        if not self.ended.done():
+            self.ended.set_result(None)
+
+    def closed(self, exc: Exception | None) -> None:
+        """The connection closed: the end of a body delimited by closing, else a cut."""
+        if self.ended.done():
+            return
+        delimited = "content-length" in self.headers or "chunked" in self.headers.get(
+            "transfer-encoding", ""
+        )
+        if self._headers_done and not delimited and exc is None:
+            self.ended.set_result(None)
+        else:
+            reason = f" ({exc})" if exc else ""
+            self.fail(
+                ProtocolError(f"cut off: the server closed the connection mid-response{reason}")
+            )
+
+    def fail(self, exc: Exception) -> None:
+        if not self.ended.done():
+            self.ended.set_exception(exc)
+
+    def lines(self) -> list[tuple[float, bytes]]:
+        """The body's lines, each stamped with the arrival of the read that completed it."""
+        out: list[tuple[float, bytes]] = []
+        partial = bytearray()
+        for at, data in self.pieces:
+            if b"\n" not in data:
+                partial += data
+                continue
+            first, *middle, rest = data.split(b"\n")
+            partial += first
+            out.append((at, bytes(partial)))
+            out += [(at, line) for line in middle]
+            partial = bytearray(rest)
+        if partial:
+            out.append((self.pieces[-1][0], bytes(partial)))
+        return out
+
+    def text(self) -> str:
+        return b"".join(data for _, data in self.pieces).decode(errors="replace")
+
+
+class Wire(asyncio.Protocol):
+    """The socket side of a lane: stamps every read the moment the loop delivers it."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.reply: Reply | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not subclasses of asyncio's, but have the same methods
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        now = time.perf_counter()
+        if self.reply is not None:
+            self.reply.feed(now, data)
+
+    def eof_received(self) -> bool | None:
+        return None  # close the transport; connection_lost ends the reply
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        if self.reply is not None:
+            self.reply.closed(exc)
+
+
+class Lane:
+    """One kept-alive connection to one server, used by one run at a time."""
+
+    def __init__(self, tls: Callable[[], ssl.SSLContext]) -> None:
+        self._tls = tls
+        self._wire: Wire | None = None
+        self._to: Target | None = None
+
+    async def exchange(self, target: Target, request: bytes, stream: Stream) -> Reply:
+        """Send `request` and wait for the whole response; stamps `stream.sent`."""
+        wire = self._wire
+        if (
+            wire is None
+            or wire.transport is None
+            or wire.transport.is_closing()
+            or (self._to != target)
+        ):
+            self.close()
+            loop = asyncio.get_running_loop()
+            _, wire = await loop.create_connection(
+                Wire,
+                target.host,
+                target.port,
+                ssl=self._tls() if target.tls else None,
+                server_hostname=target.host if target.tls else None,
+            )
+            self._wire, self._to = wire, target
+        assert wire.transport is not None
+        reply = wire.reply = Reply()
+        try:
+            wire.transport.write(request)
+            stream.sent = time.perf_counter()
+            await reply.ended
+        except BaseException:
+            self.close()  # a half-read connection cannot carry the next run
+            raise
+        finally:
+            wire.reply = None
+        if not reply.keep_alive:
+            self.close()
+        return reply
+
+    def close(self) -> None:
+        wire, self._wire = self._wire, None
+        if wire is not None and wire.transport is not None:
+            wire.transport.abort()
+
+
+def _head(target: Target, headers: dict[str, str], length: int) -> bytes:
+    lines = [
+        f"POST {target.path} HTTP/1.1",
+        f"Host: {target.host}" + ("" if target.port in (80, 443) else f":{target.port}"),
+        "User-Agent: llm-fleet-benchmark",
+        "Accept-Encoding: identity",
+        "Content-Type: application/json",
+        f"Content-Length: {length}",
+        *(f"{k}: {v}" for k, v in headers.items()),
+    ]
+    head = "\r\n".join(lines) + "\r\n\r\n"
+    if any(c in v for v in headers.values() for c in "\r\n"):
+        raise ValueError("a header value holds a line break")
+    return head.encode("latin-1")
+
+
+# --- one run -----------------------------------------------------------------------------
+
+
+async def stream_once(lane: Lane, endpoint: Endpoint, prompt: Prompt, timeout_s: float) -> Stream:
+    """Send one streamed request and time it; every failure is recorded in the returned
+    stream (its error scrubbed of the endpoint's key and any authorization value), never
+    raised. Cancelling the caller closes the connection."""
     url, body, headers = request_of(endpoint, prompt)
-    parse = parse_ollama_line if endpoint.provider == "ollama" else parse_sse_line
+    secrets = [endpoint.api_key] if endpoint.api_key else []
     stream = Stream(started=time.perf_counter())
     try:
+        target = Target.of(url)
+        payload = json.dumps(body).encode()
+        request = _head(target, headers, len(payload)) + payload
         async with asyncio.timeout(timeout_s):
-            await _read(client, url, body, headers, parse, stream)
+            reply = await lane.exchange(target, request, stream)
+        stream.first_byte = reply.first_byte
+        _read(endpoint, url, reply, stream)
     except TimeoutError:
         stream.error_kind = "timeout"
         stream.error = f"no complete answer within {timeout_s:g}s"
-    except httpx.ConnectError as exc:
-        stream.error_kind = "connection"
-        stream.error = f"cannot connect to {url}: {exc or type(exc).__name__}"
-    except httpx.HTTPError as exc:
-        stream.error_kind = "connection"
-        stream.error = f"{type(exc).__name__} from {url}: {exc}"
     except ProtocolError as exc:
         stream.error_kind = "protocol"
         stream.error = f"unexpected stream from {url}: {exc}"
+    except (OSError, ValueError) as exc:  # refused, reset, TLS, DNS, a bad URL
+        stream.error_kind = "connection"
+        stream.error = f"cannot talk to {url}: {exc or type(exc).__name__}"
+    except Exception as exc:  # whatever else a broken server provokes stays in this run
+        log.exception("run against %s failed unexpectedly", scrub(url, secrets))
+        stream.error_kind = "protocol"
+        stream.error = f"unexpected stream from {url}: {type(exc).__name__}: {exc}"
+    if stream.error is not None:
+        stream.error = scrub(stream.error, secrets)
     return stream
 
 
-async def _read(
-    client: httpx.AsyncClient,
-    url: str,
-    body: dict[str, Any],
-    headers: dict[str, str],
-    parse: Callable[[str], Chunk | None],
-    stream: Stream,
-) -> None:
-    async with client.stream("POST", url, json=body, headers=headers) as response:
-        if response.status_code != 200:
-            text = (await response.aread()).decode(errors="replace")
-            stream.error_kind = "http_status"
-            stream.error = f"HTTP {response.status_code} from {url}: {_body_error(text)}"
+def _read(endpoint: Endpoint, url: str, reply: Reply, stream: Stream) -> None:
+    """Fill `stream` from a whole response."""
+    if reply.status != 200:
+        stream.error_kind = "http_status"
+        stream.error = f"HTTP {reply.status} from {url}: {_body_error(reply.text())}"
+        return
+    kind = reply.headers.get("content-type", "")
+    if "html" in kind:
+        raise ProtocolError(f"an HTML page (Content-Type {kind}), not a stream")
+    parse = parse_ollama_line if endpoint.provider == "ollama" else parse_sse_line
+    last_line_at: float | None = None
+    running_count = 0
+    counts: list[int] = []  # tokens in each output chunk, while the server says so
+    counted = True
+    for number, (at, raw) in enumerate(reply.lines(), 1):
+        try:
+            line = raw.decode().rstrip("\r")
+        except UnicodeDecodeError as exc:
+            raise ProtocolError(f"line {number} is not UTF-8 text ({exc.reason})") from exc
+        chunk = parse(line)
+        if chunk is None:
+            continue
+        last_line_at = at
+        if chunk.error is not None:
+            stream.error_kind = "stream_error"
+            stream.error = f"the server reported an error mid-stream: {chunk.error}"
             return
-        last_line_at = None
-        lines = response.aiter_lines()
-        async for line in lines:
-            last_line_at = time.perf_counter()
-            chunk = parse(line)
-            if chunk is None:
-                continue
-            if chunk.error is not None:
-                stream.error_kind = "stream_error"
-                stream.error = f"the server reported an error mid-stream: {chunk.error}"
-                return
-            if chunk.output:
-                stream.token_times.append(last_line_at)
-            if chunk.prompt_tokens is not None:
-                stream.prompt_tokens = chunk.prompt_tokens
-            if chunk.output_tokens is not None:
-                stream.output_tokens = chunk.output_tokens
-            if chunk.cost_usd is not None:
-                stream.server_cost_usd = chunk.cost_usd
-            if chunk.eval_ns is not None:
-                stream.server_eval_ns = chunk.eval_ns
-            if chunk.done:  # Ollama's done object and SSE's [DONE] are the last lines
-                stream.finished = last_line_at
-                # read the end of the body too: a connection closed half-read costs the
-                # other streams a stall, and cannot be reused for the next run
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(1.0):
-                        async for _ in lines:
-                            pass
-                return
+        if chunk.output:
+            stream.token_times.append(at)
+            if chunk.output_tokens is not None and not chunk.done and counted:
+                counts.append(chunk.output_tokens - running_count)
+            else:
+                counted = False
+        if chunk.output_tokens is not None:
+            running_count = chunk.output_tokens
+            stream.output_tokens = chunk.output_tokens
+        if chunk.prompt_tokens is not None:
+            stream.prompt_tokens = chunk.prompt_tokens
+        if chunk.cost_usd is not None:
+            stream.server_cost_usd = chunk.cost_usd
+        if chunk.eval_ns is not None:
+            stream.server_eval_ns = chunk.eval_ns
+        if chunk.done:  # Ollama's done object and SSE's [DONE] are the last lines
+            stream.finished = at
+            break
+    else:
         if stream.output_tokens is not None and last_line_at is not None:
             stream.finished = last_line_at  # usage came, only the [DONE] line is missing
-            return
-        stream.error_kind = "protocol"
-        stream.error = f"the stream from {url} ended before the server said it was done"
+        elif not reply.pieces:
+            raise ProtocolError("an empty body")
+        else:
+            raise ProtocolError("the stream ended before the server said it was done")
+    if counted and counts and all(n > 0 for n in counts):
+        stream.chunk_tokens = counts
 
 
 def _body_error(text: str) -> str:
     try:
         data = json.loads(text)
     except ValueError:
-        return text[:300] or "(empty body)"
+        return text[:ERROR_TEXT_CHARS] or "(empty body)"
     if isinstance(data, dict) and data.get("error"):
-        return _error_text(data["error"])[:300]
-    return text[:300]
+        return _error_text(data["error"])[:ERROR_TEXT_CHARS]
+    return text[:ERROR_TEXT_CHARS]
 
+
+# --- runs of a job -----------------------------------------------------------------------
 
 OnStream = Callable[[int, Stream], Awaitable[None]]
+
+
+def tls_context() -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=certifi.where())
 
 
 async def stream_runs(
@@ -269,39 +543,38 @@ async def stream_runs(
     """One measured run per prompt, `concurrency` lanes at a time, after `warmup_runs` runs
     of the first prompt spread over the lanes (so their connections are open; those runs
     are not returned). `on_stream` sees each measured run as it ends. Returns the measured
-    runs in the order of `prompts`."""
+    runs in the order of `prompts`. Cancelling it closes every connection."""
     width = max(1, min(concurrency, len(prompts)))
     streams: list[Stream | None] = [None] * len(prompts)
     pending = iter(range(len(prompts)))
-    tls = httpx.create_ssl_context()  # one for all lanes: each costs ~20 ms of CPU to build
-    async with contextlib.AsyncExitStack() as stack:
-        lanes = [
-            await stack.enter_async_context(
-                httpx.AsyncClient(
-                    verify=tls,
-                    timeout=timeout_s,
-                    limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
-                )
-            )
-            for _ in range(width)
-        ]
+    tls: list[ssl.SSLContext] = []  # built once, when first needed (~20 ms of CPU)
 
-        async def warm_up(lane_index: int, client: httpx.AsyncClient) -> None:
-            for _ in range(lane_index, warmup_runs, width):
-                await stream_once(client, endpoint, prompts[0], timeout_s)
+    def shared_tls() -> ssl.SSLContext:
+        if not tls:
+            tls.append(tls_context())
+        return tls[0]
 
+    lanes = [Lane(shared_tls) for _ in range(width)]
+
+    async def warm_up(lane_index: int, lane: Lane) -> None:
+        for _ in range(lane_index, warmup_runs, width):
+            await stream_once(lane, endpoint, prompts[0], timeout_s)
+
+    async def measured(lane: Lane) -> None:
+        for index in pending:  # shared: each lane takes the next run
+            stream = await stream_once(lane, endpoint, prompts[index], timeout_s)
+            streams[index] = stream
+            if on_stream is not None:
+                await on_stream(index, stream)
+
+    try:
         async with asyncio.TaskGroup() as warming:
-            for i, client in enumerate(lanes):
-                warming.create_task(warm_up(i, client))
-
-        async def lane(client: httpx.AsyncClient) -> None:
-            for index in pending:  # shared: each lane takes the next run
-                stream = await stream_once(client, endpoint, prompts[index], timeout_s)
-                streams[index] = stream
-                if on_stream is not None:
-                    await on_stream(index, stream)
-
-        async with asyncio.TaskGroup() as running:  # one lane failing stops the others
-            for client in lanes:
-                running.create_task(lane(client))
+            for i, lane in enumerate(lanes):
+                warming.create_task(warm_up(i, lane))
+        async with asyncio.TaskGroup() as running:
+            for lane in lanes:
+                running.create_task(measured(lane))
+    finally:
+        for lane in lanes:
+            lane.close()
     return [s for s in streams if s is not None]

@@ -67,13 +67,19 @@ async def submit(client: httpx.AsyncClient, **overrides: Any) -> str:
     return job_id
 
 
-async def finished(client: httpx.AsyncClient, job_id: str, timeout: float = 15) -> dict[str, Any]:
+async def finished(
+    client: httpx.AsyncClient, job_id: str, timeout: float = 15, user: str | None = None
+) -> dict[str, Any]:
+    """The job once it has ended, as `user` (the submitter; None: anonymous) sees it."""
     job: dict[str, Any] = {}
 
     async def done() -> bool:
         nonlocal job
-        job = (await client.get(f"/v1/benchmarks/{job_id}")).json()
-        return job["status"] in ("completed", "failed")
+        headers = {"x-user-id": user} if user else {}
+        r = await client.get(f"/v1/benchmarks/{job_id}", headers=headers)
+        assert r.status_code == 200, r.text
+        job = r.json()
+        return job["status"] in ("completed", "failed", "cancelled")
 
     await eventually(done, timeout=timeout, what=f"job {job_id} finished")
     return job
@@ -182,17 +188,60 @@ async def test_bad_requests_are_explained(
         jobs = (await client.get("/v1/benchmarks")).json()
     for r in (bad_provider, zero_runs, no_prompt, not_json):
         assert r.status_code == 422
-        assert r.json()["error"] == "invalid_request"
-    assert "provider" in bad_provider.json()["message"]
-    assert "'ollama', 'openrouter' or 'openai'" in bad_provider.json()["message"]
-    assert (
-        "runs" in zero_runs.json()["message"]
-        and "greater than or equal to 1" in (zero_runs.json()["message"])
-    )
-    assert no_prompt.json()["message"] == "prompt is required"
-    assert "not valid JSON" in not_json.json()["message"]
+        assert r.json()["error"]["code"] == "invalid_request"
+    assert "provider" in bad_provider.json()["error"]["message"]
+    assert "'ollama', 'openrouter' or 'openai'" in bad_provider.json()["error"]["message"]
+    assert "greater than or equal to 1" in zero_runs.json()["error"]["message"]
+    assert zero_runs.json()["error"]["fields"][0]["loc"] == ["body", "runs"]
+    assert no_prompt.json()["error"]["fields"][0]["loc"] == ["body", "prompt"]
+    assert "not valid JSON" in not_json.json()["error"]["message"]
     assert no_job.status_code == 404
     assert jobs == []  # nothing was stored
+
+
+def raw(body: str) -> dict[str, Any]:
+    return {"content": body.encode(), "headers": {"content-type": "application/json"}}
+
+
+async def test_hostile_input_is_a_short_4xx_never_a_500(
+    infra: Infra, database_url: str, js: JetStreamContext
+) -> None:
+    valid = json.dumps(request())
+    huge_prompt = "x" * (10 * 1024 * 1024)
+    cases: list[tuple[str, str, dict[str, Any]]] = [
+        ("POST", "/v1/benchmarks/run", {"json": request(prompt="a\x00b")}),
+        ("POST", "/v1/benchmarks/run", {"json": request(model="m\x00")}),
+        (
+            "POST",
+            "/v1/benchmarks/run",
+            raw(valid.replace('"runs": 2', '"runs": 2, "timeout_s": NaN')),
+        ),
+        ("POST", "/v1/benchmarks/run", raw(valid.replace('"runs": 2', '"runs": 1e999999'))),
+        ("POST", "/v1/benchmarks/run", raw(valid.replace('"runs": 2', '"runs": ' + "9" * 5000))),
+        ("POST", "/v1/benchmarks/run", {"json": request(runs=2**63)}),
+        ("POST", "/v1/benchmarks/run", {"json": request(max_tokens=2**31)}),
+        ("POST", "/v1/benchmarks/run", {"json": request(prompt="p" * 100_001)}),
+        ("POST", "/v1/benchmarks/run", {"json": request(prompt=huge_prompt)}),
+        ("POST", "/v1/benchmarks/run", {"json": request(runs=[[[[1]]]] * 1000)}),
+        ("GET", "/v1/benchmarks?model=a%00b", {}),
+        ("GET", "/v1/benchmarks?limit=99999999999999999999999", {}),
+        ("GET", "/v1/benchmarks/models/a%00b/summary", {}),
+        ("GET", "/v1/benchmarks/not-a-uuid", {}),
+        ("POST", "/v1/benchmarks/not-a-uuid/cancel", {}),
+        ("GET", "/v1/benchmarks", {"headers": {"x-user-id": "u" * 600}}),
+    ]
+    async with (
+        FakeModelServer(FAST) as fake,
+        running(build(settings(infra, database_url, fake))) as (_, client),
+    ):
+        answers = [await client.request(method, url, **kw) for method, url, kw in cases]
+        jobs = (await client.get("/v1/benchmarks")).json()
+    for (method, url, _), r in zip(cases, answers, strict=True):
+        assert 400 <= r.status_code < 500, (method, url, r.status_code, r.text[:300])
+        assert len(r.content) < 4000, (url, len(r.content))  # never the input echoed back
+        assert r.json()["error"]["code"] in ("invalid_request", "too_large")
+    assert answers[8].status_code == 413
+    assert jobs == []
 
 
 async def test_the_price_guard_follows_the_catalog(
@@ -209,7 +258,7 @@ async def test_the_price_guard_follows_the_catalog(
             consumer,
             synced("openai/gpt-4", "30", "60", occurred_at=t0),
             synced("meta/llama-3-8b", "0.05", "0.1", occurred_at=t0),
-            synced("openrouter/auto", "-1", "-1", variable_price=True, occurred_at=t0),
+            synced("openrouter/auto", None, None, variable_price=True, occurred_at=t0),
         )
 
         async def post(**overrides: Any) -> httpx.Response:
@@ -244,16 +293,16 @@ async def test_the_price_guard_follows_the_catalog(
             assert (await finished(client, r.json()["job_id"]))["status"] == "completed"
 
     assert seed.status_code == 400
-    assert seed.json()["error"] == "benchmark_blocked"
-    reason = seed.json()["reason"]
+    assert seed.json()["error"]["code"] == "benchmark_blocked"
+    reason = seed.json()["error"]["message"]
     assert reason.startswith("model too expensive for benchmark")
     assert "$30 per 1M prompt tokens" in reason and "$60 per 1M completion" in reason
     assert "BENCHMARK_MAX_PRICE_PER_1M=$10" in reason
-    assert variable.status_code == 400 and "variable" in variable.json()["reason"]
+    assert variable.status_code == 400 and "variable" in variable.json()["error"]["message"]
     assert unknown_remote.status_code == 400
-    assert "not in the catalog" in unknown_remote.json()["reason"]
+    assert "not in the catalog" in unknown_remote.json()["error"]["message"]
     assert dearer_then_removed.status_code == 400
-    assert "$12 per 1M prompt tokens" in dearer_then_removed.json()["reason"]
+    assert "$12 per 1M prompt tokens" in dearer_then_removed.json()["error"]["message"]
     # the cheap OpenRouter model's runs are priced from the catalog
     assert {s.body["model"] for s in fake.served} == {
         "meta/llama-3-8b",
@@ -282,8 +331,8 @@ async def test_a_request_published_by_any_client_meets_the_guard_in_the_worker(
             update={"event_id": uuid.uuid4(), "job_id": uuid.uuid4(), "model": "phi3:mini"}
         )
         await publish_applied(js, "benchmark-benchmark-requested", blocked, allowed)
-        refused = (await client.get(f"/v1/benchmarks/{blocked.job_id}")).json()
-        ran = (await client.get(f"/v1/benchmarks/{allowed.job_id}")).json()
+        refused = await finished(client, str(blocked.job_id))
+        ran = await finished(client, str(allowed.job_id))
         events = await final_events(js, str(blocked.job_id))
     assert refused["status"] == "failed"
     assert refused["error"].startswith("benchmark_blocked: model too expensive for benchmark")
@@ -345,27 +394,34 @@ async def test_the_job_state_decides_who_may_finish_it(
         run = RunResult(0, False, "timeout", "late")
         async with runtime.pool.acquire() as conn:
             await db.insert_job(conn, job)
-            first = await db.claim_job(conn, job.job_id, "worker-a")
-            second = await db.claim_job(conn, job.job_id, "worker-b")  # a took too long
-            assert first is not None and second is not None
+            # worker-a's lease runs out at once (as if it died); b takes over with a long one
+            first = await db.claim_job(conn, job.job_id, "worker-a", 0.0, 3600)
+            second = await db.claim_job(conn, job.job_id, "worker-b", 60.0, 3600)
+            held_by_b = await db.claim_job(conn, job.job_id, "worker-c", 60.0, 3600)
+            stale_renewal = await db.renew_lease(conn, job.job_id, 1, 60.0)
+            renewal = await db.renew_lease(conn, job.job_id, 2, 60.0)
             stale_progress = await db.add_run(conn, job.job_id, 1, run)
             stale_finish = await db.finish_job(conn, job.job_id, 1, "failed", None, "x")
             current_finish = await db.finish_job(conn, job.job_id, 2, "failed", None, "y", [run])
-            third = await db.claim_job(conn, job.job_id, "worker-c")
-            stored = await db.job(conn, job.job_id)
+            third = await db.claim_job(conn, job.job_id, "worker-c", 60.0, 3600)
+            stored = await db.job(conn, job.job_id, "anyone")
     assert after["status"] == "completed" and after["attempt"] == 1
     assert len(fake.served) == served_before
+    assert first is not None and second is not None
     assert (first["attempt"], second["attempt"]) == (1, 2)
+    assert held_by_b is None  # a living worker's job is not taken
+    assert stale_renewal is None and renewal is False  # held, not cancelled
     assert not stale_progress and not stale_finish and current_finish
     assert third is None
     assert stored is not None and (stored["status"], stored["error"]) == ("failed", "y")
+    assert stored["started_at"] <= stored["finished_at"] and stored["lease_expires_at"] is None
 
 
 async def test_old_jobs_are_cleaned_up(
     infra: Infra, database_url: str, js: JetStreamContext, caplog: pytest.LogCaptureFixture
 ) -> None:
     deleted_before = REGISTRY.get_sample_value("fleet_benchmark_jobs_deleted_total") or 0.0
-    caplog.set_level(logging.INFO, logger="services.benchmark.app")
+    caplog.set_level(logging.INFO, logger="services.benchmark.worker")
     async with (
         FakeModelServer(FAST) as fake,
         running(build(settings(infra, database_url, fake, job_cleanup_interval=0.0003))) as (
@@ -436,6 +492,6 @@ async def test_the_cli_runs_a_benchmark_and_prints_the_results(
     text = out.getvalue()
     assert code == 0, text
     assert "3/3 runs done" in text
-    assert "ttft ms" in text and "inter-token ms" in text and "tokens/s" in text
+    assert "ttft ms" in text and "itl/chunk ms" in text and "tokens/s" in text
     assert "runs: 3 ok, 0 failed; output tokens: 21" in text
     assert refused == 1 and "refused: model not in the catalog" in refused_out.getvalue()

@@ -1,5 +1,5 @@
-"""A benchmark worker killed with SIGKILL in the middle of a job: another worker picks the
-job up again, and the job still ends in one final state, once."""
+"""A benchmark worker killed with SIGKILL in the middle of a job: its lease runs out,
+another worker takes the job over, and the job still ends in one final state, once."""
 
 from __future__ import annotations
 
@@ -35,7 +35,8 @@ async def test_a_job_whose_worker_is_killed_is_finished_once_by_another(
             "DATABASE_URL": database_url,
             "HTTP_PORT": str(port),
             "OLLAMA_BASE_URL": fake.url,
-            "CONSUMER_ACK_WAIT_S": "1",  # redelivered a second after the in-progress stops
+            "BENCHMARK_LEASE_S": "2",  # taken over two seconds after the heartbeats stop
+            "BENCHMARK_HEARTBEAT_S": "0.5",
         }
         with tempfile.TemporaryFile() as log:
             doomed = await asyncio.create_subprocess_exec(
@@ -81,7 +82,9 @@ async def test_a_job_whose_worker_is_killed_is_finished_once_by_another(
         cut_off = [s for s in fake.served if s.finished_at is None]
         assert len(cut_off) == 1  # the kill landed mid-stream
 
-        spec = build(settings(infra, database_url, fake, consumer_ack_wait_s=1.0))
+        spec = build(
+            settings(infra, database_url, fake, benchmark_lease_s=2.0, benchmark_heartbeat_s=0.5)
+        )
         async with running(spec) as (runtime, client):
             job = await finished(client, job_id, timeout=30)
             async with runtime.pool.acquire() as conn:
@@ -94,6 +97,8 @@ async def test_a_job_whose_worker_is_killed_is_finished_once_by_another(
 
     assert job["status"] == "completed"
     assert job["attempt"] == 2 and job["worker"] != doomed_view["worker"]
+    assert job["started_at"] > doomed_view["started_at"]  # the second attempt's start
+    assert job["started_at"] < job["finished_at"]
     assert (job["runs_done"], job["runs_failed"]) == (3, 0)
     assert job["summary"]["runs_ok"] == 3
     # the first attempt's progress stays behind it; the job shows only the second's runs

@@ -17,11 +17,15 @@ from services.benchmark.domain import (
     RunResult,
     Stream,
     check_price,
+    cut_short,
     final_event_id,
     measure,
     outcome,
+    per_token_gaps,
     percentile,
+    quota_refusal,
     run_cost,
+    scrub,
     start_refusal,
     summarize,
 )
@@ -186,9 +190,71 @@ def test_a_job_fails_only_when_every_run_failed() -> None:
     assert partly.event_id == failed.event_id == final_event_id(j.job_id)  # ends once
 
 
-def test_a_claimed_job_does_not_start_when_refused_or_after_too_many_attempts() -> None:
+def test_a_claimed_job_does_not_start_when_refused_out_of_time_or_given_up() -> None:
     allowed = check_price("ollama", "m", [], CAP)
-    assert start_refusal(1, 3, allowed) is None
-    assert "gave up" in (start_refusal(4, 3, allowed) or "")
+    assert start_refusal(1, 3, allowed, 10.0, 60) is None
+    assert "gave up" in (start_refusal(4, 3, allowed, 10.0, 60) or "")
+    assert (start_refusal(2, 3, allowed, 0.0, 60) or "").startswith(
+        "time limit: the job ran longer than BENCHMARK_MAX_JOB_S=60s"
+    )
     blocked = check_price("ollama", "openai/gpt-4", [GPT4], CAP)
-    assert (start_refusal(1, 3, blocked) or "").startswith("benchmark_blocked: model too")
+    assert (start_refusal(1, 3, blocked, 10.0, 60) or "").startswith("benchmark_blocked: model too")
+
+
+def test_a_job_cut_short_keeps_the_runs_it_finished() -> None:
+    j = job()
+    cut = cut_short(j, "cancelled on request", [ok_run(0, 100, [10], 3)])
+    assert cut.error == "cancelled on request" and cut.event_id == final_event_id(j.job_id)
+    assert cut.summary is not None and cut.summary.runs_ok == 1
+    assert cut_short(j, "cancelled on request", []).summary is None
+
+
+def test_the_quota_counts_queued_and_running_jobs() -> None:
+    assert quota_refusal(2, 3) is None
+    refusal = quota_refusal(3, 3) or ""
+    assert "3 of your benchmark jobs" in refusal
+    assert "BENCHMARK_MAX_ACTIVE_JOBS_PER_USER=3" in refusal
+
+
+def test_itl_per_token_spreads_each_gap_over_the_tokens_its_chunk_held() -> None:
+    # chunks of 3, 3 and 1 tokens, 30 ms then 10 ms apart
+    s = stream([10.1, 10.13, 10.14], output_tokens=7, chunk_tokens=[3, 3, 1])
+    r = measure(0, s, None)
+    assert r.inter_token_ms == pytest.approx([30, 10])
+    assert r.itl_per_token_ms == pytest.approx([10, 10, 10, 10])
+    assert summarize([r]).itl_per_token_ms is not None
+    assert measure(0, stream([10.1, 10.13], output_tokens=6), None).itl_per_token_ms == []
+    assert per_token_gaps([1.0, 1.3], [2, 3]) == pytest.approx([0.1, 0.1, 0.1])
+
+
+def test_the_clocks_of_a_run_give_ttfb_ttft_and_e2e() -> None:
+    s = stream([10.1, 10.2], first_byte=10.05, sent=10.001)
+    r = measure(0, s, None)
+    assert r.ttfb_ms == pytest.approx(50) and r.ttft_ms == pytest.approx(100)
+    assert r.e2e_ms == pytest.approx(210)
+
+
+KEY = "sk-or-v1-0123456789abcdef0123456789abcdef"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        f"HTTP 401: invalid credentials: Authorization: Bearer {KEY}",
+        f'{{"error": {{"message": "bad key", "headers": {{"authorization": "Bearer {KEY}"}}}}}}',
+        f"your key {KEY} is revoked",
+        f"key={KEY[:20]}",  # cut off by a truncation
+        "Authorization: Bearer eyJhbGciOiJIUzI1NiJ9.e30.abc",
+        '{"x-api-key": "anthropic-key-123"}',
+    ],
+)
+def test_scrubbing_removes_keys_and_authorization_values(text: str) -> None:
+    clean = scrub(text, [KEY])
+    assert KEY[:12] not in clean and "eyJhbGciOiJIUzI1NiJ9" not in clean
+    assert "anthropic-key-123" not in clean
+    assert "[redacted]" in clean
+
+
+def test_scrubbing_keeps_what_holds_no_secret() -> None:
+    text = "HTTP 404 from http://gpu:11434/api/generate: model 'llama3' not found"
+    assert scrub(text, [KEY]) == text

@@ -86,3 +86,44 @@ def test_requests_follow_each_providers_api() -> None:
     assert headers["Authorization"] == "Bearer sk-or"
     _, _, headers = request_of(Endpoint("openai", "http://vllm/v1"), Prompt("m", "chat", "x"))
     assert "Authorization" not in headers
+
+
+@pytest.mark.parametrize(
+    ("line", "reason"),
+    [
+        ('data: {"choices":[1,"x"]}', "choices[0] is not an object"),
+        ('data: {"choices":"abc"}', "choices is not a list"),
+        ('data: {"id":"x"}', "without choices or usage"),
+        ('data: {"choices":[{"delta":"hi"}]}', "choices[0].delta is not an object"),
+        ("data: [1, 2]", "JSON that is not an object"),
+        ("data: {not json", "not JSON"),
+        ("<!DOCTYPE html><html>", "an HTML page"),
+    ],
+)
+def test_sse_of_the_wrong_shape_is_a_protocol_error_that_says_what(line: str, reason: str) -> None:
+    with pytest.raises(ProtocolError, match=reason.replace("[", r"\[").replace("]", r"\]")):
+        parse_sse_line(line)
+
+
+@pytest.mark.parametrize(
+    ("line", "reason"),
+    [
+        ('{"message": "hi", "done": false}', "message is not an object"),
+        ('{"model": "m"}', "without response, message or done"),
+        ("<html><body>502 Bad Gateway</body></html>", "an HTML page"),
+        ("[]", "JSON that is not an object"),
+    ],
+)
+def test_ndjson_of_the_wrong_shape_is_a_protocol_error_that_says_what(
+    line: str, reason: str
+) -> None:
+    with pytest.raises(ProtocolError, match=reason):
+        parse_ollama_line(line)
+
+
+def test_a_chunk_with_running_usage_tells_its_token_count() -> None:
+    chunk = parse_sse_line(
+        'data: {"choices":[{"delta":{"content":"a b c"}}],'
+        '"usage":{"prompt_tokens":3,"completion_tokens":6}}'
+    )
+    assert chunk is not None and chunk.output and chunk.output_tokens == 6
