@@ -79,12 +79,19 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
+_AS_JSON = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+# `content` is explicit: a route whose answers are text or HTML still refuses in JSON
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    "4XX": {"model": ErrorResponse, "description": "Refused: `error.code` says why"},
+    "4XX": {
+        "model": ErrorResponse,
+        "content": _AS_JSON,
+        "description": "Refused: `error.code` says why",
+    },
     "5XX": {
         "model": ErrorResponse,
-        "description": "Not served: `unavailable` (retry after "
-        "`Retry-After` seconds) or `internal`",
+        "content": _AS_JSON,
+        "description": "Not served: `unavailable` (retry after `Retry-After` seconds) or "
+        "`internal`",
     },
 }
 
