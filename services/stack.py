@@ -336,7 +336,8 @@ class Stack:
             if name == "guardian":
                 child_env["GUARDIAN_SUPERVISOR_SOCKET"] = str(self.channel.socket)
                 child_env["GUARDIAN_SUPERVISOR_TOKEN_FILE"] = str(self.channel.token_file)
-                child_env.setdefault("GUARDIAN_OPERATOR_TOKEN", self._operator_token())
+                if not child_env.get("GUARDIAN_OPERATOR_TOKEN"):
+                    child_env["GUARDIAN_OPERATOR_TOKEN"] = self._operator_token()
             self._envs[name] = child_env
             self.procs[name] = self._spawn(name)
         self._step("services (migrate, connect, ready)", lambda: self._wait_ready(timeout))
@@ -347,6 +348,7 @@ class Stack:
                     "nats_url": nats_url,
                     "database_url": database_url,
                     "services": self.urls,
+                    "supervisor_socket": str(self.channel.socket),
                     "started_in_s": round(time.monotonic() - t0, 2),
                 },
                 indent=2,
@@ -354,7 +356,15 @@ class Stack:
         )
         self.say(f"LLM Fleet is up in {time.monotonic() - t0:.1f}s\n")
         self.say(status_table(self.urls, nats_url, database_url))
-        self.say(f"\nlogs: {self.home / 'logs'}   stop: Ctrl-C")
+        token = (
+            "GUARDIAN_OPERATOR_TOKEN"
+            if self.env.get("GUARDIAN_OPERATOR_TOKEN")
+            else (self.home / "operator.token")
+        )
+        self.say(
+            f"\nguardian restarts what dies; its control endpoints take the bearer token in {token}"
+        )
+        self.say(f"logs: {self.home / 'logs'}   reports: {self.home / 'reports'}   stop: Ctrl-C")
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

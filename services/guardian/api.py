@@ -64,6 +64,8 @@ def build_router(guardian: Guardian) -> APIRouter:
         },
     )
     async def health() -> JSONResponse:
+        if guardian.runtime is None:
+            return JSONResponse({"status": "starting"}, status_code=503)
         body = await guardian.health()
         return JSONResponse(body, status_code=503 if body["status"] == "unhealthy" else 200)
 

@@ -20,6 +20,7 @@ from collections import deque
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 import httpx
@@ -237,7 +238,11 @@ class Guardian:
             return url
         instances = self.watch.services[service].instances.values()
         newest = max(instances, key=lambda i: i.last_seen_at, default=None)
-        return newest.http_url if newest else None
+        url = newest.http_url if newest else None
+        # a service listening on every interface announces 0.0.0.0: not an address to call
+        if url is None or urlsplit(url).hostname in ("0.0.0.0", "::"):
+            return None
+        return url
 
     async def probe_once(self, client: httpx.AsyncClient, service: str) -> None:
         url = self.probe_url(service)

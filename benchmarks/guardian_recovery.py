@@ -1,0 +1,347 @@
+"""guardian's detection and healing under a real `fleet up`.
+
+    python -m benchmarks.guardian_recovery [--rounds 10] [--cpu-seconds 30]
+
+Prints: MTTD (SIGKILL of stats → service.down received) and MTTR (SIGKILL → stats ready
+again, a new process), median of `--rounds`; a hung service (SIGSTOP) → service.down and →
+ready again; a crash loop (stats' port taken, so every new process exits at start) → the
+restarts done and the one escalation; leader failover (a second guardian beside fleet up's,
+the leader SIGKILLed right after it restarted a killed stats) → the standby leading, and how
+many times stats was restarted; guardian's CPU while all is well beside an idle service's.
+
+Settings: guardian's defaults except GUARDIAN_RESTART_COOLDOWN_S=1 (the seed's 30 s would
+make the crash loop last 90 s) and GUARDIAN_HEALTHY_WINDOW_S=5 (so that each round starts
+without backoff, as after 10 quiet minutes by default). NATS_URL / DATABASE_URL are used
+when set, else fleet up's embedded servers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import nats
+
+from benchmarks.harness import cpu_seconds, fresh_database, service_env
+from services.embedded import free_port
+
+Event = tuple[float, str, dict[str, Any]]  # (monotonic time received, subject, body)
+
+
+class Fleet:
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        env = {
+            **os.environ,
+            "FLEET_HOME": str(home),
+            "GUARDIAN_RESTART_COOLDOWN_S": "1",
+            "GUARDIAN_HEALTHY_WINDOW_S": "5",
+        }
+        if "DATABASE_URL" in env:  # a database of its own: guardian's history starts empty
+            env["DATABASE_URL"] = asyncio.run(fresh_database(env["DATABASE_URL"]))
+        self.out = (home.parent / "fleet-up.out").open("w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "services.cli", "up"],
+            env=env,
+            stdout=self.out,
+            stderr=subprocess.STDOUT,
+        )
+        while not (home / "stack.json").exists():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"fleet up exited; see {home.parent / 'fleet-up.out'}")
+            time.sleep(0.05)
+        self.state: dict[str, Any] = json.loads((home / "stack.json").read_text())
+        self.urls: dict[str, str] = self.state["services"]
+
+    def pid_of(self, service: str) -> int:
+        out = subprocess.run(
+            ["pgrep", "-P", str(self.proc.pid), "-f", f"services.cli run {service}$"],
+            capture_output=True,
+            text=True,
+        ).stdout.split()
+        return int(out[0]) if len(out) == 1 else 0
+
+    def restarts_of(self, service: str) -> int:
+        text = (self.home.parent / "fleet-up.out").read_text()
+        return text.count(f"{service} restarted at guardian's request")
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGINT)
+        self.proc.wait(60)
+        self.out.close()
+
+
+class Events:
+    """service.* events as they arrive (core NATS sees what JetStream stores)."""
+
+    def __init__(self, nats_url: str) -> None:
+        self.got: list[Event] = []
+        self.loop = asyncio.new_event_loop()
+        ready = threading.Event()
+
+        async def listen() -> None:
+            nc = await nats.connect(nats_url)
+
+            async def on(msg: Any) -> None:
+                self.got.append((time.monotonic(), msg.subject, json.loads(msg.data)))
+
+            for subject in ("service.down", "service.recovered", "service.escalated"):
+                await nc.subscribe(subject, cb=on)
+            await nc.flush()
+            ready.set()
+            await asyncio.Event().wait()
+
+        threading.Thread(target=lambda: self.loop.run_until_complete(listen()), daemon=True).start()
+        ready.wait(10)
+
+    def first(self, subject: str, service: str, after: float, timeout: float) -> Event:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for e in list(self.got):
+                if e[0] >= after and e[1] == subject and e[2].get("service") == service:
+                    return e
+            time.sleep(0.005)
+        raise TimeoutError(f"no {subject} of {service} within {timeout}s")
+
+
+def ready(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health/ready", timeout=0.5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def wait(check: Any, timeout: float, what: str, step: float = 0.01) -> float:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if check():
+            return time.monotonic()
+        time.sleep(step)
+    raise TimeoutError(f"{what} not within {timeout}s")
+
+
+def healthy(fleet: Fleet) -> bool:
+    try:
+        r = httpx.get(f"{fleet.urls['guardian']}/api/health", timeout=2)
+    except httpx.HTTPError:
+        return False
+    return bool(r.json().get("status") == "healthy")
+
+
+def kill_rounds(fleet: Fleet, events: Events, rounds: int) -> tuple[list[float], list[float]]:
+    mttd, mttr = [], []
+    for _ in range(rounds):
+        wait(lambda: healthy(fleet), 60, "a healthy fleet", 0.2)
+        time.sleep(5.5)  # the healthy window: no backoff left from the previous round
+        pid = fleet.pid_of("stats")
+        t0 = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        down = events.first("service.down", "stats", t0, 10)
+        up = wait(
+            lambda pid=pid: fleet.pid_of("stats") not in (0, pid) and ready(fleet.urls["stats"]),
+            60,
+            "stats ready",
+        )
+        mttd.append(down[0] - t0)
+        mttr.append(up - t0)
+        events.first("service.recovered", "stats", t0, 30)
+    return mttd, mttr
+
+
+def hung_rounds(fleet: Fleet, events: Events, rounds: int) -> tuple[list[float], list[float]]:
+    detect, heal = [], []
+    for _ in range(rounds):
+        wait(lambda: healthy(fleet), 60, "a healthy fleet", 0.2)
+        time.sleep(5.5)
+        pid = fleet.pid_of("stats")
+        t0 = time.monotonic()
+        os.kill(pid, signal.SIGSTOP)
+        down = events.first("service.down", "stats", t0, 10)
+        up = wait(
+            lambda pid=pid: fleet.pid_of("stats") not in (0, pid) and ready(fleet.urls["stats"]),
+            60,
+            "stats ready",
+        )
+        detect.append(down[0] - t0)
+        heal.append(up - t0)
+        events.first("service.recovered", "stats", t0, 30)
+    return detect, heal
+
+
+def crash_loop(fleet: Fleet, events: Events) -> dict[str, Any]:
+    wait(lambda: healthy(fleet), 60, "a healthy fleet", 0.2)
+    time.sleep(5.5)
+    port = int(fleet.urls["stats"].rsplit(":", 1)[1])
+    before = fleet.restarts_of("stats")
+    blocker = socket.socket()
+    # probes left the killed server's connections in TIME_WAIT
+    blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    t0 = time.monotonic()
+    os.kill(fleet.pid_of("stats"), signal.SIGKILL)
+    wait(lambda: _bind(blocker, port), 5, "stats' port", 0.001)  # every new stats fails to bind
+    try:
+        escalated = events.first("service.escalated", "stats", t0, 120)
+        restarts = fleet.restarts_of("stats") - before
+        time.sleep(10)  # a fourth restart would come within 10 s (the backoff is at 4 s)
+        after_more = fleet.restarts_of("stats") - before
+    finally:
+        blocker.close()
+    report = escalated[2]["report"]
+    token = (fleet.home / "operator.token").read_text().strip()
+    r = httpx.post(
+        f"{fleet.urls['guardian']}/api/guardian/control",
+        json={"action": "reset", "service": "stats"},
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=5,
+    )
+    r.raise_for_status()
+    back = wait(lambda: ready(fleet.urls["stats"]), 60, "stats after the reset")
+    return {
+        "restarts_before_escalation": restarts,
+        "restarts_10s_later": after_more,
+        "escalated_after_s": escalated[0] - t0,
+        "report_log_lines": report.count('"level"'),
+        "report_file": escalated[2].get("report_name"),
+        "ready_after_reset_s": back - escalated[0],
+    }
+
+
+def _bind(sock: socket.socket, port: int) -> bool:
+    try:
+        sock.bind(("127.0.0.1", port))
+    except OSError:
+        return False
+    sock.listen(1)
+    return True
+
+
+def failover(fleet: Fleet, events: Events) -> dict[str, Any]:
+    wait(lambda: healthy(fleet), 60, "a healthy fleet", 0.2)
+    time.sleep(5.5)
+    port = free_port()
+    env = {
+        **service_env(fleet.state["nats_url"], fleet.state["database_url"], port),
+        "FLEET_HOME": str(fleet.home),
+        "GUARDIAN_SUPERVISOR_SOCKET": fleet.state["supervisor_socket"],
+        "GUARDIAN_SUPERVISOR_TOKEN_FILE": str(fleet.home / "supervisor.token"),
+        "GUARDIAN_RESTART_COOLDOWN_S": "1",
+        "GUARDIAN_HEALTHY_WINDOW_S": "5",
+    }
+    log = (fleet.home.parent / "standby.log").open("ab")
+    standby = subprocess.Popen(
+        [sys.executable, "-m", "services.cli", "run", "guardian"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait(lambda: ready(url), 60, "the standby guardian", 0.1)
+        wait(lambda: _watching(url), 30, "the standby seeing the services", 0.1)
+        before = fleet.restarts_of("stats")
+        pid = fleet.pid_of("stats")
+        t_kill = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        wait(lambda: fleet.restarts_of("stats") > before, 10, "the leader's restart", 0.002)
+        t0 = time.monotonic()
+        os.kill(fleet.pid_of("guardian"), signal.SIGKILL)
+        took = wait(lambda: _leads(url), 30, "the standby leading", 0.01) - t0
+        events.first("service.recovered", "stats", t_kill, 60)
+        time.sleep(3)
+        return {"takeover_s": took, "stats_restarts": fleet.restarts_of("stats") - before}
+    finally:
+        standby.terminate()
+        standby.wait(30)
+        log.close()
+
+
+def _leads(url: str) -> bool:
+    try:
+        return bool(httpx.get(f"{url}/api/guardian/status", timeout=0.5).json()["leader"])
+    except (httpx.HTTPError, ValueError):
+        return False
+
+
+def _watching(url: str) -> bool:
+    try:
+        status = httpx.get(f"{url}/api/guardian/status", timeout=1).json()
+    except (httpx.HTTPError, ValueError):
+        return False
+    return all(s["status"] == "up" for s in status["services"].values())
+
+
+def idle_cpu(fleet: Fleet, seconds: float) -> tuple[float, float]:
+    wait(lambda: healthy(fleet), 60, "a healthy fleet", 0.2)
+    g, s = fleet.pid_of("guardian"), fleet.pid_of("sync")
+    g0, s0 = cpu_seconds(g), cpu_seconds(s)
+    time.sleep(seconds)
+    per_minute = 60 / seconds
+    return (cpu_seconds(g) - g0) * per_minute, (cpu_seconds(s) - s0) * per_minute
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--hung-rounds", type=int, default=3)
+    parser.add_argument("--cpu-seconds", type=float, default=30)
+    parser.add_argument("--phases", default="cpu,kill,hung,crash,failover")
+    args = parser.parse_args()
+    phases = set(args.phases.split(","))
+    home = Path(tempfile.mkdtemp(prefix="bench-guardian-")) / "fleet"
+    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; home {home}")
+    fleet = Fleet(home)
+    try:
+        events = Events(fleet.state["nats_url"])
+        if "cpu" in phases:
+            cpu_g, cpu_idle = idle_cpu(fleet, args.cpu_seconds)
+            print(f"CPU per minute, all well: guardian {cpu_g:.2f}s, idle sync {cpu_idle:.2f}s")
+        if "kill" in phases:
+            mttd, mttr = kill_rounds(fleet, events, args.rounds)
+            print(
+                f"SIGKILL stats, {args.rounds} rounds: MTTD median {statistics.median(mttd):.3f}s"
+                f" (max {max(mttd):.3f}s); MTTR median {statistics.median(mttr):.2f}s"
+                f" (max {max(mttr):.2f}s)"
+            )
+        if "hung" in phases:
+            detect, heal = hung_rounds(fleet, events, args.hung_rounds)
+            print(
+                f"SIGSTOP stats, {args.hung_rounds} rounds: down after median"
+                f" {statistics.median(detect):.2f}s (max {max(detect):.2f}s); ready again after"
+                f" median {statistics.median(heal):.2f}s"
+            )
+        if "crash" in phases:
+            loop = crash_loop(fleet, events)
+            print(
+                f"crash loop: {loop['restarts_before_escalation']} restarts, escalated after"
+                f" {loop['escalated_after_s']:.1f}s ({loop['report_file']},"
+                f" {loop['report_log_lines']} JSON log lines),"
+                f" {loop['restarts_10s_later']} restarts 10 s later;"
+                f" ready {loop['ready_after_reset_s']:.1f}s after the operator's reset"
+            )
+        if "failover" in phases:
+            over = failover(fleet, events)
+            print(
+                f"leader failover: the standby leads {over['takeover_s']:.2f}s after the leader's"
+                f" SIGKILL; stats restarted {over['stats_restarts']} time(s)"
+            )
+    finally:
+        fleet.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
