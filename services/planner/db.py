@@ -5,49 +5,26 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import asyncpg
 
-from services.planner.domain import Subtask
+from services.planner.domain import (
+    DISPATCHED,
+    RETRYING,
+    ApprovalStatus,
+    PlanStatus,
+    Subtask,
+    SubtaskStatus,
+)
+from services.planner.domain import (
+    Approval as Approval,
+)
+from services.planner.domain import (
+    Plan as Plan,
+)
 from services.runtime.db import Connection
-
-
-@dataclass(frozen=True)
-class Plan:
-    plan_id: str
-    task_id: str
-    user_id: str
-    session_id: str
-    original_task: str
-    subtask_count: int
-    status: str
-    requires_approval: bool
-    created_at: datetime
-    completed_at: datetime | None
-    is_complete: bool
-    metadata: dict[str, Any]
-    fingerprint: str
-    revision: int  # a fresh value of a sequence at every write of the plan or its subtasks
-
-
-@dataclass(frozen=True)
-class Approval:
-    approval_id: uuid.UUID
-    user_id: str
-    session_id: str | None
-    plan_id: str
-    subtask_id: str | None
-    type: str
-    payload: dict[str, Any]
-    status: str
-    created_at: datetime
-    expires_at: datetime
-    resolved_at: datetime | None
-    decision: str | None
-
 
 _PLAN = (
     "plan_id, task_execution_id AS task_id, user_id, session_id, original_task, subtask_count,"
@@ -78,17 +55,31 @@ _APPROVAL = (
 
 
 def _plan(row: asyncpg.Record) -> Plan:
-    return Plan(**dict(row))
+    fields = dict(row)
+    fields["status"] = PlanStatus(fields["status"])
+    return Plan(**fields)
 
 
 def _subtask(row: asyncpg.Record) -> Subtask:
     fields = dict(row)
+    fields["status"] = SubtaskStatus(fields["status"])
     fields["dependencies"] = tuple(fields["dependencies"])
     return Subtask(**fields)
 
 
 def _approval(row: asyncpg.Record) -> Approval:
-    return Approval(**dict(row))
+    fields = dict(row)
+    fields["status"] = ApprovalStatus(fields["status"])
+    return Approval(**fields)
+
+
+def _in(statuses: Iterable[str]) -> str:
+    """A constant SQL list of statuses: as literals (not a parameter) so that PostgreSQL
+    matches the partial indexes whose predicates list them."""
+    return ", ".join(f"'{s}'" for s in sorted(statuses))
+
+
+_PENDING_APPROVAL = f"status = '{ApprovalStatus.PENDING}'"
 
 
 # --- plans -------------------------------------------------------------------------------
@@ -103,7 +94,7 @@ async def insert_plan(
     session_id: str,
     original_task: str,
     subtask_count: int,
-    status: str,
+    status: PlanStatus,
     requires_approval: bool,
     created_at: datetime,
     metadata: dict[str, Any],
@@ -298,11 +289,11 @@ async def plans_with_due_work(conn: Connection, now: datetime, limit: int) -> li
     part reads only its partial index."""
     rows = await conn.fetch(
         "(SELECT plan_id FROM subtask_executions"
-        "  WHERE status IN ('ready', 'running') AND deadline_at <= $1 LIMIT $2)"
+        f"  WHERE status IN ({_in(DISPATCHED)}) AND deadline_at <= $1 LIMIT $2)"
         " UNION (SELECT plan_id FROM subtask_executions"
-        "  WHERE status = 'retrying' AND next_attempt_at <= $1 LIMIT $2)"
+        f"  WHERE status = '{RETRYING}' AND next_attempt_at <= $1 LIMIT $2)"
         " UNION (SELECT plan_id FROM approval_requests"
-        "  WHERE status = 'pending' AND expires_at <= $1 LIMIT $2)",
+        f"  WHERE {_PENDING_APPROVAL} AND expires_at <= $1 LIMIT $2)",
         now,
         limit,
     )
@@ -312,7 +303,7 @@ async def plans_with_due_work(conn: Connection, now: datetime, limit: int) -> li
 async def expired_approvals(conn: Connection, plan_id: str, now: datetime) -> list[Approval]:
     rows = await conn.fetch(
         f"SELECT {_APPROVAL} FROM approval_requests WHERE plan_id = $1"
-        " AND status = 'pending' AND expires_at <= $2",
+        f" AND {_PENDING_APPROVAL} AND expires_at <= $2",
         plan_id,
         now,
     )
@@ -354,24 +345,17 @@ async def approval(conn: Connection, approval_id: uuid.UUID) -> Approval | None:
     return _approval(row) if row else None
 
 
-async def resolve_approval(
-    conn: Connection, approval_id: uuid.UUID, status: str, decision: str | None, at: datetime
-) -> Approval:
-    row = await conn.fetchrow(
-        "UPDATE approval_requests SET status = $2, decision = $3, resolved_at = $4"
-        f" WHERE id = $1 RETURNING {_APPROVAL}",
-        approval_id,
-        status,
-        decision,
-        at,
+async def resolve_approvals(conn: Connection, approvals: Sequence[Approval]) -> None:
+    """Store the answers (status, decision, resolved_at) to these approvals."""
+    await conn.executemany(
+        "UPDATE approval_requests SET status = $2, decision = $3, resolved_at = $4 WHERE id = $1",
+        [(a.approval_id, a.status, a.decision, a.resolved_at) for a in approvals],
     )
-    assert row is not None
-    return _approval(row)
 
 
 async def pending_approvals_of_plan(conn: Connection, plan_id: str) -> list[Approval]:
     rows = await conn.fetch(
-        f"SELECT {_APPROVAL} FROM approval_requests WHERE plan_id = $1 AND status = 'pending'",
+        f"SELECT {_APPROVAL} FROM approval_requests WHERE plan_id = $1 AND {_PENDING_APPROVAL}",
         plan_id,
     )
     return [_approval(r) for r in rows]

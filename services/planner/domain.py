@@ -1,6 +1,8 @@
-"""Pure decisions of planner: the DAG (validation, readiness, skips, critical path), the
+"""Pure decisions of planner about single subtasks and the graph: statuses, the records
+(plan, subtask, approval), the DAG (validation, readiness, skips, critical path), the
 lifecycle of a subtask (a state machine that only moves forward), retries, routing around
-dismissed models, and plan metrics. No I/O; every clock reading comes in as `now`."""
+dismissed models, and plan metrics. No I/O; every clock reading comes in as `now`.
+Decisions about a whole plan, built from these, are `plan.PlanState`'s."""
 
 from __future__ import annotations
 
@@ -12,48 +14,67 @@ from collections import defaultdict, deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from enum import StrEnum
 from typing import Any, Final, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
+from services.runtime.faults import backoff_seconds
+
 # --- statuses ----------------------------------------------------------------------------
+# Written here once: the API's schemas, the SQL in db.py and the migrations' CHECK
+# constraints (a unit test compares them) take them from these.
 
-PENDING: Final = "pending"  # waiting for its dependencies
-AWAITING_APPROVAL: Final = "awaiting_approval"  # dependencies done, waiting for a person
-HELD: Final = "held"  # its agent was dismissed from the session and no fallback is configured
-READY: Final = "ready"  # subtask.ready sent for the current attempt, not started yet
-RUNNING: Final = "running"
-RETRYING: Final = "retrying"  # an attempt failed; the next one is due at next_attempt_at
-COMPLETED: Final = "completed"
-FAILED: Final = "failed"  # the last attempt failed
-REJECTED: Final = "rejected"  # its approval was rejected or timed out
-SKIPPED: Final = "skipped"  # a dependency failed, was rejected or cancelled
-CANCELLED: Final = "cancelled"
 
-SUBTASK_STATUSES = (
-    PENDING,
-    AWAITING_APPROVAL,
-    HELD,
-    READY,
-    RUNNING,
-    RETRYING,
-    COMPLETED,
-    FAILED,
-    REJECTED,
-    SKIPPED,
-    CANCELLED,
-)
+class SubtaskStatus(StrEnum):
+    PENDING = "pending"  # waiting for its dependencies
+    AWAITING_APPROVAL = "awaiting_approval"  # dependencies done, waiting for a person
+    HELD = "held"  # its agent was dismissed from the session and no fallback is configured
+    READY = "ready"  # subtask.ready sent for the current attempt, not started yet
+    RUNNING = "running"
+    RETRYING = "retrying"  # an attempt failed; the next one is due at next_attempt_at
+    COMPLETED = "completed"
+    FAILED = "failed"  # the last attempt failed
+    REJECTED = "rejected"  # its approval was rejected or timed out
+    SKIPPED = "skipped"  # a dependency failed, was rejected or cancelled
+    CANCELLED = "cancelled"
+
+
+class PlanStatus(StrEnum):
+    AWAITING_APPROVAL = "awaiting_approval"  # the plan as a whole waits for a person
+    RUNNING = "running"
+    COMPLETED = "completed"  # every subtask completed
+    FAILED = "failed"  # every subtask finished, some did not complete
+    CANCELLED = "cancelled"
+
+
+class ApprovalStatus(StrEnum):
+    PENDING = "pending"
+    APPROVED = "approved"
+    REJECTED = "rejected"
+    TIMEOUT = "timeout"  # not answered by its expires_at: counts as rejected
+
+
+# the subtask statuses by their short names, as the code reads them
+PENDING: Final = SubtaskStatus.PENDING
+AWAITING_APPROVAL: Final = SubtaskStatus.AWAITING_APPROVAL
+HELD: Final = SubtaskStatus.HELD
+READY: Final = SubtaskStatus.READY
+RUNNING: Final = SubtaskStatus.RUNNING
+RETRYING: Final = SubtaskStatus.RETRYING
+COMPLETED: Final = SubtaskStatus.COMPLETED
+FAILED: Final = SubtaskStatus.FAILED
+REJECTED: Final = SubtaskStatus.REJECTED
+SKIPPED: Final = SubtaskStatus.SKIPPED
+CANCELLED: Final = SubtaskStatus.CANCELLED
+
+SUBTASK_STATUSES = tuple(SubtaskStatus)
 TERMINAL = frozenset({COMPLETED, FAILED, REJECTED, SKIPPED, CANCELLED})
 DEAD_ENDS = frozenset({FAILED, REJECTED, SKIPPED, CANCELLED})  # dependents can never run
 DISPATCHED = frozenset({READY, RUNNING})  # an agent may be working on it: it has a deadline
+NOT_SENT = frozenset({PENDING, AWAITING_APPROVAL, RETRYING})  # may go to another agent
 
-PLAN_AWAITING_APPROVAL: Final = "awaiting_approval"
-PLAN_RUNNING: Final = "running"
-PLAN_STATUSES = (PLAN_AWAITING_APPROVAL, PLAN_RUNNING, COMPLETED, FAILED, CANCELLED)
-PLAN_TERMINAL = frozenset({COMPLETED, FAILED, CANCELLED})
-
-PlanOutcome = Literal["completed", "failed", "cancelled"]
-Resolution = Literal["approved", "rejected", "timeout"]
+PLAN_TERMINAL = frozenset({PlanStatus.COMPLETED, PlanStatus.FAILED, PlanStatus.CANCELLED})
 
 # --- requests ----------------------------------------------------------------------------
 
@@ -358,6 +379,43 @@ def parse_duration(text: str | None) -> float | None:
     return total if math.isfinite(total) else None
 
 
+# --- the records: a plan, a subtask, an approval ------------------------------------------
+
+
+@dataclass(frozen=True)
+class Plan:
+    plan_id: str
+    task_id: str
+    user_id: str
+    session_id: str
+    original_task: str
+    subtask_count: int
+    status: PlanStatus
+    requires_approval: bool
+    created_at: datetime
+    completed_at: datetime | None
+    is_complete: bool
+    metadata: dict[str, Any]
+    fingerprint: str
+    revision: int  # a fresh value of a sequence at every write of the plan or its subtasks
+
+
+@dataclass(frozen=True)
+class Approval:
+    approval_id: uuid.UUID
+    user_id: str
+    session_id: str | None
+    plan_id: str
+    subtask_id: str | None  # None: the approval of the whole plan
+    type: Literal["tool", "plan"]
+    payload: dict[str, Any]
+    status: ApprovalStatus
+    created_at: datetime
+    expires_at: datetime
+    resolved_at: datetime | None
+    decision: str | None
+
+
 # --- the lifecycle of a subtask ----------------------------------------------------------
 
 
@@ -369,7 +427,7 @@ class Subtask:
     description: str
     agent: str
     estimated_time: str | None
-    status: str
+    status: SubtaskStatus
     dependencies: tuple[str, ...]
     attempt: int  # attempts dispatched so far; events of another attempt are stale
     max_attempts: int
@@ -402,8 +460,8 @@ class RetryPolicy:
 
     def delay(self, failed_attempt: int) -> float:
         """Seconds to wait after attempt `failed_attempt` (1-based) failed: base, 2*base,
-        4*base, ... up to the cap."""
-        return float(min(self.cap_s, self.base_s * 2 ** max(0, failed_attempt - 1)))
+        4*base, ... up to the cap (the project's one backoff formula)."""
+        return backoff_seconds(failed_attempt, self.base_s, self.cap_s)
 
     def schedule(self, max_attempts: int) -> list[float]:
         return [self.delay(a) for a in range(1, max_attempts)]
@@ -520,7 +578,7 @@ def dispatch(s: Subtask, agent: str, now: datetime) -> Subtask:
     )
 
 
-def finish(s: Subtask, status: str, error: str | None, now: datetime) -> Subtask:
+def finish(s: Subtask, status: SubtaskStatus, error: str | None, now: datetime) -> Subtask:
     """Skipped, rejected or cancelled: it will not run."""
     return s.but(
         status=status,
@@ -535,13 +593,13 @@ def _after(now: datetime, seconds: float) -> datetime:
     return now + timedelta(seconds=seconds)
 
 
-def plan_outcome(statuses: Iterable[str]) -> PlanOutcome | None:
+def plan_outcome(statuses: Iterable[str]) -> PlanStatus | None:
     """completed when every subtask completed, failed when every one finished and some did
     not complete, None while something may still run."""
     seen = set(statuses)
     if not seen <= TERMINAL:
         return None
-    return COMPLETED if seen <= {COMPLETED} else FAILED
+    return PlanStatus.COMPLETED if seen <= {COMPLETED} else PlanStatus.FAILED
 
 
 # --- identities --------------------------------------------------------------------------
@@ -572,7 +630,7 @@ def metrics(
 ) -> dict[str, Any]:
     """Durations in total and per agent, counts by status, estimated versus actual, attempts
     and the critical path (actual durations where a subtask ran, estimates elsewhere)."""
-    by_status = {st: 0 for st in SUBTASK_STATUSES}
+    by_status = {st.value: 0 for st in SubtaskStatus}
     per_agent: dict[str, dict[str, Any]] = {}
     estimated_total = actual_total = 0.0
     compared_estimated = compared_actual = 0.0

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg
 import pytest
@@ -20,7 +21,7 @@ from services.planner.handlers import Planner
 from services.runtime import outbox
 from services.runtime.db import RUNTIME_MIGRATIONS, create_pool, load_migrations, migrate
 
-DIAMOND = [
+DIAMOND: list[dict[str, Any]] = [
     {"subtask_id": "a", "description": "a", "agent": "m"},
     {"subtask_id": "b", "description": "b", "agent": "m", "depends_on": ["a"]},
     {"subtask_id": "c", "description": "c", "agent": "m", "depends_on": ["a"]},
@@ -56,7 +57,7 @@ def done(subtask_id: str, attempt: int = 1) -> SubtaskCompleted:
     )
 
 
-async def create(pool: asyncpg.Pool, p: Planner) -> None:
+async def create(pool: asyncpg.Pool, p: Planner, subtasks: list[dict[str, Any]] = DIAMOND) -> None:
     request = PlanRequest.model_validate(
         {
             "task_id": "t1",
@@ -64,7 +65,7 @@ async def create(pool: asyncpg.Pool, p: Planner) -> None:
             "user_id": "u",
             "session_id": "s",
             "original_task": "diamond",
-            "subtasks": DIAMOND,
+            "subtasks": subtasks,
         }
     )
     async with pool.acquire() as conn, conn.transaction():
@@ -97,6 +98,7 @@ async def test_two_planners_taking_turns_on_one_plan_see_each_others_writes(
     # first's kept state still shows b pending: it must read the plan again, or b's
     # completion would be taken for a stale report and lost
     await complete(pool, first, "b")
+    assert (await statuses(pool))["d"] == ("pending", 0)  # c has not completed yet
     await complete(pool, second, "c")  # second's state is stale too (b completed since)
     assert await statuses(pool) == {
         "a": ("completed", 1),
@@ -139,3 +141,22 @@ async def test_a_failure_between_deciding_and_writing_leaves_no_trace_either(
     await complete(pool, p, "a")
     assert await statuses(pool) == AFTER_A
     assert await ready_events(pool) == ["a", "b", "c"]  # b and c once
+
+
+async def test_each_completion_of_a_batch_releases_its_dependents(pool: asyncpg.Pool) -> None:
+    p = planner()
+    two_chains: list[dict[str, Any]] = [
+        {"subtask_id": "a", "description": "a", "agent": "m"},
+        {"subtask_id": "x", "description": "x", "agent": "m"},
+        {"subtask_id": "b", "description": "b", "agent": "m", "depends_on": ["a"]},
+        {"subtask_id": "y", "description": "y", "agent": "m", "depends_on": ["x"]},
+    ]
+    await create(pool, p, two_chains)
+    await complete(pool, p, "a", "x")  # one batch, one transaction
+    assert await statuses(pool) == {
+        "a": ("completed", 1),
+        "x": ("completed", 1),
+        "b": ("ready", 1),
+        "y": ("ready", 1),
+    }
+    assert sorted(await ready_events(pool)) == ["a", "b", "x", "y"]

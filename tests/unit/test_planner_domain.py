@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import itertools
 import random
+import re
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
@@ -20,6 +22,7 @@ from services.planner.domain import (
     RETRYING,
     RUNNING,
     SKIPPED,
+    PlanStatus,
     RetryPolicy,
     Subtask,
 )
@@ -305,9 +308,9 @@ def test_routing_around_dismissed_models() -> None:
 
 
 def test_plan_outcome() -> None:
-    assert domain.plan_outcome([COMPLETED, COMPLETED]) == COMPLETED
-    assert domain.plan_outcome([COMPLETED, FAILED, SKIPPED]) == "failed"
-    assert domain.plan_outcome([COMPLETED, REJECTED]) == "failed"
+    assert domain.plan_outcome([COMPLETED, COMPLETED]) == PlanStatus.COMPLETED
+    assert domain.plan_outcome([COMPLETED, FAILED, SKIPPED]) == PlanStatus.FAILED
+    assert domain.plan_outcome([COMPLETED, REJECTED]) == PlanStatus.FAILED
     assert domain.plan_outcome([COMPLETED, RUNNING]) is None
     assert domain.plan_outcome([COMPLETED, AWAITING_APPROVAL]) is None
 
@@ -355,3 +358,21 @@ def test_metrics_of_a_finished_plan() -> None:
     assert m["critical_path"]["subtask_ids"] == ["a", "c"]
     assert m["critical_path"]["seconds"] == 132
     assert m["critical_path"]["basis"] == "actual+estimated"
+
+
+# --- statuses ----------------------------------------------------------------------------
+
+
+def _checked_statuses(table: str) -> set[str]:
+    """The statuses a table's CHECK constraint allows, as the migrations wrote them."""
+    sql = (Path(domain.__file__).parent / "migrations" / "0001_plans.sql").read_text()
+    body = sql.split(f"CREATE TABLE {table} (", 1)[1].split(");", 1)[0]
+    allowed = re.search(r"CHECK \(status IN\s*\(([^)]*)\)\)", body)
+    assert allowed is not None, table
+    return set(re.findall(r"'(\w+)'", allowed[1]))
+
+
+def test_the_database_allows_exactly_the_statuses_of_the_domain() -> None:
+    assert _checked_statuses("execution_plans") == set(domain.PlanStatus)
+    assert _checked_statuses("subtask_executions") == set(domain.SubtaskStatus)
+    assert _checked_statuses("approval_requests") == set(domain.ApprovalStatus)
