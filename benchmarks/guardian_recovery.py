@@ -4,15 +4,16 @@
 
 Prints: MTTD (SIGKILL of stats → service.down received) and MTTR (SIGKILL → stats ready
 again, a new process), median of `--rounds`; a hung service (SIGSTOP) → service.down and →
-ready again; a crash loop (stats' port taken, so every new process exits at start) → the
-restarts done and the one escalation; leader failover (a second guardian beside fleet up's,
-the leader SIGKILLed right after it restarted a killed stats) → the standby leading, and how
-many times stats was restarted; guardian's CPU while all is well beside an idle service's.
+ready again; a crash loop (an applied migration of stats altered, so every new process
+exits at start) → the restarts done and the one escalation; leader failover (a second
+guardian beside fleet up's, the leader SIGKILLed right after it restarted a killed stats) →
+the standby leading, and how many times stats was restarted; guardian's CPU while all is
+well beside an idle service's.
 
 Settings: guardian's defaults except GUARDIAN_RESTART_COOLDOWN_S=1 (the seed's 30 s would
 make the crash loop last 90 s) and GUARDIAN_HEALTHY_WINDOW_S=5 (so that each round starts
 without backoff, as after 10 quiet minutes by default). NATS_URL / DATABASE_URL are used
-when set, else fleet up's embedded servers.
+when set (a fresh database in that server), else fleet up's embedded servers.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ import asyncio
 import json
 import os
 import platform
+import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,6 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import nats
 
@@ -182,24 +184,34 @@ def hung_rounds(fleet: Fleet, events: Events, rounds: int) -> tuple[list[float],
     return detect, heal
 
 
+async def _break_migrations(database_url: str, broken: bool) -> None:
+    """A changed checksum of an applied migration: stats refuses to start (exit code 1)."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(
+            "UPDATE stats.schema_migrations SET checksum = CASE WHEN $1"
+            " THEN 'x' || checksum ELSE ltrim(checksum, 'x') END",
+            broken,
+        )
+    finally:
+        await conn.close()
+
+
 def crash_loop(fleet: Fleet, events: Events) -> dict[str, Any]:
     wait(lambda: healthy(fleet), 60, "a healthy fleet", 0.2)
     time.sleep(5.5)
-    port = int(fleet.urls["stats"].rsplit(":", 1)[1])
     before = fleet.restarts_of("stats")
-    blocker = socket.socket()
-    # probes left the killed server's connections in TIME_WAIT
-    blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    database_url = fleet.state["database_url"]
+    asyncio.run(_break_migrations(database_url, True))  # every new stats exits at start
     t0 = time.monotonic()
-    os.kill(fleet.pid_of("stats"), signal.SIGKILL)
-    wait(lambda: _bind(blocker, port), 5, "stats' port", 0.001)  # every new stats fails to bind
     try:
+        os.kill(fleet.pid_of("stats"), signal.SIGKILL)
         escalated = events.first("service.escalated", "stats", t0, 120)
         restarts = fleet.restarts_of("stats") - before
         time.sleep(10)  # a fourth restart would come within 10 s (the backoff is at 4 s)
         after_more = fleet.restarts_of("stats") - before
     finally:
-        blocker.close()
+        asyncio.run(_break_migrations(database_url, False))
     report = escalated[2]["report"]
     token = (fleet.home / "operator.token").read_text().strip()
     r = httpx.post(
@@ -209,24 +221,16 @@ def crash_loop(fleet: Fleet, events: Events) -> dict[str, Any]:
         timeout=5,
     )
     r.raise_for_status()
+    reset_at = time.monotonic()
     back = wait(lambda: ready(fleet.urls["stats"]), 60, "stats after the reset")
     return {
         "restarts_before_escalation": restarts,
         "restarts_10s_later": after_more,
         "escalated_after_s": escalated[0] - t0,
-        "report_log_lines": report.count('"level"'),
+        "report_log_lines": int(re.findall(r"## Last (\d+) log lines", report)[0]),
         "report_file": escalated[2].get("report_name"),
-        "ready_after_reset_s": back - escalated[0],
+        "ready_after_reset_s": back - reset_at,
     }
-
-
-def _bind(sock: socket.socket, port: int) -> bool:
-    try:
-        sock.bind(("127.0.0.1", port))
-    except OSError:
-        return False
-    sock.listen(1)
-    return True
 
 
 def failover(fleet: Fleet, events: Events) -> dict[str, Any]:
@@ -328,7 +332,7 @@ def main() -> int:
             print(
                 f"crash loop: {loop['restarts_before_escalation']} restarts, escalated after"
                 f" {loop['escalated_after_s']:.1f}s ({loop['report_file']},"
-                f" {loop['report_log_lines']} JSON log lines),"
+                f" {loop['report_log_lines']} log lines),"
                 f" {loop['restarts_10s_later']} restarts 10 s later;"
                 f" ready {loop['ready_after_reset_s']:.1f}s after the operator's reset"
             )
