@@ -229,7 +229,9 @@ async def one_round(
     await fresh_stream(nc)
     db = await fresh_database(admin_url)
     port = free_port()
-    proc = spawn_service("planner", service_env(nats_url, db, port), log)
+    # the plan of 10,000 subtasks is a 1.5 MB body, over the 1 MiB the services take by default
+    env = {**service_env(nats_url, db, port), "HTTP_MAX_BODY_BYTES": str(16 << 20)}
+    proc = spawn_service("planner", env, log)
     pool = AgentPool(nc, {s["subtask_id"]: s["depends_on"] for s in subtasks}, work_ms)
     try:
         await wait_until_up(f"http://127.0.0.1:{port}", proc)

@@ -14,14 +14,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from contracts.events import utcnow
 from services.planner import db, domain
-from services.planner.domain import PlanRequest
+from services.planner.domain import ApprovalStatus, PlanRequest, PlanStatus, SubtaskStatus
 from services.planner.handlers import Conflict, NotFound, Planner
 from services.runtime.db import Connection
 from services.runtime.errors import ApiError, ErrorResponse, FieldError, bounded_json
 from services.runtime.service import Runtime, runtime_of
 
-PlanStatus = Literal["awaiting_approval", "running", "completed", "failed", "cancelled"]
-ApprovalStatus = Literal["pending", "approved", "rejected", "timeout"]
 RuntimeDep = Annotated[Runtime, Depends(runtime_of)]
 Id = Annotated[str, Path(min_length=1, max_length=512)]
 QueryId = Annotated[str | None, Query(min_length=1, max_length=512)]
@@ -40,7 +38,7 @@ class SubtaskView(BaseModel):
     description: str
     agent: str
     estimated_time: str | None
-    status: str = Field(description=", ".join(domain.SUBTASK_STATUSES))
+    status: SubtaskStatus
     dependencies: list[str]
     attempt: int = Field(description="Attempts dispatched so far.")
     max_attempts: int

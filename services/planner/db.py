@@ -169,7 +169,7 @@ async def lock_open_plans_of_sessions(
 async def list_plans(
     conn: Connection,
     *,
-    status: str | None,
+    status: PlanStatus | None,
     user_id: str | None,
     session_id: str | None,
     limit: int,
@@ -372,7 +372,7 @@ async def approvals_of_plan(conn: Connection, plan_id: str) -> list[Approval]:
 async def list_approvals(
     conn: Connection,
     *,
-    status: str | None,
+    status: ApprovalStatus | None,
     user_id: str | None,
     plan_id: str | None,
     limit: int,

@@ -68,7 +68,6 @@ REJECTED: Final = SubtaskStatus.REJECTED
 SKIPPED: Final = SubtaskStatus.SKIPPED
 CANCELLED: Final = SubtaskStatus.CANCELLED
 
-SUBTASK_STATUSES = tuple(SubtaskStatus)
 TERMINAL = frozenset({COMPLETED, FAILED, REJECTED, SKIPPED, CANCELLED})
 DEAD_ENDS = frozenset({FAILED, REJECTED, SKIPPED, CANCELLED})  # dependents can never run
 DISPATCHED = frozenset({READY, RUNNING})  # an agent may be working on it: it has a deadline
