@@ -55,6 +55,7 @@ from services.planner.domain import (
 )
 
 AgentReport = SubtaskStarted | SubtaskCompleted | SubtaskFailed
+_DONE = frozenset({COMPLETED})
 
 
 class NotFound(Exception):
@@ -106,8 +107,7 @@ class Change:
     before: Subtask
     after: Subtask
 
-    def entered(self, statuses: Iterable[str]) -> bool:
-        group = set(statuses)
+    def entered(self, group: frozenset[SubtaskStatus]) -> bool:
         return self.after.status in group and self.before.status not in group
 
 
@@ -331,7 +331,7 @@ class PlanState:
         if not changes:
             return
         self._put(c, (ch.after for ch in changes))
-        done = [ch.after.subtask_id for ch in changes if ch.entered({COMPLETED})]
+        done = [ch.after.subtask_id for ch in changes if ch.entered(_DONE)]
         dead = [ch.after.subtask_id for ch in changes if ch.entered(DEAD_ENDS)]
         dispatched: list[Subtask] = []
         if done and self.plan.status == PlanStatus.RUNNING:
