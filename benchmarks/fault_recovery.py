@@ -57,8 +57,11 @@ class Bench:
         self.nats.start()
         self.pg.start()
         self.database_url = await fresh_database(self.pg.url)
+        async def quiet(_: Exception) -> None:  # the faults are on purpose
+            pass
+
         self.nc = await nats.connect(
-            self.nats.url, max_reconnect_attempts=-1, reconnect_time_wait=0.1
+            self.nats.url, max_reconnect_attempts=-1, reconnect_time_wait=0.1, error_cb=quiet
         )
         self.js: JetStreamContext = self.nc.jetstream()
         await ensure_streams(self.js)

@@ -40,6 +40,7 @@ import nats
 
 from benchmarks.harness import cpu_seconds, fresh_database, service_env
 from services.embedded import free_port
+from services.runtime.auth import development_secret, mint
 
 Event = tuple[float, str, dict[str, Any]]  # (monotonic time received, subject, body)
 
@@ -213,7 +214,7 @@ def crash_loop(fleet: Fleet, events: Events) -> dict[str, Any]:
     finally:
         asyncio.run(_break_migrations(database_url, False))
     report = escalated[2]["report"]
-    token = (fleet.home / "operator.token").read_text().strip()
+    token = mint(development_secret(fleet.home), "bench", "operator")
     r = httpx.post(
         f"{fleet.urls['guardian']}/api/guardian/control",
         json={"action": "reset", "service": "stats"},

@@ -5,6 +5,7 @@ fleet up                 embedded NATS + PostgreSQL (unless NATS_URL / DATABASE_
 fleet run <service>      one service in the foreground (what a container runs)
 fleet migrate [service]  apply database migrations and exit (a deployment's migration job)
 fleet status             the services of a running `fleet up`, their health and URLs
+fleet token --user U     a development bearer token for U (--operator: with that role)
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import os
 import signal
 import sys
-from typing import Any
+from typing import Any, Literal
 
 from services.stack import SERVICES, AlreadyRunning, Stack, fleet_home, read_state, status_table
 
@@ -87,6 +89,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench_main(args.args)
 
 
+def cmd_token(args: argparse.Namespace) -> int:
+    """A development token, signed with the secret under FLEET_HOME that `fleet up`'s
+    services verify with (or AUTH_JWT_SECRET when set, as they would)."""
+    from services.runtime.auth import development_secret, mint
+
+    secret = os.environ.get("AUTH_JWT_SECRET") or development_secret()
+    role: Literal["user", "operator"] = "operator" if args.operator else "user"
+    print(mint(secret, args.user, role, ttl_s=args.hours * 3600))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="fleet", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -102,6 +115,15 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("status", help="health and URLs of a running stack").set_defaults(
         func=cmd_status
     )
+    token = sub.add_parser(
+        "token",
+        help="print a development bearer token (curl -H \"Authorization: Bearer $(fleet token"
+        " --user alice)\" ...)",
+    )
+    token.add_argument("--user", required=True, help="the user id (the token's sub)")
+    token.add_argument("--operator", action="store_true", help="with the operator role")
+    token.add_argument("--hours", type=float, default=12.0, help="valid for (default 12)")
+    token.set_defaults(func=cmd_token)
     bench = sub.add_parser(
         "bench",
         help="submit a benchmark and show its results (fleet bench run --help)",

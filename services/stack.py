@@ -336,8 +336,6 @@ class Stack:
             if name == "guardian":
                 child_env["GUARDIAN_SUPERVISOR_SOCKET"] = str(self.channel.socket)
                 child_env["GUARDIAN_SUPERVISOR_TOKEN_FILE"] = str(self.channel.token_file)
-                if not child_env.get("GUARDIAN_OPERATOR_TOKEN"):
-                    child_env["GUARDIAN_OPERATOR_TOKEN"] = self._operator_token()
             self._envs[name] = child_env
             self.procs[name] = self._spawn(name)
         self._step("services (migrate, connect, ready)", lambda: self._wait_ready(timeout))
@@ -356,14 +354,11 @@ class Stack:
         )
         self.say(f"LLM Fleet is up in {time.monotonic() - t0:.1f}s\n")
         self.say(status_table(self.urls, nats_url, database_url))
-        token = (
-            "GUARDIAN_OPERATOR_TOKEN"
-            if self.env.get("GUARDIAN_OPERATOR_TOKEN")
-            else (self.home / "operator.token")
-        )
         self.say(
-            f"\nguardian restarts what dies; its control endpoints take the bearer token in {token}"
+            "\nevery API takes a bearer token: .venv/bin/fleet token --user alice"
+            " (add --operator for sync runs and guardian's controls)"
         )
+        self.say("guardian restarts what dies")
         self.say(f"logs: {self.home / 'logs'}   reports: {self.home / 'reports'}   stop: Ctrl-C")
 
     def _wait_ready(self, timeout: float) -> None:
@@ -383,16 +378,6 @@ class Stack:
             time.sleep(0.1)
         if pending:
             raise TimeoutError(f"not ready after {timeout:.0f}s: {', '.join(sorted(pending))}")
-
-    def _operator_token(self) -> str:
-        """guardian's control endpoints need an operator token: one is made once per home
-        (FLEET_HOME/operator.token, 0600) unless GUARDIAN_OPERATOR_TOKEN names one."""
-        path = self.home / "operator.token"
-        if not path.exists():
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as out:
-                out.write(secrets.token_urlsafe(32))
-        return path.read_text().strip()
 
     def _spawn(self, name: str) -> subprocess.Popen[bytes]:
         return spawn_service(name, self._envs[name], self.home / "logs" / f"{name}.log")

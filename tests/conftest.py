@@ -28,6 +28,7 @@ from nats.js import JetStreamContext
 
 from contracts import STREAMS
 from services.embedded import EmbeddedNats, EmbeddedPostgres
+from services.runtime.auth import Role, mint
 from services.runtime.messaging import ensure_streams
 from services.runtime.service import (
     Runtime,
@@ -38,6 +39,16 @@ from services.runtime.service import (
 )
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+# Every service in the suite verifies tokens signed with this secret (services started as
+# processes inherit it); `bearer()` mints them.
+TEST_JWT_SECRET = "test-only-secret-" + "0123456789" * 4
+os.environ["AUTH_JWT_SECRET"] = TEST_JWT_SECRET
+
+
+def bearer(user: str = "tester", role: Role = "operator") -> dict[str, str]:
+    """Headers of a request made by `user` with `role`."""
+    return {"Authorization": f"Bearer {mint(TEST_JWT_SECRET, user, role)}"}
 
 
 @dataclass
@@ -110,14 +121,19 @@ async def js(nc: Nats) -> JetStreamContext:
 
 
 @asynccontextmanager
-async def running(spec: ServiceSpec) -> AsyncIterator[tuple[Runtime, httpx.AsyncClient]]:
-    """A service started in this process (its real lifespan) with an HTTP client to its app."""
+async def running(
+    spec: ServiceSpec, user: str = "tester", role: Role = "operator"
+) -> AsyncIterator[tuple[Runtime, httpx.AsyncClient]]:
+    """A service started in this process (its real lifespan) with an HTTP client to its app
+    that sends a token of `user` with `role` (pass other `bearer()` headers per request)."""
     app = create_app(spec)
     runtime, tasks = await start_runtime(spec)
     app.state.runtime = runtime
     try:
         async with httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://test"
+            transport=httpx.ASGITransport(app=app),
+            base_url="http://test",
+            headers=bearer(user, role),
         ) as client:
             yield runtime, client
     finally:

@@ -1,24 +1,23 @@
 """HTTP routes of guardian: the seed's /api/health and /api/guardian/*, and the incidents.
 
-The control endpoints sit behind one dependency, `require_operator`: for now a shared
-operator token (GUARDIAN_OPERATOR_TOKEN, `Authorization: Bearer ...`); JWT roles replace it
-in one place when they come.
+`/api/health` (and `/api/metrics`) are open, as load balancers and probes call them and
+they show no user's data; the rest needs a token, and acting (control, smoke, reports that
+hold log lines) the operator role.
 """
 
 from __future__ import annotations
 
-import hmac
 import uuid
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request
+from fastapi import APIRouter, HTTPException, Query
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field
 
 from services.guardian import db
 from services.guardian.handlers import Guardian
-from services.runtime.service import runtime_of
+from services.runtime.auth import OperatorDep
 
 
 class Control(BaseModel):
@@ -29,28 +28,8 @@ class Control(BaseModel):
     service: str | None = Field(None, max_length=100, description="For reset: which service.")
 
 
-def require_operator(
-    request: Request,
-    authorization: Annotated[str | None, Header(max_length=4096)] = None,
-) -> str:
-    """The caller is an operator; returns who (for the record). For now: the shared token
-    GUARDIAN_OPERATOR_TOKEN (fleet up makes one in FLEET_HOME/operator.token)."""
-    settings = runtime_of(request).settings
-    token: SecretStr | None = getattr(settings, "guardian_operator_token", None)
-    if token is None:
-        raise HTTPException(503, "control endpoints are off: GUARDIAN_OPERATOR_TOKEN is unset")
-    expected = f"Bearer {token.get_secret_value()}".encode()
-    if not authorization or not hmac.compare_digest(authorization.encode(), expected):
-        raise HTTPException(
-            401, "an operator's bearer token is needed", headers={"WWW-Authenticate": "Bearer"}
-        )
-    return "operator"
-
-
-Operator = Annotated[str, Depends(require_operator)]
-
-
-def build_router(guardian: Guardian) -> APIRouter:
+def build_open_router(guardian: Guardian) -> APIRouter:
+    """What anyone may call: the fleet's health, for probes and load balancers."""
     router = APIRouter(tags=["guardian"])
 
     @router.get(
@@ -69,12 +48,28 @@ def build_router(guardian: Guardian) -> APIRouter:
         body = await guardian.health()
         return JSONResponse(body, status_code=503 if body["status"] == "unhealthy" else 200)
 
+    @router.get(
+        "/api/metrics",
+        summary="Prometheus metrics (the seed's path for /metrics)",
+        response_class=PlainTextResponse,
+    )
+    async def metrics() -> Response:
+        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    return router
+
+
+def build_router(guardian: Guardian) -> APIRouter:
+    """What needs a token; acting needs the operator role."""
+    router = APIRouter(tags=["guardian"])
+
     @router.get("/api/guardian/status", summary="This replica: leadership, mode, each service")
     async def status() -> dict[str, Any]:
         return await guardian.status()
 
     @router.post("/api/guardian/control", summary="Pause or resume acting, reset a service")
-    async def control(request: Control, by: Operator) -> dict[str, Any]:
+    async def control(request: Control, who: OperatorDep) -> dict[str, Any]:
+        by = who.user_id
         runtime = guardian.rt()
         async with runtime.pool.acquire() as conn:
             if request.action in ("pause", "resume"):
@@ -93,7 +88,7 @@ def build_router(guardian: Guardian) -> APIRouter:
         status_code=501,
         responses={501: {"description": "The smoke canary is not built yet."}},
     )
-    async def run_smoke(_: Operator) -> JSONResponse:
+    async def run_smoke(_: OperatorDep) -> JSONResponse:
         return JSONResponse(
             {
                 "error": "not_implemented",
@@ -126,15 +121,11 @@ def build_router(guardian: Guardian) -> APIRouter:
         summary="An escalated incident's report (markdown; it holds log lines: operators only)",
         response_class=PlainTextResponse,
     )
-    async def report(incident_id: uuid.UUID, _: Operator) -> Response:
+    async def report(incident_id: uuid.UUID, _: OperatorDep) -> Response:
         async with guardian.rt().pool.acquire() as conn:
             found = await db.incident(conn, incident_id)
         if found is None or not found.get("report"):
             raise HTTPException(404, f"no report for incident {incident_id}")
         return PlainTextResponse(found["report"], media_type="text/markdown; charset=utf-8")
-
-    @router.get("/api/metrics", summary="Prometheus metrics (the seed's path for /metrics)")
-    async def metrics() -> Response:
-        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
     return router

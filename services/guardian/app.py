@@ -21,6 +21,7 @@ def build(settings: GuardianSettings | None = None) -> ServiceSpec:
         "an incident report; the fleet's /api/health. Two replicas, one leader.",
         migrations=Path(__file__).parent / "migrations",
         routers=[api.build_router(guardian)],
+        open_routers=[api.build_open_router(guardian)],
         tasks=[
             guardian.heartbeats,
             guardian.probes,

@@ -3,7 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, field_validator
 from pydantic_settings import NoDecode
 
 from services.guardian.domain import Policy
@@ -43,11 +43,6 @@ class GuardianSettings(RuntimeSettings):
     )
     guardian_supervisor_token_file: Path | None = Field(
         None, description="File holding the channel's bearer token; set by fleet up."
-    )
-    guardian_operator_token: SecretStr | None = Field(
-        None,
-        description="Bearer token of the control endpoints until JWT roles arrive; unset: "
-        "they answer 503 (nobody can use them).",
     )
     fleet_home: Path = Field(
         Path(".fleet"),

@@ -16,6 +16,7 @@ from contracts.events import utcnow
 from services.planner import db, domain
 from services.planner.domain import ApprovalStatus, PlanRequest, PlanStatus, SubtaskStatus
 from services.planner.handlers import Conflict, NotFound, Planner
+from services.runtime.auth import Caller, CallerDep
 from services.runtime.db import Connection
 from services.runtime.errors import ApiError, ErrorResponse, FieldError, bounded_json
 from services.runtime.service import Runtime, runtime_of
@@ -131,14 +132,27 @@ async def answering_errors(runtime: Runtime) -> AsyncIterator[Connection]:
         raise HTTPException(409, str(exc)) from exc
 
 
+def whose(who: Caller, user_id: str | None) -> str | None:
+    """The user a listing is about: a user sees their own only; an operator sees everyone's,
+    or one user's."""
+    return user_id if who.is_operator else who.user_id
+
+
+async def owned_plan(conn: Connection, plan_id: str, who: Caller) -> db.Plan:
+    """The plan, if the caller may see it: their own, or any for an operator. Another
+    user's plan answers as one that does not exist (404), so ids reveal nothing."""
+    plan = await db.plan(conn, plan_id)
+    if plan is None or not (who.is_operator or plan.user_id == who.user_id):
+        raise HTTPException(404, f"no plan {plan_id}")
+    return plan
+
+
 def build_router(planner: Planner) -> APIRouter:
     router = APIRouter(prefix="/v1", tags=["planner"])
 
-    async def plan_view(runtime: Runtime, plan_id: str) -> PlanView:
+    async def plan_view(runtime: Runtime, plan_id: str, who: Caller) -> PlanView:
         async with runtime.pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
-            plan = await db.plan(conn, plan_id)
-            if plan is None:
-                raise HTTPException(404, f"no plan {plan_id}")
+            plan = await owned_plan(conn, plan_id, who)
             subtasks = await db.plan_subtasks(conn, plan_id)
             approvals = await db.approvals_of_plan(conn, plan_id)
         return PlanView(
@@ -154,6 +168,11 @@ def build_router(planner: Planner) -> APIRouter:
         summary="Create a plan; its first subtasks are dispatched at once (GET it for them)",
         responses={
             200: {"description": "The same request was posted before: the existing plan"},
+            403: {
+                "model": ErrorResponse,
+                "description": "`user_id` is not the caller (only an operator creates plans "
+                "for others)",
+            },
             409: {
                 "model": ErrorResponse,
                 "description": "The task already has a different plan, or the plan id is taken",
@@ -166,7 +185,11 @@ def build_router(planner: Planner) -> APIRouter:
             },
         },
     )
-    async def create_plan(request: PlanRequest, response: Response, runtime: RuntimeDep) -> Any:
+    async def create_plan(
+        request: PlanRequest, response: Response, runtime: RuntimeDep, who: CallerDep
+    ) -> Any:
+        if request.user_id != who.user_id and not who.is_operator:
+            raise HTTPException(403, "a plan's user_id must be the caller's")
         try:
             check_metadata(request.metadata)
         except ValueError as exc:
@@ -193,14 +216,22 @@ def build_router(planner: Planner) -> APIRouter:
     @router.get("/plans", response_model=list[PlanSummary], summary="Plans, newest first")
     async def list_plans(
         runtime: RuntimeDep,
+        who: CallerDep,
         status: PlanStatus | None = None,
-        user_id: QueryId = None,
+        user_id: Annotated[
+            str | None,
+            Query(min_length=1, max_length=512, description="Operators: whose plans"),
+        ] = None,
         session_id: QueryId = None,
         limit: Limit = 100,
     ) -> list[PlanSummary]:
         async with runtime.pool.acquire() as conn:
             plans = await db.list_plans(
-                conn, status=status, user_id=user_id, session_id=session_id, limit=limit
+                conn,
+                status=status,
+                user_id=whose(who, user_id),
+                session_id=session_id,
+                limit=limit,
             )
         return [PlanSummary.model_validate(p) for p in plans]
 
@@ -210,8 +241,8 @@ def build_router(planner: Planner) -> APIRouter:
         summary="A plan with its subtasks and approvals",
         responses={404: NOT_FOUND},
     )
-    async def get_plan(plan_id: Id, runtime: RuntimeDep) -> PlanView:
-        return await plan_view(runtime, plan_id)
+    async def get_plan(plan_id: Id, runtime: RuntimeDep, who: CallerDep) -> PlanView:
+        return await plan_view(runtime, plan_id, who)
 
     @router.get(
         "/plans/{plan_id}/metrics",
@@ -219,11 +250,9 @@ def build_router(planner: Planner) -> APIRouter:
         "attempts, the critical path",
         responses={404: NOT_FOUND},
     )
-    async def plan_metrics(plan_id: Id, runtime: RuntimeDep) -> dict[str, Any]:
+    async def plan_metrics(plan_id: Id, runtime: RuntimeDep, who: CallerDep) -> dict[str, Any]:
         async with runtime.pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
-            plan = await db.plan(conn, plan_id)
-            if plan is None:
-                raise HTTPException(404, f"no plan {plan_id}")
+            plan = await owned_plan(conn, plan_id, who)
             subtasks = await db.plan_subtasks(conn, plan_id)
         return {
             "plan_id": plan.plan_id,
@@ -240,8 +269,9 @@ def build_router(planner: Planner) -> APIRouter:
             409: {"model": ErrorResponse, "description": "The plan already completed or failed"},
         },
     )
-    async def cancel_plan(plan_id: Id, runtime: RuntimeDep) -> PlanSummary:
+    async def cancel_plan(plan_id: Id, runtime: RuntimeDep, who: CallerDep) -> PlanSummary:
         async with answering_errors(runtime) as conn:
+            await owned_plan(conn, plan_id, who)
             plan = await planner.cancel_plan(conn, plan_id)
         return PlanSummary.model_validate(plan)
 
@@ -258,23 +288,28 @@ def build_router(planner: Planner) -> APIRouter:
         },
     )
     async def assign(
-        plan_id: Id, subtask_id: Id, body: Assignment, runtime: RuntimeDep
+        plan_id: Id, subtask_id: Id, body: Assignment, runtime: RuntimeDep, who: CallerDep
     ) -> SubtaskView:
         async with answering_errors(runtime) as conn:
+            await owned_plan(conn, plan_id, who)
             subtask = await planner.assign(conn, plan_id, subtask_id, body.agent)
         return SubtaskView.model_validate(subtask)
 
     @router.get("/approvals", response_model=list[ApprovalView], summary="Approval requests")
     async def list_approvals(
         runtime: RuntimeDep,
+        who: CallerDep,
         status: ApprovalStatus | None = None,
-        user_id: QueryId = None,
+        user_id: Annotated[
+            str | None,
+            Query(min_length=1, max_length=512, description="Operators: whose approvals"),
+        ] = None,
         plan_id: QueryId = None,
         limit: Limit = 100,
     ) -> list[ApprovalView]:
         async with runtime.pool.acquire() as conn:
             found = await db.list_approvals(
-                conn, status=status, user_id=user_id, plan_id=plan_id, limit=limit
+                conn, status=status, user_id=whose(who, user_id), plan_id=plan_id, limit=limit
             )
         return [ApprovalView.model_validate(a) for a in found]
 
@@ -283,10 +318,12 @@ def build_router(planner: Planner) -> APIRouter:
         response_model=ApprovalView,
         responses={404: {"model": ErrorResponse, "description": "No such approval"}},
     )
-    async def get_approval(approval_id: uuid.UUID, runtime: RuntimeDep) -> ApprovalView:
+    async def get_approval(
+        approval_id: uuid.UUID, runtime: RuntimeDep, who: CallerDep
+    ) -> ApprovalView:
         async with runtime.pool.acquire() as conn:
             found = await db.approval(conn, approval_id)
-        if found is None:
+        if found is None or not (who.is_operator or found.user_id == who.user_id):
             raise HTTPException(404, f"no approval {approval_id}")
         return ApprovalView.model_validate(found)
 
@@ -304,9 +341,12 @@ def build_router(planner: Planner) -> APIRouter:
         },
     )
     async def resolve_approval(
-        approval_id: uuid.UUID, body: Decision, runtime: RuntimeDep
+        approval_id: uuid.UUID, body: Decision, runtime: RuntimeDep, who: CallerDep
     ) -> ApprovalView:
         async with answering_errors(runtime) as conn:
+            found = await db.approval(conn, approval_id)
+            if found is None or not (who.is_operator or found.user_id == who.user_id):
+                raise HTTPException(404, f"no approval {approval_id}")
             resolved = await planner.resolve_approval(
                 conn, approval_id, body.decision == "approved", body.comment
             )

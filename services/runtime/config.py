@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Literal
+
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -11,6 +13,20 @@ class RuntimeSettings(BaseSettings):
 
     model_config = SettingsConfigDict(extra="ignore", case_sensitive=False)
 
+    fleet_env: Literal["development", "production"] = Field(
+        "development",
+        description="production: refuse to start on development secrets or default addresses.",
+    )
+    auth_jwt_secret: SecretStr | None = Field(
+        None,
+        description="HS256 secret of the bearer tokens; unset in development: the one under "
+        "FLEET_HOME/secrets/jwt.key (what `fleet token` signs with).",
+    )
+    auth_jwks_url: str | None = Field(
+        None, description="Verify RS256/ES256 tokens with the keys published here instead."
+    )
+    auth_issuer: str | None = Field(None, description="Required `iss` of tokens, when set.")
+    auth_audience: str | None = Field(None, description="Required `aud` of tokens, when set.")
     nats_url: str = "nats://127.0.0.1:4222"
     database_url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
     db_role: str | None = Field(

@@ -99,15 +99,20 @@ def stream_config(spec: StreamSpec) -> StreamConfig:
 
 async def ensure_streams(js: JetStreamContext, specs: tuple[StreamSpec, ...] = STREAMS) -> None:
     """Create or update the streams of the catalog; the definitions live in `contracts`,
-    so every service declares them identically. Also what recreates a deleted stream."""
+    so every service declares them identically. Also what recreates a deleted stream. A
+    stream another service creates at the same moment, or a JetStream too busy to answer,
+    is tried again a few times."""
     for spec in specs:
         config = stream_config(spec)
-        try:
-            await js.stream_info(spec.name)
-        except NotFoundError:
+        for attempt in range(1, 6):
             try:
-                await js.add_stream(config)
-                continue
-            except Exception:  # another service created it a moment ago
-                pass
-        await js.update_stream(config)
+                try:
+                    await js.update_stream(config)
+                except NotFoundError:
+                    await js.add_stream(config)
+                break
+            except Exception as exc:
+                if attempt == 5:
+                    raise
+                log.debug("declaring stream %s failed, trying again: %s", spec.name, exc)
+                await asyncio.sleep(0.1 * attempt)

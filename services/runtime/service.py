@@ -23,14 +23,14 @@ from typing import Any
 
 import asyncpg
 import uvicorn
-from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from nats.aio.client import Client as Nats
 from nats.js import JetStreamContext
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Gauge, generate_latest
 
 from contracts.events import ServiceHeartbeat, utcnow
-from services.runtime import errors, outbox
+from services.runtime import auth, errors, outbox
 from services.runtime.config import RuntimeSettings
 from services.runtime.consumer import Consumer, Subscription
 from services.runtime.db import (
@@ -107,7 +107,8 @@ class ServiceSpec:
     settings: RuntimeSettings
     migrations: Path | None = None
     consumers: Sequence[Consumer[Any]] = ()
-    routers: Sequence[APIRouter] = ()
+    routers: Sequence[APIRouter] = ()  # every route needs a verified token (auth.caller)
+    open_routers: Sequence[APIRouter] = ()  # routes for anyone: they show no user's data
     tasks: Sequence[Task] = ()  # long-running loops, restarted if they crash
     on_start: Sequence[Callable[[Runtime], None]] = ()  # given the runtime before consuming
     description: str = ""
@@ -276,8 +277,11 @@ def create_app(spec: ServiceSpec) -> FastAPI:
         responses=errors.ERROR_RESPONSES,
     )
     errors.install(app)
+    app.state.verifier = auth.verifier_for(spec.settings)  # refuses production on dev secrets
     app.include_router(health_router(), responses={503: {"description": "Not ready"}})
-    for router in spec.routers:
+    for router in spec.routers:  # every route of a service needs a verified token
+        app.include_router(router, dependencies=[Depends(auth.caller)])
+    for router in spec.open_routers:
         app.include_router(router)
     return app
 

@@ -6,9 +6,10 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Path, Query
+from fastapi import APIRouter, Depends, HTTPException, Path
 from pydantic import BaseModel
 
+from services.runtime.auth import CallerDep
 from services.runtime.errors import ErrorResponse
 from services.runtime.service import Runtime, runtime_of
 from services.stats import db
@@ -53,9 +54,11 @@ class ModelRecord(BaseModel):
 )
 async def model_stats(
     model_id: Annotated[str, Path(min_length=1, max_length=512)],
-    user_id: Annotated[str, Query(min_length=1, max_length=512, description="Whose record")],
     runtime: Annotated[Runtime, Depends(runtime_of)],
+    who: CallerDep,
 ) -> ModelRecord:
+    """The caller's own record of one model (the user is the token's `sub`)."""
+    user_id = who.user_id
     async with runtime.pool.acquire() as conn:
         rows = await db.model_records(conn, user_id, model_id)
     if not rows:

@@ -12,6 +12,7 @@ from fastapi import APIRouter, Depends, Path, Query, Response
 from pydantic import BaseModel
 
 from contracts.events import Price, PriceTier
+from services.runtime.auth import OperatorDep
 from services.runtime.errors import ApiError
 from services.runtime.service import Runtime, runtime_of
 from services.sync import db
@@ -205,10 +206,10 @@ def build_router(catalog: CatalogSync, discovery: DeviceDiscovery) -> APIRouter:
         "/sync/run",
         status_code=202,
         response_model=RunAccepted,
-        summary="Sync the OpenRouter catalog now, in the background",
+        summary="Sync the OpenRouter catalog now, in the background (operators)",
         responses={409: {"description": "A run is in progress: `Location` names it"}},
     )
-    async def run_sync(runtime: RuntimeDep, response: Response) -> RunAccepted:
+    async def run_sync(runtime: RuntimeDep, response: Response, _: OperatorDep) -> RunAccepted:
         try:
             run_id = await catalog.request_run(runtime.pool)
         except SyncInProgress as exc:
@@ -250,9 +251,9 @@ def build_router(catalog: CatalogSync, discovery: DeviceDiscovery) -> APIRouter:
     @router.post(
         "/discovery/run",
         response_model=list[Device],
-        summary="Check every Ollama device now; answers when done",
+        summary="Check every Ollama device now; answers when done (operators)",
     )
-    async def run_discovery(runtime: RuntimeDep) -> list[Device]:
+    async def run_discovery(runtime: RuntimeDep, _: OperatorDep) -> list[Device]:
         await discovery.run(runtime.pool)
         async with runtime.pool.acquire() as conn:
             return [Device(**dict(r)) for r in await db.devices(conn)]

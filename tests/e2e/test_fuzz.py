@@ -1,7 +1,8 @@
 """schemathesis against the OpenAPI of all five services, each run as `fleet run <name>`
 against real NATS and PostgreSQL: valid and invalid requests generated from each
 operation's schema (a fixed seed) must never get a 5xx, nor an answer that breaks the
-documented schema (status, content type, body).
+documented schema (status, content type, body) — sent with an operator's token (so every
+route is reached), and again with none (every route but the open ones must refuse).
 
 FUZZ_MAX_EXAMPLES sets the examples per operation and generation mode (default 25).
 """
@@ -38,7 +39,7 @@ from schemathesis.core.failures import FailureGroup
 from schemathesis.core.result import Err
 
 from services.embedded import die_with_parent, free_port
-from tests.conftest import Infra
+from tests.conftest import Infra, bearer
 
 SERVICES = ("sync", "benchmark", "planner", "guardian", "stats")
 MAX_EXAMPLES = int(os.environ.get("FUZZ_MAX_EXAMPLES", "25"))
@@ -96,8 +97,6 @@ def fleet(infra: Infra, tmp_path_factory: pytest.TempPathFactory) -> Iterator[di
         "OLLAMA_BASE_URL": closed,
         "OPENAI_BASE_URL": closed,
         "OPENROUTER_SYNC_ON_STARTUP": "false",
-        # guardian's control endpoints are on (they answer 503 without a token configured)
-        "GUARDIAN_OPERATOR_TOKEN": uuid.uuid4().hex,
     }
     procs: dict[str, subprocess.Popen[bytes]] = {}
     urls: dict[str, str] = {}
@@ -141,10 +140,11 @@ class Tally:
         )
 
 
-def fuzz(url: str) -> Tally:
+def fuzz(url: str, headers: dict[str, str], examples: int) -> Tally:
     schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
     tally = Tally()
     session = requests.Session()
+    session.headers.update(headers)
     for result in schema.get_all_operations():
         if isinstance(result, Err):  # an operation whose schema cannot be read
             tally.failures[str(result.err())] = str(result.err())
@@ -158,7 +158,7 @@ def fuzz(url: str) -> Tally:
 
         @given(case=cases)
         @settings(
-            max_examples=2 * MAX_EXAMPLES,
+            max_examples=2 * examples,
             derandomize=True,  # the same cases every run
             database=None,
             deadline=None,
@@ -183,9 +183,35 @@ def fuzz(url: str) -> Tally:
 def test_fuzzing_finds_no_server_error_and_no_answer_off_schema(
     fleet: dict[str, str], service: str
 ) -> None:
-    tally = fuzz(fleet[service])
+    tally = fuzz(fleet[service], bearer("fuzzer", "operator"), MAX_EXAMPLES)
     print(f"\nfuzz {tally.line(service)}")
     assert tally.operations > 0 and tally.cases >= tally.operations
+    assert tally.server_errors == 0 and not tally.failures, (
+        tally.line(service) + "\n\n" + "\n\n".join(tally.failures.values())[:20_000]
+    )
+
+
+OPEN_PATHS = {"/api/health", "/api/metrics"}  # guardian's, for probes and load balancers
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_without_a_token_every_route_but_the_open_ones_refuses_with_401(
+    fleet: dict[str, str], service: str
+) -> None:
+    document = httpx.get(f"{fleet[service]}/openapi.json", timeout=10).json()
+    reached = []
+    for path, operations in document["paths"].items():
+        for method in operations:
+            concrete = path.replace("{", "").replace("}", "")  # any value: refused before
+            r = httpx.request(method, f"{fleet[service]}{concrete}", json={}, timeout=10)
+            if path in OPEN_PATHS:
+                assert r.status_code < 500, (method, path, r.text)
+            else:
+                assert r.status_code == 401, (method, path, r.status_code, r.text[:300])
+                assert r.json()["error"]["code"] == "unauthorized"
+                reached.append(path)
+    assert reached, "no operation needs a token"
+    tally = fuzz(fleet[service], {}, max(2, MAX_EXAMPLES // 5))
     assert tally.server_errors == 0 and not tally.failures, (
         tally.line(service) + "\n\n" + "\n\n".join(tally.failures.values())[:20_000]
     )

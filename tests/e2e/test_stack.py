@@ -20,6 +20,7 @@ import nats
 import pytest
 
 from services.stack import SERVICES
+from tests.conftest import bearer
 
 
 class Fleet:
@@ -65,7 +66,7 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
 
 
 def count(stats_url: str, model: str, user: str) -> int:
-    r = httpx.get(f"{stats_url}/v1/models/{model}/stats", params={"user_id": user}, timeout=5)
+    r = httpx.get(f"{stats_url}/v1/models/{model}/stats", headers=bearer(user, "user"), timeout=5)
     if r.status_code == 404:
         return 0
     r.raise_for_status()

@@ -18,7 +18,7 @@ from services.runtime.db import Connection
 from services.runtime.service import ServiceSpec
 from services.stats.app import build as build_stats
 from services.stats.config import StatsSettings
-from tests.conftest import Infra, eventually, running
+from tests.conftest import Infra, bearer, eventually, running
 
 
 def completed(**overrides: Any) -> SubtaskCompleted:
@@ -41,7 +41,7 @@ async def publish(js: JetStreamContext, subject: str, data: bytes) -> None:
 async def record(
     client: httpx.AsyncClient, model: str = "openai/gpt-4o", user: str = "alice"
 ) -> dict[str, Any] | None:
-    r = await client.get(f"/v1/models/{model}/stats", params={"user_id": user})
+    r = await client.get(f"/v1/models/{model}/stats", headers=bearer(user, "user"))
     if r.status_code == 404:
         return None
     r.raise_for_status()

@@ -23,7 +23,7 @@ from services.runtime.errors import VALUE_PREFIX_CHARS
 from services.runtime.service import ServiceSpec, create_app
 from services.stats.app import build as build_stats
 from services.stats.config import StatsSettings
-from tests.conftest import Infra, running
+from tests.conftest import Infra, bearer, running
 from tests.integration.test_planner_flow import plan_body, planner, subtask
 
 
@@ -174,11 +174,10 @@ async def test_stats_refuses_nul_bytes_and_answers_unknown_records_in_the_shape(
 ) -> None:
     settings = StatsSettings(nats_url=infra.nats_url, database_url=database_url, http_port=0)
     async with running(build_stats(settings)) as (_, client):
-        r = await client.get("/v1/models/x/stats", params={"user_id": "a\x00b"})
-        assert error_of(r, 422, "invalid_request")["fields"][0]["loc"] == ["query", "user_id"]
-        error_of(await client.get("/v1/models/x%00y/stats?user_id=a"), 422, "invalid_request")
-        error_of(await client.get("/v1/models/x/stats"), 422, "invalid_request")
-        r = await client.get("/v1/models/openai/gpt-4o/stats", params={"user_id": "alice"})
+        r = await client.get("/v1/models/x/stats", params={"at": "a\x00b"})
+        assert error_of(r, 422, "invalid_request")["fields"][0]["loc"] == ["query", "at"]
+        error_of(await client.get("/v1/models/x%00y/stats"), 422, "invalid_request")
+        r = await client.get("/v1/models/openai/gpt-4o/stats", headers=bearer("alice"))
         assert "openai/gpt-4o" in error_of(r, 404, "not_found")["message"]
 
 
@@ -241,15 +240,15 @@ async def test_while_postgres_is_unreachable_the_api_answers_503_then_recovers(
     async with through(proxy, database_url) as proxied:
         settings = StatsSettings(nats_url=infra.nats_url, database_url=proxied, http_port=0)
         async with running(build_stats(settings)) as (_, client):
-            url, params = "/v1/models/m/stats", {"user_id": "alice"}
-            assert (await client.get(url, params=params)).status_code == 404
+            url = "/v1/models/m/stats"
+            assert (await client.get(url)).status_code == 404
             await proxy.cut()
             for _ in range(3):  # pooled connections that died, then refused new ones
-                r = await client.get(url, params=params)
+                r = await client.get(url)
                 error_of(r, 503, "unavailable")
                 assert r.headers["retry-after"].isdigit()
             await proxy.start()  # the same port again
-            r = await client.get(url, params=params)
+            r = await client.get(url)
             assert r.status_code == 404, r.text
 
 
@@ -283,7 +282,10 @@ async def test_failures_answer_503_or_500_without_internal_detail(
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app), base_url="http://test"
     ) as client:
-        r = await client.get("/boom", headers={"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"})
+        r = await client.get(
+            "/boom",
+            headers={"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01", **bearer()},
+        )
     if status == 503:
         error_of(r, 503, "unavailable")
         assert r.headers["retry-after"].isdigit()

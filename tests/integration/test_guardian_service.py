@@ -27,10 +27,10 @@ from services.guardian.domain import Reminded
 from services.guardian.handlers import Guardian, SupervisorClient
 from services.runtime.service import Runtime
 from services.stack import RestartChannel
-from tests.conftest import Infra, eventually, running
+from tests.conftest import Infra, bearer, eventually, running
 
-TOKEN = "operator-secret"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
+AUTH = bearer("ops", "operator")
+A_USER = bearer("alice", "user")
 
 
 class FakeService:
@@ -104,7 +104,6 @@ def settings(infra: Infra, database_url: str, home: Path, **extra: Any) -> Guard
         "database_url": database_url,
         "fleet_home": home,
         "guardian_services": ["stats"],
-        "guardian_operator_token": TOKEN,
         "guardian_heartbeat_timeout_s": 1.0,
         "guardian_hung_after_s": 1.0,
         "guardian_stable_after_s": 0.5,
@@ -279,16 +278,23 @@ async def test_a_crash_loop_gets_three_restarts_then_one_report_and_an_operator_
 
             incident = escalated[0]["incident_id"]
             url = f"/api/guardian/incidents/{incident}/report"
-            assert (await client.get(url)).status_code == 401
+            assert (await client.get(url, headers={"Authorization": ""})).status_code == 401
             assert (
                 await client.get(url, headers={"Authorization": "Bearer wrong"})
             ).status_code == 401
+            assert (await client.get(url, headers=A_USER)).status_code == 403
             got = await client.get(url, headers=AUTH)
             assert got.status_code == 200 and got.text == report
             assert got.headers["content-type"].startswith("text/markdown")
 
             reset = {"action": "reset", "service": "stats"}
-            assert (await client.post("/api/guardian/control", json=reset)).status_code == 401
+            no_token = {"Authorization": ""}
+            assert (
+                await client.post("/api/guardian/control", json=reset, headers=no_token)
+            ).status_code == 401
+            assert (
+                await client.post("/api/guardian/control", json=reset, headers=A_USER)
+            ).status_code == 403
             r = await client.post("/api/guardian/control", json=reset, headers=AUTH)
             assert r.status_code == 200, r.text
 

@@ -15,7 +15,7 @@ from contracts.events import ServiceHeartbeat, SubtaskCompleted
 from services.runtime.telemetry import current_trace_headers
 from services.stats.app import build as build_stats
 from services.stats.config import StatsSettings
-from tests.conftest import Infra, eventually, running
+from tests.conftest import Infra, bearer, eventually, running
 
 EXPORTER = InMemorySpanExporter()
 
@@ -44,7 +44,7 @@ async def test_the_consumer_continues_the_producers_trace(
             trace_id = span.get_span_context().trace_id
 
         async def counted() -> bool:
-            r = await client.get("/v1/models/m/stats", params={"user_id": "u"})
+            r = await client.get("/v1/models/m/stats", headers=bearer("u"))
             return r.status_code == 200
 
         await eventually(counted, what="the event applied")
