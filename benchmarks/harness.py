@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 import resource
+import secrets
 import uuid
 from pathlib import Path
 
 import asyncpg
+
+from services.runtime.auth import Role, mint
 
 
 async def fresh_database(admin_url: str) -> str:
@@ -21,14 +24,23 @@ async def fresh_database(admin_url: str) -> str:
     return admin_url.rsplit("/", 1)[0] + f"/{name}"
 
 
+BENCH_JWT_SECRET = secrets.token_urlsafe(48)  # what the services a benchmark starts verify
+
+
+def bench_headers(user: str = "bench", role: Role = "operator") -> dict[str, str]:
+    """Headers of a request by `user` to a service a benchmark started."""
+    return {"Authorization": f"Bearer {mint(BENCH_JWT_SECRET, user, role)}"}
+
+
 def service_env(nats_url: str, database_url: str, port: int) -> dict[str, str]:
     """The environment of a service a benchmark starts: this one, plus where to connect,
-    the HTTP port, and logs at BENCH_LOG_LEVEL (WARNING unless set)."""
+    the HTTP port, the token secret, and logs at BENCH_LOG_LEVEL (WARNING unless set)."""
     return {
         **os.environ,
         "NATS_URL": nats_url,
         "DATABASE_URL": database_url,
         "HTTP_PORT": str(port),
+        "AUTH_JWT_SECRET": BENCH_JWT_SECRET,
         "LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "WARNING"),
     }
 

@@ -45,7 +45,13 @@ import nats
 from nats.aio.client import Client as Nats
 from nats.aio.msg import Msg
 
-from benchmarks.harness import cpu_seconds, fresh_database, own_cpu_seconds, service_env
+from benchmarks.harness import (
+    bench_headers,
+    cpu_seconds,
+    fresh_database,
+    own_cpu_seconds,
+    service_env,
+)
 from contracts.catalog import PLANS_STREAM
 from contracts.events import PlanCompleted, SubtaskCompleted
 from services.embedded import EmbeddedNats, EmbeddedPostgres, free_port
@@ -243,7 +249,7 @@ async def one_round(
             "original_task": "a random layered DAG",
             "subtasks": subtasks,
         }
-        async with httpx.AsyncClient(timeout=300) as client:
+        async with httpx.AsyncClient(timeout=300, headers=bench_headers()) as client:
             t0 = time.perf_counter()
             r = await client.post(f"http://127.0.0.1:{port}/v1/plans", json=body)
             created = time.perf_counter()

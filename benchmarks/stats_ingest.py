@@ -99,7 +99,7 @@ async def ceiling_consumer(nats_url: str, db_url: str, total: int) -> None:
         for m in msgs:
             await m.ack()
         done += len(msgs)
-    await nc.drain()
+    await nc.close()  # not drain(): it can wait out its timeout on the pull subscription
     await conn.close()
 
 

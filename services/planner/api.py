@@ -138,7 +138,7 @@ def whose(who: Caller, user_id: str | None) -> str | None:
     return user_id if who.is_operator else who.user_id
 
 
-async def owned_plan(conn: Connection, plan_id: str, who: Caller) -> db.Plan:
+async def owned_plan(conn: Connection, plan_id: str, who: Caller) -> domain.Plan:
     """The plan, if the caller may see it: their own, or any for an operator. Another
     user's plan answers as one that does not exist (404), so ids reveal nothing."""
     plan = await db.plan(conn, plan_id)

@@ -104,7 +104,7 @@ def test_make_up_counts_a_raw_json_subtask_completed_exactly_once_and_keeps_it(
     for name, url in services.items():
         ready = httpx.get(f"{url}/health/ready", timeout=5)
         assert ready.status_code == 200, (name, ready.text)
-        assert ready.json()["checks"] == {"nats": "ok", "postgres": "ok"}
+        assert ready.json()["checks"] == {"nats": "ok", "postgres": "ok", "delivery": "ok"}
         assert httpx.get(f"{url}/metrics", timeout=5).status_code == 200
 
     user, model = f"user-{uuid.uuid4().hex[:8]}", "openai/gpt-4o-mini"
