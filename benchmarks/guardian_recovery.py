@@ -38,9 +38,14 @@ import asyncpg
 import httpx
 import nats
 
-from benchmarks.harness import cpu_seconds, fresh_database, service_env
+from benchmarks.harness import (
+    BENCH_JWT_SECRET,
+    bench_headers,
+    cpu_seconds,
+    fresh_database,
+    service_env,
+)
 from services.embedded import free_port
-from services.runtime.auth import development_secret, mint
 
 Event = tuple[float, str, dict[str, Any]]  # (monotonic time received, subject, body)
 
@@ -51,6 +56,7 @@ class Fleet:
         env = {
             **os.environ,
             "FLEET_HOME": str(home),
+            "AUTH_JWT_SECRET": BENCH_JWT_SECRET,
             "GUARDIAN_RESTART_COOLDOWN_S": "1",
             "GUARDIAN_HEALTHY_WINDOW_S": "5",
         }
@@ -214,11 +220,10 @@ def crash_loop(fleet: Fleet, events: Events) -> dict[str, Any]:
     finally:
         asyncio.run(_break_migrations(database_url, False))
     report = escalated[2]["report"]
-    token = mint(development_secret(fleet.home), "bench", "operator")
     r = httpx.post(
         f"{fleet.urls['guardian']}/api/guardian/control",
         json={"action": "reset", "service": "stats"},
-        headers={"Authorization": f"Bearer {token}"},
+        headers=bench_headers(),
         timeout=5,
     )
     r.raise_for_status()
@@ -276,14 +281,15 @@ def failover(fleet: Fleet, events: Events) -> dict[str, Any]:
 
 def _leads(url: str) -> bool:
     try:
-        return bool(httpx.get(f"{url}/api/guardian/status", timeout=0.5).json()["leader"])
+        status = httpx.get(f"{url}/api/guardian/status", headers=bench_headers(), timeout=0.5)
+        return bool(status.json()["leader"])
     except (httpx.HTTPError, ValueError):
         return False
 
 
 def _watching(url: str) -> bool:
     try:
-        status = httpx.get(f"{url}/api/guardian/status", timeout=1).json()
+        status = httpx.get(f"{url}/api/guardian/status", headers=bench_headers(), timeout=1).json()
     except (httpx.HTTPError, ValueError):
         return False
     return all(s["status"] == "up" for s in status["services"].values())

@@ -34,7 +34,7 @@ import asyncpg
 
 from benchmarks.harness import fresh_database
 from services.embedded import EmbeddedPostgres
-from services.runtime.db import RUNTIME_MIGRATIONS, create_pool, load_migrations, migrate
+from services.runtime.db import RUNTIME_MIGRATIONS, Login, create_pool, load_migrations, migrate
 from services.sync import db
 from services.sync.catalog import apply_catalog
 from services.sync.domain import SelectionRules, parse_catalog, select
@@ -133,7 +133,7 @@ async def main(n: int, rounds: int) -> None:
         for r in range(1, rounds + 1):
             url = await fresh_database(pg.url)
             await migrate(url, "sync", load_migrations(RUNTIME_MIGRATIONS, MIGRATIONS))
-            pool = await create_pool(url, "sync", "sync", 2, application="bench")
+            pool = await create_pool(Login(url, "sync", "sync_app"), 2, application="bench")
             try:
                 line = []
                 for scenario, body in bodies.items():

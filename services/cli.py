@@ -61,12 +61,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     from services.runtime.db import RUNTIME_MIGRATIONS, load_migrations, migrate
+    from services.runtime.service import login_of
 
     async def run() -> None:
         for name in args.services or list(SERVICES):
             spec = service_spec(name)
             dirs = [RUNTIME_MIGRATIONS] + ([spec.migrations] if spec.migrations else [])
-            applied = await migrate(spec.settings.database_url, name, load_migrations(*dirs))
+            login = login_of(name, spec.settings)
+            applied = await migrate(
+                spec.settings.database_url, name, load_migrations(*dirs), login.user, login.password
+            )
             print(f"{name}: {len(applied)} migration(s) applied")
 
     asyncio.run(run())
@@ -117,8 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     token = sub.add_parser(
         "token",
-        help="print a development bearer token (curl -H \"Authorization: Bearer $(fleet token"
-        " --user alice)\" ...)",
+        help='print a development bearer token (curl -H "Authorization: Bearer $(fleet token'
+        ' --user alice)" ...)',
     )
     token.add_argument("--user", required=True, help="the user id (the token's sub)")
     token.add_argument("--operator", action="store_true", help="with the operator role")

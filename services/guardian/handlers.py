@@ -303,19 +303,10 @@ class Guardian:
         """Try the leader lock every poll; once held, take over, then watch the lock's
         connection and the operator's requests (pause, reset) stored in the database."""
         poll = self.settings.guardian_leader_poll_s
-        role = runtime.settings.db_role or "guardian"
         while True:
             conn: asyncpg.Connection | None = None
             try:
-                conn = await asyncpg.connect(
-                    runtime.settings.database_url,
-                    server_settings={
-                        "search_path": "guardian",
-                        "role": role,
-                        "application_name": "guardian-leader",
-                    },
-                    timeout=5,
-                )
+                conn = await runtime.login.connect("guardian-leader")
                 while not await db.try_leader_lock(conn):
                     await self.follow_requests(conn)
                     await asyncio.sleep(poll)

@@ -29,8 +29,18 @@ class RuntimeSettings(BaseSettings):
     auth_audience: str | None = Field(None, description="Required `aud` of tokens, when set.")
     nats_url: str = "nats://127.0.0.1:4222"
     database_url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
-    db_role: str | None = Field(
-        None, description="Role the service acts as; defaults to the service's name."
+    db_user: str | None = Field(
+        None,
+        description="The login role of the service's sessions; defaults to `<service>_app`, "
+        "which migrations create when they may (rights on the service's own schema only).",
+    )
+    db_password: SecretStr | None = Field(
+        None, description="Its password, when DATABASE_URL does not carry it."
+    )
+    migrate_on_start: bool = Field(
+        True,
+        description="Apply migrations at start with DATABASE_URL's credentials (an "
+        "administrator or the schema owner); off where a migration job does it.",
     )
     db_pool_size: int = Field(
         10,

@@ -31,13 +31,17 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Gauge, generate_lat
 
 from contracts.events import ServiceHeartbeat, utcnow
 from services.runtime import auth, errors, outbox
+from services.runtime.auth import Caller
 from services.runtime.config import RuntimeSettings
 from services.runtime.consumer import Consumer, Subscription
 from services.runtime.db import (
     RUNTIME_MIGRATIONS,
     Connection,
+    Login,
+    acting_for,
     create_pool,
     load_migrations,
+    login_role,
     migrate,
 )
 from services.runtime.faults import backoff_seconds, describe
@@ -61,9 +65,14 @@ class Runtime:
     nc: Nats
     js: JetStreamContext
     relay: outbox.Relay
+    login: Login
     subscriptions: list[Subscription] = field(default_factory=list)
     started_at: datetime = field(default_factory=utcnow)
     instance: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+
+    def as_user(self, who: Caller) -> AbstractAsyncContextManager[Connection]:
+        """A transaction acting for the caller, as row-level security policies see it."""
+        return acting_for(self.pool, self.name, {"sub": who.user_id, "role": who.role})
 
     def transaction(self) -> AbstractAsyncContextManager[Connection]:
         """A transaction whose `outbox.add` events are published as soon as it commits
@@ -199,10 +208,10 @@ async def start_runtime(spec: ServiceSpec) -> tuple[Runtime, list[asyncio.Task[N
     s = spec.settings
     t0 = time.monotonic()
     dirs = [RUNTIME_MIGRATIONS] + ([spec.migrations] if spec.migrations else [])
-    await migrate(s.database_url, spec.name, load_migrations(*dirs))
-    pool = await create_pool(
-        s.database_url, spec.name, s.db_role or spec.name, s.db_pool_size, application=spec.name
-    )
+    login = login_of(spec.name, s)
+    if s.migrate_on_start:
+        await migrate(s.database_url, spec.name, load_migrations(*dirs), login.user, login.password)
+    pool = await create_pool(login, s.db_pool_size, application=spec.name)
     nc = await connect_nats(s.nats_url, spec.name)
     js = nc.jetstream()
     await ensure_streams(js)
@@ -213,7 +222,7 @@ async def start_runtime(spec: ServiceSpec) -> tuple[Runtime, list[asyncio.Task[N
         poll_interval=s.outbox_poll_interval_s,
         ack_timeout_s=s.outbox_ack_timeout_s,
     )
-    runtime = Runtime(spec.name, s, pool, nc, js, relay)
+    runtime = Runtime(spec.name, s, pool, nc, js, relay, login)
     for hook in spec.on_start:
         hook(runtime)
     loops: list[tuple[str, Task]] = [
@@ -257,6 +266,11 @@ async def stop_runtime(runtime: Runtime, tasks: list[asyncio.Task[None]]) -> Non
     with contextlib.suppress(Exception):
         await runtime.nc.close()  # not drain(): it waits out its timeout on pull requests
     await runtime.pool.close()
+
+
+def login_of(service: str, settings: RuntimeSettings) -> Login:
+    password = settings.db_password.get_secret_value() if settings.db_password else None
+    return Login(settings.database_url, service, settings.db_user or login_role(service), password)
 
 
 def create_app(spec: ServiceSpec) -> FastAPI:

@@ -59,7 +59,7 @@ async def model_stats(
 ) -> ModelRecord:
     """The caller's own record of one model (the user is the token's `sub`)."""
     user_id = who.user_id
-    async with runtime.pool.acquire() as conn:
+    async with runtime.as_user(who) as conn:  # row-level security: the caller's rows only
         rows = await db.model_records(conn, user_id, model_id)
     if not rows:
         raise HTTPException(404, f"no record of model {model_id!r} for user {user_id!r}")

@@ -19,7 +19,7 @@ import httpx
 import nats
 import pytest
 
-from tests.conftest import Infra
+from tests.conftest import Infra, bearer
 
 
 class Fleet:
@@ -148,7 +148,9 @@ def test_guardian_restarts_a_killed_and_a_hung_service_under_fleet_up(fleet: Fle
     finally:
         if os.path.exists(f"/proc/{hung}"):
             os.kill(hung, signal.SIGKILL)
-    incidents = httpx.get(f"{guardian}/api/guardian/incidents", timeout=2).json()
+    incidents = httpx.get(
+        f"{guardian}/api/guardian/incidents", headers=bearer("ops"), timeout=2
+    ).json()
     assert {i["service"] for i in incidents} == {"stats", "sync"}
     assert all(i["restarts"] == 1 for i in incidents)
     output = fleet.stop()

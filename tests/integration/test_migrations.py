@@ -5,7 +5,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from services.runtime.db import RUNTIME_MIGRATIONS, load_migrations, migrate
+from services.runtime.db import RUNTIME_MIGRATIONS, Login, load_migrations, migrate
 
 STATS_MIGRATIONS = Path(__file__).parents[2] / "services" / "stats" / "migrations"
 
@@ -64,10 +64,41 @@ async def test_concurrent_starts_apply_each_migration_once(database_url: str) ->
 async def test_each_service_schema_is_closed_to_the_other_services(database_url: str) -> None:
     await migrate(database_url, "stats", load_migrations(RUNTIME_MIGRATIONS, STATS_MIGRATIONS))
     await migrate(database_url, "sync", load_migrations(RUNTIME_MIGRATIONS))
-    conn = await asyncpg.connect(database_url, server_settings={"role": "sync"})
+    conn = await Login(database_url, "sync", "sync_app").connect("test")
     try:
+        assert await conn.fetchval("SELECT count(*) FROM outbox") == 0  # its own: yes
         with pytest.raises(asyncpg.InsufficientPrivilegeError):
             await conn.fetch("SELECT * FROM stats.model_statistics")
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await conn.fetch("SELECT * FROM stats.outbox")
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize("other", ["postgres", "stats", "stats_app", "stats_user", "sync"])
+async def test_a_service_session_cannot_become_a_superuser_or_another_service(
+    database_url: str, other: str
+) -> None:
+    await migrate(database_url, "stats", load_migrations(RUNTIME_MIGRATIONS, STATS_MIGRATIONS))
+    await migrate(database_url, "sync", load_migrations(RUNTIME_MIGRATIONS))
+    conn = await Login(database_url, "sync", "sync_app").connect("test")
+    try:
+        assert (
+            await conn.fetchval(
+                "SELECT rolsuper OR rolbypassrls OR rolcreaterole"
+                " FROM pg_roles WHERE rolname = current_user"
+            )
+            is False
+        )
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await conn.execute(f'SET ROLE "{other}"')
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await conn.execute(f'SET SESSION AUTHORIZATION "{other}"')
+        # it may act as its own request role, and that one sees no other schema either
+        async with conn.transaction():
+            await conn.execute("SET LOCAL ROLE sync_user")
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await conn.fetch("SELECT * FROM stats.model_statistics")
     finally:
         await conn.close()
 

@@ -13,6 +13,7 @@ from services.runtime import outbox
 from services.runtime.db import (
     RUNTIME_MIGRATIONS,
     Connection,
+    Login,
     create_pool,
     load_migrations,
     migrate,
@@ -23,7 +24,7 @@ from tests.conftest import eventually
 @pytest.fixture
 async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
     await migrate(database_url, "svc", load_migrations(RUNTIME_MIGRATIONS))
-    p = await create_pool(database_url, "svc", "svc", 4, "test")
+    p = await create_pool(Login(database_url, "svc", "svc_app"), 4, "test")
     yield p
     await p.close()
 

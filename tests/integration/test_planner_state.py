@@ -19,7 +19,7 @@ from services.planner.config import PlannerSettings
 from services.planner.domain import PlanRequest
 from services.planner.handlers import Planner
 from services.runtime import outbox
-from services.runtime.db import RUNTIME_MIGRATIONS, create_pool, load_migrations, migrate
+from services.runtime.db import RUNTIME_MIGRATIONS, Login, create_pool, load_migrations, migrate
 
 DIAMOND: list[dict[str, Any]] = [
     {"subtask_id": "a", "description": "a", "agent": "m"},
@@ -37,7 +37,7 @@ async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
     spec = build(PlannerSettings(database_url=database_url))
     assert spec.migrations is not None
     await migrate(database_url, "planner", load_migrations(RUNTIME_MIGRATIONS, spec.migrations))
-    pool = await create_pool(database_url, "planner", "planner", 4, application="test")
+    pool = await create_pool(Login(database_url, "planner", "planner_app"), 4, "test")
     yield pool
     await pool.close()
 
