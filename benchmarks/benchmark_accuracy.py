@@ -1,114 +1,326 @@
-"""benchmark's measurement error against a fake model server's scripted truth, at 1 and at
-64 concurrent streams, for Ollama's NDJSON and the OpenAI-compatible SSE format.
+"""How close benchmark's timings come to what a model server really did, beside a minimal
+raw-socket asyncio client measuring the same streams in the same run.
 
-    python -m benchmarks.benchmark_accuracy [--rounds 3] [--chunks 100]
+    python -m benchmarks.benchmark_accuracy [--rounds 5] [--chunks 40] [--loop uvloop]
 
-The fake server (services/benchmark/fakes.py) runs in this process and records with
-`perf_counter()` when it wrote each output chunk; the client under test (the workers' own
-`stream_runs`: one kept-alive connection per concurrent stream) records when it read it, on
-the same clock. Errors:
+The truth: the fake model server (tests/fakes.py) runs in a process of its own (uvloop when
+installed) and records, on the machine's monotonic clock (`perf_counter`, the same in every
+process on Linux), when it finished reading each request and when it wrote each output
+chunk. Its TTFT is first write - request read; its gaps are between consecutive writes.
 
-    TTFT         |measured TTFT - (server's first write - client's request start)|
-                 = |client's first output chunk - server's first write|
-    inter-token  |measured gap - the server's gap between the same two writes|
+The clients, one after the other in every round, on the same server and the same script:
+- service: `providers.stream_runs`, what the workers run (one kept-alive connection per
+  concurrent stream, opened by as many warm-up runs);
+- raw: asyncio streams, connections opened first; per stream: stamp, write the request,
+  `readline`/`readexactly` the chunked body and stamp each chunk as the read returns,
+  parse after the stream.
 
-Targets: |error| <= 1 ms at p50 and <= 5 ms at p99 for both; token counts exact (the
-server's usage count, here 2 tokens per chunk, never the number of chunks). A round starts
-all its streams at once (the 64 connections warmed up first) with the same script, so they
-also end together: the worst case for the streams still reading. The figures are the median
-over the rounds of each round's p50 and p99.
+Errors, per stream: |client's TTFT (its request start -> first output chunk) - server's
+TTFT| and, for each gap, |client's gap - server's gap|. A cell is a format (Ollama NDJSON,
+OpenAI SSE), a number of concurrent streams (all started at once with one script, so they
+also write at the same instants: the worst case), tokens per chunk and the gap between
+chunks. Each figure is the median over the rounds of that round's p50 or p99.
+Targets (issue 16): service |error| p50 and p99 <= 1.5x the raw client's in every cell, and
+service TTFT p50 <= 2 ms at 64 streams.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import gc
+import json
+import multiprocessing
+import multiprocessing.connection
 import os
 import platform
 import statistics
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from services.benchmark.domain import percentile
-from services.benchmark.providers import Endpoint, Prompt, stream_runs
+from services.benchmark.providers import (
+    Chunk,
+    Endpoint,
+    Prompt,
+    parse_ollama_line,
+    parse_sse_line,
+    request_of,
+    stream_runs,
+)
 from tests.fakes import FakeModelServer, Script
 
-FORMATS = {"ollama NDJSON": ("ollama", ""), "OpenAI SSE": ("openai", "/v1")}
+FORMATS = {"ollama": ("ollama", ""), "sse": ("openai", "/v1")}
+# Both processes ask the scheduler for precedence (when allowed): on a machine shared with
+# other work, a time slice lost to another process is milliseconds of error for both clients.
+PRIORITY = -10
 
 
-def prompt_of(body: dict[str, object]) -> str:
+# --- the server, in its own process --------------------------------------------------------
+
+
+def serve(pipe: multiprocessing.connection.Connection, cpus: set[int] | None) -> None:
+    """Child process: a fake model server whose script the parent sets per round; on
+    request, what it served (prompt, read time, write times) since the last ask."""
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+    with contextlib.suppress(PermissionError):
+        os.nice(PRIORITY)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        async with FakeModelServer() as server:
+            pipe.send(server.url)
+            stopped = loop.create_future()
+
+            def commands() -> None:  # a thread: the pipe blocks
+                while True:
+                    try:
+                        command, arg = pipe.recv()
+                    except EOFError:  # the parent is gone
+                        command, arg = "stop", None
+                    if command == "script":
+                        server.script = arg
+                        pipe.send(None)
+                    elif command == "served":
+                        done = [(s.body, s.received_at, s.written_at) for s in server.served]
+                        server.served.clear()
+                        pipe.send([(prompt_of(b), r, w) for b, r, w in done])
+                    else:
+                        loop.call_soon_threadsafe(stopped.set_result, None)
+                        return
+
+            threading.Thread(target=commands, daemon=True).start()
+            await stopped
+
+    asyncio.run(main())
+
+
+def prompt_of(body: dict[str, Any]) -> str:
     if "prompt" in body:
         return str(body["prompt"])
-    messages = body["messages"]
-    assert isinstance(messages, list)
-    return str(messages[0]["content"])
+    return str(body["messages"][0]["content"])
 
 
-async def one_round(
-    provider: str, prefix: str, streams: int, script: Script
-) -> tuple[list[float], list[float], bool]:
-    """`streams` streams at once; returns the |TTFT error|s and |gap error|s in ms, and
-    whether every token count was exact."""
-    prompts = [Prompt("m", "chat", f"req-{i}") for i in range(streams)]
-    warmups = streams if streams > 1 else 0  # connections open before the measured runs
-    async with FakeModelServer(script) as server:
-        endpoint = Endpoint(provider, server.url + prefix)
-        seen = await stream_runs(
-            endpoint, prompts, concurrency=streams, warmup_runs=warmups, timeout_s=60
+class Server:
+    def __init__(self, cpus: set[int] | None = None) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.pipe, child = context.Pipe()
+        self.process = context.Process(target=serve, args=(child, cpus), daemon=True)
+        self.process.start()
+        self.url: str = self.pipe.recv()
+
+    def script(self, script: Script) -> None:
+        self.pipe.send(("script", script))
+        self.pipe.recv()
+
+    def served(self) -> dict[str, tuple[float, list[float]]]:
+        """prompt -> (request read, output writes); a later request of a prompt wins."""
+        self.pipe.send(("served", None))
+        return {p: (r, w) for p, r, w in self.pipe.recv()}
+
+    def stop(self) -> None:
+        self.pipe.send(("stop", None))
+        self.process.join(5)
+
+
+# --- the clients -----------------------------------------------------------------------------
+
+Seen = dict[str, tuple[float, list[float]]]  # prompt -> (request start, output chunk arrivals)
+
+
+async def service_round(url: str, fmt: str, prompts: Sequence[Prompt]) -> Seen:
+    provider, prefix = FORMATS[fmt]
+    streams = await stream_runs(
+        Endpoint(provider, url + prefix),
+        prompts,
+        concurrency=len(prompts),
+        warmup_runs=len(prompts),  # every connection open before the measured runs
+        timeout_s=60,
+    )
+    out: Seen = {}
+    for p, s in zip(prompts, streams, strict=True):
+        assert s.error is None, s.error
+        out[p.prompt] = (s.started, s.token_times)
+    return out
+
+
+async def raw_round(url: str, fmt: str, prompts: Sequence[Prompt]) -> Seen:
+    provider, prefix = FORMATS[fmt]
+    parse: Callable[[str], Chunk | None] = parse_sse_line if fmt == "sse" else parse_ollama_line
+    host, port = url.removeprefix("http://").split(":")
+    connections = [await asyncio.open_connection(host, int(port)) for _ in prompts]
+
+    async def one(prompt: Prompt, reader: asyncio.StreamReader, writer: Any) -> Any:
+        target, body, _ = request_of(Endpoint(provider, url + prefix), prompt)
+        data = json.dumps(body).encode()
+        path = target.split(port, 1)[1]
+        request = (
+            f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\n\r\n"
+        ).encode() + data
+        started = time.perf_counter()
+        writer.write(request)
+        await reader.readuntil(b"\r\n\r\n")
+        pieces: list[tuple[float, bytes]] = []
+        while True:
+            size = int(await reader.readline(), 16)
+            if size == 0:
+                await reader.readline()
+                break
+            piece = await reader.readexactly(size + 2)
+            pieces.append((time.perf_counter(), piece))
+        writer.close()
+        arrivals = []
+        for at, piece in pieces:
+            for line in piece.decode().splitlines():
+                chunk = parse(line)
+                if chunk is not None and chunk.output:
+                    arrivals.append(at)
+        return prompt.prompt, (started, arrivals)
+
+    done = await asyncio.gather(
+        *(one(p, r, w) for p, (r, w) in zip(prompts, connections, strict=True))
+    )
+    return dict(done)
+
+
+# --- errors ------------------------------------------------------------------------------
+
+
+@dataclass
+class Errors:
+    ttft: list[float]
+    itl: list[float]
+
+    def figures(self) -> tuple[float, float, float, float]:
+        return (
+            percentile(self.ttft, 50),
+            percentile(self.ttft, 99),
+            percentile(self.itl, 50) if self.itl else 0.0,
+            percentile(self.itl, 99) if self.itl else 0.0,
         )
-    truth = {prompt_of(s.body): s for s in server.served}  # warm-ups come first: replaced
-    ttft_errors: list[float] = []
-    gap_errors: list[float] = []
-    exact = True
-    for p, stream in zip(prompts, seen, strict=True):
-        assert stream.error is None, stream.error
-        written = truth[p.prompt].written_at
-        exact &= stream.output_tokens == script.completion_tokens
-        exact &= len(stream.token_times) == len(written)
-        ttft_errors.append(abs(stream.token_times[0] - written[0]) * 1000)
-        for i in range(1, len(written)):
-            measured = stream.token_times[i] - stream.token_times[i - 1]
-            gap_errors.append(abs(measured - (written[i] - written[i - 1])) * 1000)
-    return ttft_errors, gap_errors, exact
+
+
+def errors_of(seen: Seen, truth: dict[str, tuple[float, list[float]]]) -> Errors:
+    ttft, itl = [], []
+    for prompt, (started, arrivals) in seen.items():
+        read, writes = truth[prompt]
+        assert len(arrivals) == len(writes), (len(arrivals), len(writes))
+        ttft.append(abs((arrivals[0] - started) - (writes[0] - read)) * 1000)
+        for i in range(1, len(writes)):
+            measured = arrivals[i] - arrivals[i - 1]
+            itl.append(abs(measured - (writes[i] - writes[i - 1])) * 1000)
+    return Errors(ttft, itl)
+
+
+async def cell(
+    server: Server, fmt: str, streams: int, tokens: int, gap_ms: float, chunks: int, rounds: int
+) -> tuple[list[tuple[float, ...]], list[tuple[float, ...]]]:
+    words = " ".join(["w"] * tokens)
+    server.script(
+        Script(
+            ttft_s=0.05,
+            gap_s=gap_ms / 1000,
+            chunks=tuple((f" {words}", tokens) for _ in range(chunks)),
+            chunk_usage=True,
+        )
+    )
+    service: list[tuple[float, ...]] = []
+    raw: list[tuple[float, ...]] = []
+    for r in range(rounds):
+        prompts = [
+            Prompt("m", "chat", f"r{r}-{i}-{time.perf_counter_ns()}") for i in range(streams)
+        ]
+        order = [("service", service_round), ("raw", raw_round)]
+        if r % 2:
+            order.reverse()  # neither client always goes first
+        for name, client in order:
+            seen = await client(server.url, fmt, prompts)
+            figures = errors_of(seen, server.served()).figures()
+            (service if name == "service" else raw).append(figures)
+    return service, raw
+
+
+def medians(rounds: list[tuple[float, ...]]) -> list[float]:
+    return [statistics.median(r[i] for r in rounds) for i in range(4)]
 
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--chunks", type=int, default=100, help="output chunks per stream")
-    args = parser.parse_args()
-    script = Script(
-        ttft_s=0.05, gap_s=0.02, chunks=tuple((f" t{i}", 2) for i in range(args.chunks))
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--chunks", type=int, default=40, help="output chunks per stream")
+    parser.add_argument("--streams", default="1,16,64")
+    parser.add_argument("--formats", default="ollama,sse")
+    parser.add_argument("--loop", default="asyncio", help="asyncio or uvloop (this process)")
+    parser.add_argument(
+        "--no-pin",
+        action="store_true",
+        help="do not give the server the last CPU and the clients the others",
     )
-    load = os.getloadavg()[0]
+    args = parser.parse_args()
+    cpus = sorted(os.sched_getaffinity(0))
+    pin = not args.no_pin and len(cpus) > 1
+    server = Server({cpus[-1]} if pin else None)
+    if pin:
+        os.sched_setaffinity(0, set(cpus[:-1]))
+    with contextlib.suppress(PermissionError):
+        os.nice(PRIORITY)
+    gc.collect()
+    gc.freeze()  # as the services do after start-up: no full collection walks all of it
+    load = os.getloadavg()
     print(
-        f"benchmark measurement accuracy - Python {platform.python_version()}, "
-        f"{os.cpu_count()} CPUs (load {load:.2f}), {args.rounds} rounds, streams of "
-        f"{args.chunks} chunks x 2 tokens, TTFT {script.ttft_s * 1000:.0f} ms, "
-        f"gap {script.gap_s * 1000:.0f} ms"
+        f"benchmark timing accuracy - Python {platform.python_version()}, {os.cpu_count()} "
+        f"CPUs ({'server on one, clients on the others' if pin else 'shared'}), "
+        f"load {load[0]:.2f} {load[1]:.2f}, priority {os.nice(0)}, client loop {args.loop}, "
+        f"{args.rounds} rounds, {args.chunks} chunks per stream, TTFT 50 ms"
     )
     header = (
-        f"{'format':<14} {'streams':>7} {'TTFT p50':>9} {'TTFT p99':>9} "
-        f"{'ITL p50':>8} {'ITL p99':>8}  {'tokens':<6}  target (1 ms p50, 5 ms p99)"
+        f"{'format':<7}{'streams':>8}{'tok/ch':>7}{'gap':>6} | "
+        f"{'TTFT |error| ms: service p50/p99':>33} {'raw p50/p99':>15} | "
+        f"{'ITL |error| ms: service p50/p99':>32} {'raw p50/p99':>15} | worst ratio"
     )
     print(header)
     print("-" * len(header))
-    for name, (provider, prefix) in FORMATS.items():
-        for streams in (1, 64):
-            rounds = [
-                await one_round(provider, prefix, streams, script) for _ in range(args.rounds)
-            ]
-            ttfts, gaps = [r[0] for r in rounds], [r[1] for r in rounds]
-            ttft_p50, ttft_p99, itl_p50, itl_p99 = (
-                statistics.median(percentile(errors, q) for errors in per_round)
-                for per_round, q in ((ttfts, 50), (ttfts, 99), (gaps, 50), (gaps, 99))
-            )
-            exact = all(r[2] for r in rounds)
-            met = max(ttft_p50, itl_p50) <= 1 and max(ttft_p99, itl_p99) <= 5
-            print(
-                f"{name:<14} {streams:>7} {ttft_p50:>6.3f} ms {ttft_p99:>6.3f} ms "
-                f"{itl_p50:>5.3f} ms {itl_p99:>5.3f} ms  {'exact' if exact else 'WRONG':<6}"
-                f"  {'met' if met else 'missed'}"
-            )
+    met_all = True
+    for fmt in args.formats.split(","):
+        for streams in (int(s) for s in args.streams.split(",")):
+            for tokens in (1, 3):
+                for gap in (5, 20):
+                    svc, raw = await cell(
+                        server, fmt, streams, tokens, gap, args.chunks, args.rounds
+                    )
+                    s, r = medians(svc), medians(raw)
+                    ratio = max(a / b if b > 0 else float("inf") for a, b in zip(s, r, strict=True))
+                    met = ratio <= 1.5 and (streams != 64 or s[0] <= 2.0)
+                    met_all &= met
+                    print(
+                        f"{fmt:<7}{streams:>8}{tokens:>7}{gap:>4}ms | "
+                        f"{s[0]:>24.3f} / {s[1]:.3f} {r[0]:>7.3f} / {r[1]:.3f} | "
+                        f"{s[2]:>23.3f} / {s[3]:.3f} {r[2]:>7.3f} / {r[3]:.3f} | "
+                        f"{ratio:>5.2f} {'met' if met else 'MISSED'}",
+                        flush=True,
+                    )
+    server.stop()
+    print(f"load after: {os.getloadavg()[0]:.2f}; every target met: {met_all}")
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    import sys
+
+    if "--loop" in sys.argv and sys.argv[sys.argv.index("--loop") + 1] == "uvloop":
+        import uvloop
+
+        uvloop.run(main())
+    else:
+        asyncio.run(main())

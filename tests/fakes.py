@@ -62,6 +62,17 @@ class Served:
 Scripting = Script | Callable[[int, dict[str, Any]], Script]
 
 
+class ArrivalStamping(asyncio.StreamReaderProtocol):
+    """A stream protocol that notes when each read came off the socket, before the
+    coroutine reading it runs (which, with many connections busy, can be much later)."""
+
+    arrival = 0.0
+
+    def data_received(self, data: bytes) -> None:
+        self.arrival = time.perf_counter()
+        super().data_received(data)
+
+
 class FakeModelServer:
     """`async with FakeModelServer(script) as server:` then point a client at `server.url`.
     `script` may be a function of (request number from 0, request body)."""
@@ -74,9 +85,18 @@ class FakeModelServer:
         self.url = ""
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
+        # the output lines of a script, encoded once: 64 requests at once must not keep the
+        # loop from stamping the arrivals of the others
+        self._encoded: dict[tuple[str, Script, Any, bool], list[bytes]] = {}
 
     async def __aenter__(self) -> FakeModelServer:
-        self._server = await asyncio.start_server(self._connection, "127.0.0.1", 0, backlog=512)
+        loop = asyncio.get_running_loop()
+
+        def protocol() -> ArrivalStamping:
+            reader = asyncio.StreamReader(limit=2**16)
+            return ArrivalStamping(reader, self._connection)
+
+        self._server = await loop.create_server(protocol, "127.0.0.1", 0, backlog=512)
         port = self._server.sockets[0].getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
         return self
@@ -117,7 +137,9 @@ class FakeModelServer:
             k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in lines[1:])
         }
         raw = await reader.readexactly(int(headers.get("content-length") or 0))
-        received_at = time.perf_counter()
+        # when the request's last bytes came off the socket, not when this got round to it
+        protocol = writer.transport.get_protocol()
+        received_at = protocol.arrival if isinstance(protocol, ArrivalStamping) else 0.0
         body: dict[str, Any] = json.loads(raw) if raw else {}
         index = len(self.served)
         script = self.script(index, body) if callable(self.script) else self.script
@@ -216,7 +238,9 @@ class FakeModelServer:
             return (json.dumps({**out, **extra}) + "\n").encode()
 
         self._start(writer, "application/x-ndjson")
-        outputs = [line(text, done=False) for text, _ in script.chunks]
+        key = ("ndjson", script, model, chat)
+        outputs = self._encoded.get(key) or [line(text, done=False) for text, _ in script.chunks]
+        self._encoded[key] = outputs
         error = (json.dumps({"error": "model runner has unexpectedly stopped"}) + "\n").encode()
         if not await self._paced(writer, script, served, outputs, error):
             await self._send(writer, b"")
@@ -262,13 +286,15 @@ class FakeModelServer:
             await self._send(writer, b": OPENROUTER PROCESSING\n\n")
         role = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
         await self._send(writer, event([role]))
-        outputs, running = [], 0
-        for text, tokens in script.chunks:
+        key = ("sse", script, model, False)
+        outputs, running = self._encoded.get(key, []), 0
+        for text, tokens in script.chunks if not outputs else ():
             running += tokens
             so_far = {"prompt_tokens": script.prompt_tokens, "completion_tokens": running}
             outputs.append(
                 event([delta(text)], **({"usage": so_far} if script.chunk_usage else {}))
             )
+        self._encoded[key] = outputs
         error = (
             f"data: {json.dumps({'error': {'message': 'upstream overloaded', 'code': 502}})}\n\n"
         )

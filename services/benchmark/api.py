@@ -7,7 +7,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query
+from fastapi import APIRouter, Depends, HTTPException, Path, Query
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
@@ -22,6 +22,7 @@ from services.benchmark.domain import (
     summarize,
 )
 from services.runtime import outbox
+from services.runtime.auth import Caller, CallerDep
 from services.runtime.errors import ApiError
 from services.runtime.service import Runtime, runtime_of
 
@@ -145,19 +146,13 @@ def settings_of(runtime: Annotated[Runtime, Depends(runtime_of)]) -> BenchmarkSe
     return settings
 
 
-def submitter(
-    x_user_id: Annotated[
-        ModelId | None,
-        Header(description="Who calls (until the chassis verifies a bearer token's `sub`)."),
-    ] = None,
-) -> str:
-    """The caller's user id. The one seam for authentication: when the chassis verifies
-    bearer tokens, this returns the token's `sub` instead of a header anyone may set."""
-    return x_user_id or "anonymous"
+def owner_filter(who: Caller) -> str | None:
+    """Whose jobs the caller may see and cancel: their own; an operator's, everyone's
+    (None). Jobs published without a user (by a client over NATS) are the operators'."""
+    return None if who.is_operator else who.user_id
 
 
 RuntimeDep = Annotated[Runtime, Depends(runtime_of)]
-UserDep = Annotated[str, Depends(submitter)]
 
 
 @router.post(
@@ -180,16 +175,16 @@ UserDep = Annotated[str, Depends(submitter)]
 async def run(
     body: RunRequest,
     runtime: RuntimeDep,
-    user: UserDep,
+    who: CallerDep,
     settings: Annotated[BenchmarkSettings, Depends(settings_of)],
 ) -> Any:
     async with runtime.pool.acquire() as conn:
         verdict = await handlers.price_verdict(conn, settings, body.provider, body.model)
         if not verdict.allowed:
             raise ApiError(400, "benchmark_blocked", verdict.reason)
-        job = BenchmarkRequested(job_id=uuid.uuid4(), user_id=user, **body.model_dump())
+        job = BenchmarkRequested(job_id=uuid.uuid4(), user_id=who.user_id, **body.model_dump())
         async with conn.transaction():
-            active = await db.lock_user_quota(conn, user)
+            active = await db.lock_user_quota(conn, who.user_id)
             over = quota_refusal(active, settings.benchmark_max_active_jobs_per_user)
             if over is None:
                 await db.insert_job(conn, job)
@@ -214,13 +209,14 @@ async def run(
         409: {"description": "`job_finished`: the job has ended already"},
     },
 )
-async def cancel(job_id: uuid.UUID, runtime: RuntimeDep, user: UserDep) -> Any:
+async def cancel(job_id: uuid.UUID, runtime: RuntimeDep, who: CallerDep) -> Any:
+    owner = owner_filter(who)
     async with runtime.transaction() as conn:
-        row = await db.request_cancel(conn, job_id, user, CANCELLED)
+        row = await db.request_cancel(conn, job_id, owner, CANCELLED)
         if row is not None and row["status"] == "cancelled":
             fields = {k: v for k, v in dict(row).items() if k != "status"}
             await outbox.add(conn, [cut_short(BenchmarkRequested(**fields), CANCELLED, [])])
-        existing = await db.job(conn, job_id, user) if row is None else None
+        existing = await db.job(conn, job_id, owner) if row is None else None
     if row is not None:
         answer = CancelAnswer(job_id=job_id, status=row["status"])
         return JSONResponse(
@@ -231,10 +227,14 @@ async def cancel(job_id: uuid.UUID, runtime: RuntimeDep, user: UserDep) -> Any:
     raise ApiError(409, "job_finished", f"job {job_id} has ended: {existing['status']}")
 
 
-@router.get("", response_model=list[JobBrief], summary="The caller's jobs, newest first")
+@router.get(
+    "",
+    response_model=list[JobBrief],
+    summary="The caller's jobs (an operator's: all), newest first",
+)
 async def list_jobs(
     runtime: RuntimeDep,
-    user: UserDep,
+    who: CallerDep,
     model: Annotated[ModelId | None, Query(description="Only this model")] = None,
     status: Annotated[
         Literal["queued", "running", "completed", "failed", "cancelled"] | None,
@@ -243,7 +243,7 @@ async def list_jobs(
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> list[JobBrief]:
     async with runtime.pool.acquire() as conn:
-        rows = await db.list_jobs(conn, user, model, status, limit)
+        rows = await db.list_jobs(conn, owner_filter(who), model, status, limit)
     return [JobBrief(**dict(r)) for r in rows]
 
 
@@ -270,9 +270,9 @@ async def model_results(model: Annotated[ModelId, Path()], runtime: RuntimeDep) 
         404: {"description": "No such job of the caller (or deleted after the retention period)"}
     },
 )
-async def get_job(job_id: uuid.UUID, runtime: RuntimeDep, user: UserDep) -> JobView:
+async def get_job(job_id: uuid.UUID, runtime: RuntimeDep, who: CallerDep) -> JobView:
     async with runtime.pool.acquire() as conn:
-        row = await db.job(conn, job_id, user)
+        row = await db.job(conn, job_id, owner_filter(who))
         if row is None:
             raise HTTPException(404, f"no benchmark job {job_id}")
         results = await db.job_runs(conn, job_id, row["attempt"])

@@ -6,7 +6,9 @@ fleet bench show JOB_ID [--url URL]
     prints the results of a job
 
 URL defaults to $BENCHMARK_URL, else the benchmark service of a running `fleet up`, else
-http://127.0.0.1:8102. Exit status: 0 when the job completed, 1 when it failed, was
+http://127.0.0.1:8102. The bearer token is --token, else $FLEET_TOKEN, else a development
+token of --user (default $USER) signed with AUTH_JWT_SECRET or the development secret of
+FLEET_HOME, as `fleet token` makes it. Exit status: 0 when the job completed, 1 when it failed, was
 refused or the service could not be reached.
 """
 
@@ -37,6 +39,15 @@ def default_url() -> str:
     return url if isinstance(url, str) else DEFAULT_URL
 
 
+def token_of(args: argparse.Namespace) -> str:
+    if args.token or os.environ.get("FLEET_TOKEN"):
+        return str(args.token or os.environ["FLEET_TOKEN"])
+    from services.runtime.auth import development_secret, mint
+
+    secret = os.environ.get("AUTH_JWT_SECRET") or development_secret()
+    return mint(secret, args.user or os.environ.get("USER") or "me", "user")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fleet bench", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -53,10 +64,14 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--warmup-runs", type=int, default=0)
     run.add_argument("--timeout", type=float, default=120.0, help="seconds per run")
     run.add_argument("--url", help="the benchmark service")
+    run.add_argument("--token", help="bearer token (default: see above)")
+    run.add_argument("--user", help="whose development token (default: $USER)")
     run.add_argument("--poll", type=float, default=0.5, help=argparse.SUPPRESS)
     show = sub.add_parser("show", help="print the results of a job")
     show.add_argument("job_id")
     show.add_argument("--url", help="the benchmark service")
+    show.add_argument("--token", help="bearer token (default: see above)")
+    show.add_argument("--user", help="whose development token (default: $USER)")
     return p
 
 
@@ -65,7 +80,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     url = (args.url or default_url()).rstrip("/")
     try:
-        with httpx.Client(base_url=url, timeout=10) as client:
+        headers = {"Authorization": f"Bearer {token_of(args)}"}
+        with httpx.Client(base_url=url, timeout=10, headers=headers) as client:
             if args.command == "show":
                 return show(client, args.job_id, out)
             return submit_and_follow(client, args, out)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import astuple, fields
+from decimal import Decimal
 from typing import Any
 
 import asyncpg
@@ -23,14 +24,19 @@ JOB_REQUEST_COLUMNS = (
 # --- prices ------------------------------------------------------------------------------
 
 
+def _highest(base: Decimal | None, tiers: Sequence[Decimal]) -> Decimal | None:
+    return None if base is None else max([base, *tiers])
+
+
 async def upsert_prices(conn: Connection, events: Sequence[ModelSynced]) -> None:
     """Apply catalog changes in the order they happened; an event older than what the
     table holds changes nothing. A removal keeps the last known price."""
     await conn.executemany(
         """
         INSERT INTO model_prices AS m (provider, model_id, name, status, prompt_price_per_1m,
-            completion_price_per_1m, variable_price, synced_at)
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+            completion_price_per_1m, variable_price, synced_at, highest_prompt_price_per_1m,
+            highest_completion_price_per_1m, priced_per_token)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $10, $11, $12)
         ON CONFLICT (provider, model_id) DO UPDATE SET
             name = EXCLUDED.name,
             status = EXCLUDED.status,
@@ -40,6 +46,13 @@ async def upsert_prices(conn: Connection, events: Sequence[ModelSynced]) -> None
                                            ELSE EXCLUDED.completion_price_per_1m END,
             variable_price = CASE WHEN $9 THEN m.variable_price
                                   ELSE EXCLUDED.variable_price END,
+            highest_prompt_price_per_1m = CASE WHEN $9 THEN m.highest_prompt_price_per_1m
+                                   ELSE EXCLUDED.highest_prompt_price_per_1m END,
+            highest_completion_price_per_1m = CASE WHEN $9
+                                   THEN m.highest_completion_price_per_1m
+                                   ELSE EXCLUDED.highest_completion_price_per_1m END,
+            priced_per_token = CASE WHEN $9 THEN m.priced_per_token
+                                    ELSE EXCLUDED.priced_per_token END,
             synced_at = EXCLUDED.synced_at,
             updated_at = now()
         WHERE m.synced_at <= EXCLUDED.synced_at
@@ -55,6 +68,11 @@ async def upsert_prices(conn: Connection, events: Sequence[ModelSynced]) -> None
                 e.variable_price,
                 e.occurred_at,
                 e.change == "removed",
+                _highest(e.prompt_price_per_1m, [t.prompt_price_per_1m for t in e.price_tiers]),
+                _highest(
+                    e.completion_price_per_1m, [t.completion_price_per_1m for t in e.price_tiers]
+                ),
+                not e.unit_prices and "text" in e.output_modalities,
             )
             for e in sorted(events, key=lambda e: e.occurred_at)
         ],
@@ -63,7 +81,8 @@ async def upsert_prices(conn: Connection, events: Sequence[ModelSynced]) -> None
 
 async def catalog_prices(conn: Connection, model_ids: Sequence[str]) -> list[CatalogPrice]:
     rows = await conn.fetch(
-        "SELECT provider, model_id, prompt_price_per_1m, completion_price_per_1m, variable_price"
+        "SELECT provider, model_id, prompt_price_per_1m, completion_price_per_1m, variable_price,"
+        " highest_prompt_price_per_1m, highest_completion_price_per_1m, priced_per_token"
         " FROM model_prices WHERE model_id = ANY($1::text[])",
         list(model_ids),
     )
@@ -193,22 +212,22 @@ async def release_leases(conn: Connection, worker: str) -> int:
 
 
 async def request_cancel(
-    conn: Connection, job_id: uuid.UUID, user_id: str, reason: str
+    conn: Connection, job_id: uuid.UUID, owner: str | None, reason: str
 ) -> asyncpg.Record | None:
-    """Cancel the caller's queued job at once, or ask its worker to stop a running one.
-    Returns the job's status afterwards with its request fields; None when the job is not
-    the caller's, unknown, or finished already."""
+    """Cancel a queued job of `owner` (None: anyone's) at once, or ask its worker to stop a
+    running one. Returns the job's status afterwards with its request fields; None when
+    the job is not theirs, unknown, or finished already."""
     return await conn.fetchrow(
         "UPDATE jobs SET"
         " cancel_requested_at = coalesce(cancel_requested_at, clock_timestamp()),"
         " status = CASE WHEN status = 'queued' THEN 'cancelled' ELSE status END,"
         " error = CASE WHEN status = 'queued' THEN $3 ELSE error END,"
         " finished_at = CASE WHEN status = 'queued' THEN clock_timestamp() ELSE finished_at END"
-        " WHERE job_id = $1 AND (user_id IS NULL OR user_id = $2)"
+        " WHERE job_id = $1 AND ($2::text IS NULL OR user_id = $2)"
         " AND status IN ('queued', 'running')"
         f" RETURNING status, {JOB_REQUEST_COLUMNS}, user_id, created_at AS occurred_at",
         job_id,
-        user_id,
+        owner,
         reason,
     )
 
@@ -264,12 +283,12 @@ async def finish_job(
     return bool(finished)
 
 
-async def job(conn: Connection, job_id: uuid.UUID, user_id: str) -> asyncpg.Record | None:
-    """The job, if it is the caller's (or nobody's: published without a user)."""
+async def job(conn: Connection, job_id: uuid.UUID, owner: str | None) -> asyncpg.Record | None:
+    """The job, if it is `owner`'s (None: anyone's)."""
     return await conn.fetchrow(
-        "SELECT * FROM jobs WHERE job_id = $1 AND (user_id IS NULL OR user_id = $2)",
+        "SELECT * FROM jobs WHERE job_id = $1 AND ($2::text IS NULL OR user_id = $2)",
         job_id,
-        user_id,
+        owner,
     )
 
 
@@ -284,19 +303,19 @@ async def job_runs(conn: Connection, job_id: uuid.UUID, attempt: int) -> list[Ru
 
 
 async def list_jobs(
-    conn: Connection, user_id: str, model: str | None, status: str | None, limit: int
+    conn: Connection, owner: str | None, model: str | None, status: str | None, limit: int
 ) -> list[asyncpg.Record]:
-    """The caller's jobs (and those of nobody), newest first."""
+    """The jobs of `owner` (None: everyone's), newest first."""
     return await conn.fetch(
         "SELECT job_id, provider, model, task_type, runs, status, attempt, error, summary,"
         " created_at, started_at, finished_at FROM jobs"
         " WHERE ($1::text IS NULL OR model = $1) AND ($2::text IS NULL OR status = $2)"
-        " AND (user_id IS NULL OR user_id = $4)"
+        " AND ($4::text IS NULL OR user_id = $4)"
         " ORDER BY created_at DESC LIMIT $3",
         model,
         status,
         limit,
-        user_id,
+        owner,
     )
 
 

@@ -42,7 +42,10 @@ API accepts it and again when a worker starts it (prices change, and any client 
    `gpt-4o` is also looked up as `openai/gpt-4o`); the strictest decides. An entry of
    provider `ollama` is free (a local model).
 2. A prompt or completion price per 1M tokens above `BENCHMARK_MAX_PRICE_PER_1M` is refused,
-   naming the price and the cap; a price equal to the cap is allowed.
+   naming the price and the cap; a price equal to the cap is allowed. The highest of the
+   entry's price tiers counts (OpenRouter's `pricing.overrides`, e.g. long prompts).
+   A model not priced per token (its output is not text: priced per image, second, ...)
+   is refused: it is never free.
 3. A variable price (`variable_price`, a negative price such as OpenRouter's `-1`, or no
    price) is refused unless `BENCHMARK_ALLOW_VARIABLE_PRICE` (the cost is then unknown
    unless the server reports it).
@@ -69,6 +72,10 @@ class CatalogPrice:
     prompt_per_1m: Decimal | None
     completion_per_1m: Decimal | None
     variable_price: bool = False
+    # the highest of the base price and the entry's price tiers (None: as the base)
+    highest_prompt_per_1m: Decimal | None = None
+    highest_completion_per_1m: Decimal | None = None
+    priced_per_token: bool = True  # False: its output is not text (per image, second, ...)
 
     @property
     def is_local(self) -> bool:
@@ -76,16 +83,31 @@ class CatalogPrice:
 
     @property
     def is_variable(self) -> bool:
-        if self.is_local:
+        if self.is_local or not self.priced_per_token:
             return False
         prices = (self.prompt_per_1m, self.completion_per_1m)
         return self.variable_price or any(p is None or p < 0 for p in prices)
 
     @property
+    def top_prompt(self) -> Decimal:
+        return self.highest_prompt_per_1m or self.prompt_per_1m or Decimal(0)
+
+    @property
+    def top_completion(self) -> Decimal:
+        return self.highest_completion_per_1m or self.completion_per_1m or Decimal(0)
+
+    @property
+    def tiered(self) -> bool:
+        return (self.top_prompt, self.top_completion) != (
+            self.prompt_per_1m or Decimal(0),
+            self.completion_per_1m or Decimal(0),
+        )
+
+    @property
     def highest(self) -> Decimal:
-        if self.is_local or self.is_variable:
+        if self.is_local or self.is_variable or not self.priced_per_token:
             return Decimal(0)
-        return max(self.prompt_per_1m or Decimal(0), self.completion_per_1m or Decimal(0))
+        return max(self.top_prompt, self.top_completion)
 
 
 @dataclass(frozen=True)
@@ -125,19 +147,29 @@ def check_price(
     """May `model` be benchmarked through `provider`? See `PRICE_GUARD_RULE`."""
     cap = _usd(policy.max_price_per_1m)
     entries = [c for c in catalog if c.model_id in catalog_ids(provider, model)]
-    priced = [c for c in entries if not c.is_local and not c.is_variable]
+    per_unit = [c for c in entries if not c.is_local and not c.priced_per_token]
+    priced = [c for c in entries if not c.is_local and c.priced_per_token and not c.is_variable]
     if priced:
         dearest = max(priced, key=lambda c: c.highest)
         if dearest.highest > policy.max_price_per_1m:
-            assert dearest.prompt_per_1m is not None and dearest.completion_per_1m is not None
+            up_to = "up to " if dearest.tiered else ""
+            tier = " (its highest price tier)" if dearest.tiered else ""
             return Verdict(
                 False,
-                f"model too expensive for benchmark: {dearest.model_id} costs "
-                f"{_usd(dearest.prompt_per_1m)} per 1M prompt tokens and "
-                f"{_usd(dearest.completion_per_1m)} per 1M completion tokens in the "
+                f"model too expensive for benchmark: {dearest.model_id} costs {up_to}"
+                f"{_usd(dearest.top_prompt)} per 1M prompt tokens and "
+                f"{_usd(dearest.top_completion)} per 1M completion tokens{tier} in the "
                 f"{dearest.provider} catalog, above the cap BENCHMARK_MAX_PRICE_PER_1M={cap}",
                 None,
             )
+    if per_unit:
+        return Verdict(
+            False,
+            f"model not priced per token: {per_unit[0].model_id} outputs something other than "
+            "text and the catalog prices it per unit (image, second, ...), so its cost cannot "
+            f"be held under the cap BENCHMARK_MAX_PRICE_PER_1M={cap}",
+            None,
+        )
     if any(c.is_variable for c in entries):
         if not policy.allow_variable_price:
             return Verdict(

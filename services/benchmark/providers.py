@@ -48,10 +48,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import ssl
 import time
+import traceback
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
@@ -67,6 +69,7 @@ log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 64 * 1024 * 1024  # of one response; a runaway stream ends as a protocol error
 ERROR_TEXT_CHARS = 300  # of an upstream error body kept in a run's error
+PARSE_SLICE = 8  # lines parsed between chances for the loop to stamp other streams' reads
 
 
 @dataclass(frozen=True)
@@ -365,8 +368,11 @@ class Lane:
         self._to: Target | None = None
 
     async def exchange(self, target: Target, request: bytes, stream: Stream) -> Reply:
-        """Send `request` and wait for the whole response; stamps `stream.sent`."""
+        """Send `request` and wait for the whole response. Stamps `stream.started` (before
+        connecting when the lane has no open connection, else right before the write) and
+        `stream.sent`."""
         wire = self._wire
+        stream.started = time.perf_counter()
         if (
             wire is None
             or wire.transport is None
@@ -423,21 +429,29 @@ def _head(target: Target, headers: dict[str, str], length: int) -> bytes:
 # --- one run -----------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=256)
+def _encoded(endpoint: Endpoint, prompt: Prompt) -> tuple[Target, bytes]:
+    """Where a request goes and its bytes; a job sends the same request run after run, so
+    it is encoded once, not between the stamps of a run."""
+    url, body, headers = request_of(endpoint, prompt)
+    target = Target.of(url)
+    payload = json.dumps(body).encode()
+    return target, _head(target, headers, len(payload)) + payload
+
+
 async def stream_once(lane: Lane, endpoint: Endpoint, prompt: Prompt, timeout_s: float) -> Stream:
     """Send one streamed request and time it; every failure is recorded in the returned
     stream (its error scrubbed of the endpoint's key and any authorization value), never
     raised. Cancelling the caller closes the connection."""
-    url, body, headers = request_of(endpoint, prompt)
+    url = request_of(endpoint, prompt)[0]
     secrets = [endpoint.api_key] if endpoint.api_key else []
     stream = Stream(started=time.perf_counter())
     try:
-        target = Target.of(url)
-        payload = json.dumps(body).encode()
-        request = _head(target, headers, len(payload)) + payload
+        target, request = _encoded(endpoint, prompt)
         async with asyncio.timeout(timeout_s):
             reply = await lane.exchange(target, request, stream)
         stream.first_byte = reply.first_byte
-        _read(endpoint, url, reply, stream)
+        await _read(endpoint, url, reply, stream)
     except TimeoutError:
         stream.error_kind = "timeout"
         stream.error = f"no complete answer within {timeout_s:g}s"
@@ -448,7 +462,8 @@ async def stream_once(lane: Lane, endpoint: Endpoint, prompt: Prompt, timeout_s:
         stream.error_kind = "connection"
         stream.error = f"cannot talk to {url}: {exc or type(exc).__name__}"
     except Exception as exc:  # whatever else a broken server provokes stays in this run
-        log.exception("run against %s failed unexpectedly", scrub(url, secrets))
+        trace = scrub(traceback.format_exc(), secrets)  # it may quote what the server sent
+        log.error("run against %s failed unexpectedly: %s", scrub(url, secrets), trace)
         stream.error_kind = "protocol"
         stream.error = f"unexpected stream from {url}: {type(exc).__name__}: {exc}"
     if stream.error is not None:
@@ -456,8 +471,10 @@ async def stream_once(lane: Lane, endpoint: Endpoint, prompt: Prompt, timeout_s:
     return stream
 
 
-def _read(endpoint: Endpoint, url: str, reply: Reply, stream: Stream) -> None:
-    """Fill `stream` from a whole response."""
+async def _read(endpoint: Endpoint, url: str, reply: Reply, stream: Stream) -> None:
+    """Fill `stream` from a whole response, giving the loop back every `PARSE_SLICE` lines:
+    concurrent streams tend to end together, and the reads of the others must not wait
+    for this parse to be stamped."""
     if reply.status != 200:
         stream.error_kind = "http_status"
         stream.error = f"HTTP {reply.status} from {url}: {_body_error(reply.text())}"
@@ -471,6 +488,8 @@ def _read(endpoint: Endpoint, url: str, reply: Reply, stream: Stream) -> None:
     counts: list[int] = []  # tokens in each output chunk, while the server says so
     counted = True
     for number, (at, raw) in enumerate(reply.lines(), 1):
+        if number % PARSE_SLICE == 0:
+            await asyncio.sleep(0)
         try:
             line = raw.decode().rstrip("\r")
         except UnicodeDecodeError as exc:

@@ -14,7 +14,7 @@ from nats.js import JetStreamContext
 
 from services.benchmark.app import build
 from services.runtime.service import Runtime
-from tests.conftest import Infra, eventually, running
+from tests.conftest import Infra, bearer, eventually, running
 from tests.fakes import FakeModelServer, Script
 from tests.integration.test_benchmark_service import (
     FAST,
@@ -34,14 +34,16 @@ def by_model(n: int, body: dict[str, Any]) -> Script:
 
 
 async def submit(client: httpx.AsyncClient, user: str = "alice", **fields: Any) -> str:
-    r = await client.post("/v1/benchmarks/run", json=request(**fields), headers={"x-user-id": user})
+    r = await client.post(
+        "/v1/benchmarks/run", json=request(**fields), headers=bearer(user, "user")
+    )
     assert r.status_code == 202, r.text
     job_id: str = r.json()["job_id"]
     return job_id
 
 
 async def view(client: httpx.AsyncClient, job_id: str, user: str = "alice") -> dict[str, Any]:
-    r = await client.get(f"/v1/benchmarks/{job_id}", headers={"x-user-id": user})
+    r = await client.get(f"/v1/benchmarks/{job_id}", headers=bearer(user, "user"))
     assert r.status_code == 200, r.text
     job: dict[str, Any] = r.json()
     return job
@@ -80,7 +82,7 @@ async def test_a_quick_job_is_not_blocked_by_a_slow_one_nor_run_in_a_transaction
         slow_meanwhile = await view(client, slow_id)
         open_transactions = [await long_transactions(runtime) for _ in range(3)]
         cancel = await client.post(
-            f"/v1/benchmarks/{slow_id}/cancel", headers={"x-user-id": "alice"}
+            f"/v1/benchmarks/{slow_id}/cancel", headers=bearer("alice", "user")
         )
         slow = await finished(client, slow_id, user="alice")
     assert quick["status"] == "completed" and quick["summary"]["runs_ok"] == 2
@@ -105,7 +107,7 @@ async def test_replicas_share_the_jobs(
         await streaming(fake, "slow-model", count=2)  # one worker has room for one only
         jobs = [await view(second, job_id) for job_id in ids]
         for job_id in ids:
-            await first.post(f"/v1/benchmarks/{job_id}/cancel", headers={"x-user-id": "alice"})
+            await first.post(f"/v1/benchmarks/{job_id}/cancel", headers=bearer("alice", "user"))
         ended = [await finished(first, job_id, user="alice") for job_id in ids]
     assert [j["status"] for j in jobs] == ["running", "running"]
     assert jobs[0]["worker"] != jobs[1]["worker"]
@@ -128,13 +130,13 @@ async def test_cancelling_stops_a_running_job_mid_run_and_a_queued_one_at_once(
         queued_id = await submit(client, runs=1)
         queued_before = await view(client, queued_id)
         not_theirs = await client.post(
-            f"/v1/benchmarks/{running_id}/cancel", headers={"x-user-id": "mallory"}
+            f"/v1/benchmarks/{running_id}/cancel", headers=bearer("mallory", "user")
         )
         queued_cancel = await client.post(
-            f"/v1/benchmarks/{queued_id}/cancel", headers={"x-user-id": "alice"}
+            f"/v1/benchmarks/{queued_id}/cancel", headers=bearer("alice", "user")
         )
         running_cancel = await client.post(
-            f"/v1/benchmarks/{running_id}/cancel", headers={"x-user-id": "alice"}
+            f"/v1/benchmarks/{running_id}/cancel", headers=bearer("alice", "user")
         )
         stopped = await finished(client, running_id, user="alice")
 
@@ -143,7 +145,7 @@ async def test_cancelling_stops_a_running_job_mid_run_and_a_queued_one_at_once(
 
         await eventually(closed, what="the cancelled stream closed")
         again = await client.post(
-            f"/v1/benchmarks/{running_id}/cancel", headers={"x-user-id": "alice"}
+            f"/v1/benchmarks/{running_id}/cancel", headers=bearer("alice", "user")
         )
         queued = await view(client, queued_id)
         events = await final_events(js, running_id) + await final_events(js, queued_id)
@@ -172,17 +174,17 @@ async def test_a_user_may_have_only_so_many_jobs_queued_or_running(
         first = await submit(client, model="slow-model", runs=1)
         await submit(client, model="slow-model", runs=1)
         over = await client.post(
-            "/v1/benchmarks/run", json=request(runs=1), headers={"x-user-id": "alice"}
+            "/v1/benchmarks/run", json=request(runs=1), headers=bearer("alice", "user")
         )
         bobs = await submit(client, user="bob", runs=1)
-        await client.post(f"/v1/benchmarks/{first}/cancel", headers={"x-user-id": "alice"})
+        await client.post(f"/v1/benchmarks/{first}/cancel", headers=bearer("alice", "user"))
         await finished(client, first, user="alice")
         after_cancel = await client.post(
-            "/v1/benchmarks/run", json=request(runs=1), headers={"x-user-id": "alice"}
+            "/v1/benchmarks/run", json=request(runs=1), headers=bearer("alice", "user")
         )
-        bob_sees_alices = await client.get(f"/v1/benchmarks/{first}", headers={"x-user-id": "bob"})
+        bob_sees_alices = await client.get(f"/v1/benchmarks/{first}", headers=bearer("bob", "user"))
         await finished(client, bobs, user="bob")
-        alices_list = await client.get("/v1/benchmarks", headers={"x-user-id": "alice"})
+        alices_list = await client.get("/v1/benchmarks", headers=bearer("alice", "user"))
     assert over.status_code == 429 and over.headers["retry-after"] == "30"
     assert over.json()["error"]["code"] == "quota_exceeded"
     assert "BENCHMARK_MAX_ACTIVE_JOBS_PER_USER=2" in over.json()["error"]["message"]

@@ -22,14 +22,14 @@ from nats.js import JetStreamContext
 from prometheus_client import REGISTRY
 
 from contracts.catalog import BENCHMARK_STREAM
-from contracts.events import BenchmarkRequested, ModelSynced
+from contracts.events import BenchmarkRequested, ModelSynced, PriceTier
 from services.benchmark import cli, db
 from services.benchmark.app import build
 from services.benchmark.config import BenchmarkSettings
 from services.benchmark.domain import RunResult
 from services.embedded import free_port
 from services.runtime.service import ServiceSpec, create_app
-from tests.conftest import Infra, eventually, running
+from tests.conftest import Infra, bearer, eventually, running
 from tests.fakes import FakeModelServer, Script
 
 FAST = Script(ttft_s=0.03, gap_s=0.01)
@@ -70,12 +70,13 @@ async def submit(client: httpx.AsyncClient, **overrides: Any) -> str:
 async def finished(
     client: httpx.AsyncClient, job_id: str, timeout: float = 15, user: str | None = None
 ) -> dict[str, Any]:
-    """The job once it has ended, as `user` (the submitter; None: anonymous) sees it."""
+    """The job once it has ended, as `user` (the submitter; None: the client's own token,
+    an operator's) sees it."""
     job: dict[str, Any] = {}
 
     async def done() -> bool:
         nonlocal job
-        headers = {"x-user-id": user} if user else {}
+        headers = bearer(user, "user") if user else {}
         r = await client.get(f"/v1/benchmarks/{job_id}", headers=headers)
         assert r.status_code == 200, r.text
         job = r.json()
@@ -228,7 +229,7 @@ async def test_hostile_input_is_a_short_4xx_never_a_500(
         ("GET", "/v1/benchmarks/models/a%00b/summary", {}),
         ("GET", "/v1/benchmarks/not-a-uuid", {}),
         ("POST", "/v1/benchmarks/not-a-uuid/cancel", {}),
-        ("GET", "/v1/benchmarks", {"headers": {"x-user-id": "u" * 600}}),
+        ("GET", "/v1/benchmarks", {"headers": {"authorization": "Bearer " + "x" * 600}}),
     ]
     async with (
         FakeModelServer(FAST) as fake,
@@ -239,7 +240,7 @@ async def test_hostile_input_is_a_short_4xx_never_a_500(
     for (method, url, _), r in zip(cases, answers, strict=True):
         assert 400 <= r.status_code < 500, (method, url, r.status_code, r.text[:300])
         assert len(r.content) < 4000, (url, len(r.content))  # never the input echoed back
-        assert r.json()["error"]["code"] in ("invalid_request", "too_large")
+        assert r.json()["error"]["code"] in ("invalid_request", "too_large", "unauthorized")
     assert answers[8].status_code == 413
     assert jobs == []
 
@@ -259,6 +260,27 @@ async def test_the_price_guard_follows_the_catalog(
             synced("openai/gpt-4", "30", "60", occurred_at=t0),
             synced("meta/llama-3-8b", "0.05", "0.1", occurred_at=t0),
             synced("openrouter/auto", None, None, variable_price=True, occurred_at=t0),
+            synced(
+                "google/long-context",
+                "2",
+                "8",
+                price_tiers=[
+                    PriceTier(
+                        min_prompt_tokens=200_000,
+                        prompt_price_per_1m=Decimal("4"),
+                        completion_price_per_1m=Decimal("16"),
+                    )
+                ],
+                occurred_at=t0,
+            ),
+            synced(
+                "vendor/image-model",
+                None,
+                None,
+                output_modalities=["image"],
+                unit_prices={"image": Decimal("0.04")},
+                occurred_at=t0,
+            ),
         )
 
         async def post(**overrides: Any) -> httpx.Response:
@@ -269,6 +291,8 @@ async def test_the_price_guard_follows_the_catalog(
         cheap = await post(provider="openrouter", model="meta/llama-3-8b", runs=1)
         variable = await post(provider="openrouter", model="openrouter/auto")
         unknown_local = await post(provider="ollama", model="qwen2.5:7b", runs=1)
+        tiered = await post(provider="openrouter", model="google/long-context")
+        image = await post(provider="openrouter", model="vendor/image-model")
         unknown_remote = await post(provider="openai", model="gpt-5-preview")
 
         await publish_applied(
@@ -299,6 +323,10 @@ async def test_the_price_guard_follows_the_catalog(
     assert "$30 per 1M prompt tokens" in reason and "$60 per 1M completion" in reason
     assert "BENCHMARK_MAX_PRICE_PER_1M=$10" in reason
     assert variable.status_code == 400 and "variable" in variable.json()["error"]["message"]
+    assert tiered.status_code == 400
+    assert "up to $4 per 1M prompt tokens and $16" in tiered.json()["error"]["message"]
+    assert image.status_code == 400
+    assert "not priced per token" in image.json()["error"]["message"]
     assert unknown_remote.status_code == 400
     assert "not in the catalog" in unknown_remote.json()["error"]["message"]
     assert dearer_then_removed.status_code == 400
@@ -404,7 +432,7 @@ async def test_the_job_state_decides_who_may_finish_it(
             stale_finish = await db.finish_job(conn, job.job_id, 1, "failed", None, "x")
             current_finish = await db.finish_job(conn, job.job_id, 2, "failed", None, "y", [run])
             third = await db.claim_job(conn, job.job_id, "worker-c", 60.0, 3600)
-            stored = await db.job(conn, job.job_id, "anyone")
+            stored = await db.job(conn, job.job_id, None)
     assert after["status"] == "completed" and after["attempt"] == 1
     assert len(fake.served) == served_before
     assert first is not None and second is not None

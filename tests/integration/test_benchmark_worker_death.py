@@ -16,7 +16,7 @@ from nats.js import JetStreamContext
 
 from services.benchmark.app import build
 from services.embedded import free_port
-from tests.conftest import Infra, eventually, running
+from tests.conftest import Infra, bearer, eventually, running
 from tests.fakes import FakeModelServer, Script
 from tests.integration.test_benchmark_service import final_events, finished, request, settings
 
@@ -50,7 +50,9 @@ async def test_a_job_whose_worker_is_killed_is_finished_once_by_another(
                 stderr=subprocess.STDOUT,
             )
             try:
-                async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+                async with httpx.AsyncClient(
+                    base_url=f"http://127.0.0.1:{port}", headers=bearer("tester", "user")
+                ) as http:
 
                     async def ready() -> bool:
                         assert doomed.returncode is None, "the worker exited while starting"

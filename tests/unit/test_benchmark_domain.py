@@ -258,3 +258,24 @@ def test_scrubbing_removes_keys_and_authorization_values(text: str) -> None:
 def test_scrubbing_keeps_what_holds_no_secret() -> None:
     text = "HTTP 404 from http://gpu:11434/api/generate: model 'llama3' not found"
     assert scrub(text, [KEY]) == text
+
+
+def test_the_highest_price_tier_counts_against_the_cap() -> None:
+    tiered = CatalogPrice(
+        "openrouter", "g/long", Decimal("2"), Decimal("8"), False, Decimal("4"), Decimal("16")
+    )
+    verdict = check_price("openrouter", "g/long", [tiered], CAP)
+    assert not verdict.allowed
+    assert "up to $4 per 1M prompt tokens and $16 per 1M completion tokens" in verdict.reason
+    assert "highest price tier" in verdict.reason
+    within = CatalogPrice(
+        "openrouter", "g/long", Decimal("2"), Decimal("8"), False, Decimal("4"), Decimal("9")
+    )
+    allowed = check_price("openrouter", "g/long", [within], CAP)
+    assert allowed.allowed and allowed.price == Price(Decimal("2"), Decimal("8"))  # base
+
+
+def test_a_model_not_priced_per_token_is_never_free() -> None:
+    image = CatalogPrice("openrouter", "v/image", None, None, priced_per_token=False)
+    verdict = check_price("openrouter", "v/image", [image], Policy(Decimal(10), True, True))
+    assert not verdict.allowed and verdict.reason.startswith("model not priced per token")
