@@ -26,6 +26,14 @@ from pydantic import (
 Id = str  # user, session, plan and subtask ids are opaque strings (often UUIDs)
 NonEmpty = Field(min_length=1, max_length=512)
 
+CANARY_USER_PREFIX = "canary:"
+"""User ids starting with this belong to guardian's smoke canary (`canary:guardian`): their
+events run through the real pipeline, and no one's stats or leaderboard shows them."""
+
+
+def is_canary(user_id: str) -> bool:
+    return user_id.startswith(CANARY_USER_PREFIX)
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
