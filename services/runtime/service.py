@@ -33,7 +33,7 @@ from contracts.events import ServiceHeartbeat, utcnow
 from services.runtime import auth, errors, outbox
 from services.runtime.auth import Caller
 from services.runtime.config import RuntimeSettings
-from services.runtime.consumer import Consumer, Subscription
+from services.runtime.consumer import DEAD_LETTERED, Consumer, Subscription
 from services.runtime.db import (
     RUNTIME_MIGRATIONS,
     Connection,
@@ -45,6 +45,7 @@ from services.runtime.db import (
     migrate,
 )
 from services.runtime.faults import backoff_seconds, describe
+from services.runtime.http_metrics import HttpMetrics
 from services.runtime.logs import setup_logging
 from services.runtime.messaging import connect_nats, ensure_streams
 from services.runtime.telemetry import setup_tracing
@@ -52,6 +53,7 @@ from services.runtime.telemetry import setup_tracing
 log = logging.getLogger(__name__)
 
 READY = Gauge("fleet_ready", "1 when NATS and PostgreSQL answer")
+DEAD_LETTER_REASONS = ("invalid", "rejected", "max_deliver")  # consumer.py's reasons
 VERSION = "0.1.0"
 
 
@@ -240,6 +242,9 @@ async def start_runtime(spec: ServiceSpec) -> tuple[Runtime, list[asyncio.Task[N
             ack_wait_s=s.consumer_ack_wait_s,
         )
         await subscription.open()  # durable consumers exist before the service says ready
+        # the series exist at 0 from the start, so an alert on increase() sees the first one
+        for reason in DEAD_LETTER_REASONS:
+            DEAD_LETTERED.labels(consumer.name, reason)
         runtime.subscriptions.append(subscription)
         loops.append((consumer.name, _runner(subscription)))
     loops += [(getattr(t, "__name__", "task"), t) for t in spec.tasks]
@@ -291,6 +296,7 @@ def create_app(spec: ServiceSpec) -> FastAPI:
         responses=errors.ERROR_RESPONSES,
     )
     errors.install(app)
+    app.add_middleware(HttpMetrics)  # outermost: it counts what the request checks refuse too
     app.state.verifier = auth.verifier_for(spec.settings)  # refuses production on dev secrets
     app.include_router(health_router(), responses={503: {"description": "Not ready"}})
     for router in spec.routers:  # every route of a service needs a verified token
