@@ -31,9 +31,6 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 from urllib.parse import parse_qsl
 
-import asyncpg
-import nats.errors
-import nats.js.errors
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -42,6 +39,8 @@ from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from services.runtime.faults import unavailable
 
 log = logging.getLogger(__name__)
 
@@ -201,35 +200,6 @@ async def _http_error(_: Request, exc: Exception) -> JSONResponse:
 async def _api_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ApiError)
     return error_response(exc.status, exc.code, exc.message, exc.fields, exc.headers)
-
-
-_DB_UNAVAILABLE = (
-    OSError,  # refused, reset, unreachable; TimeoutError (a pool acquire's) is one too
-    asyncpg.PostgresConnectionError,
-    asyncpg.TooManyConnectionsError,
-    asyncpg.exceptions.OperatorInterventionError,  # starting up, shutting down
-)
-_NATS_UNAVAILABLE = (
-    nats.errors.ConnectionClosedError,
-    nats.errors.ConnectionDrainingError,
-    nats.errors.ConnectionReconnectingError,
-    nats.errors.NoServersError,
-    nats.errors.NoRespondersError,
-    nats.errors.StaleConnectionError,
-    nats.errors.OutboundBufferLimitError,
-    nats.js.errors.ServiceUnavailableError,
-)
-
-
-def dependency_unavailable(exc: BaseException) -> bool:
-    """Whether a failure means PostgreSQL or NATS cannot be reached now (not a bug to fix):
-    lost or refused connections, a server starting or shutting down, a pool acquire that
-    timed out, NATS not connected or JetStream not answering."""
-    if isinstance(exc, BaseExceptionGroup):
-        return all(dependency_unavailable(e) for e in exc.exceptions)
-    return isinstance(exc, _DB_UNAVAILABLE + _NATS_UNAVAILABLE) or (
-        isinstance(exc, asyncpg.InterfaceError) and "closed" in str(exc)
-    )
 
 
 def _trace_id(scope: Scope) -> str:
@@ -415,7 +385,7 @@ class RequestChecks:
     def _failed(self, exc: Exception, scope: Scope) -> JSONResponse:
         trace_id = _trace_id(scope)
         where = f"{scope.get('method')} {scope.get('path')}"
-        if dependency_unavailable(exc):
+        if unavailable(exc):
             log.warning(
                 "%s: a dependency is unavailable: %s %s",
                 where,
