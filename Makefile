@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: up test check lint typecheck unit schema bench install clean
+.PHONY: up test check lint typecheck unit schema bench install tools rules clean
 
 $(STAMP): pyproject.toml requirements-dev.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,6 +15,25 @@ $(STAMP): pyproject.toml requirements-dev.lock
 
 install: $(STAMP)
 
+# What the tests use beyond the venv, from Debian (bookworm) packages: promtool (the
+# `prometheus` package) for the alert rules, Chromium and its driver for the status page's
+# browser test. Installed when missing, as root (CI is a fresh machine of the same kind).
+DEBIAN_TOOLS := promtool:prometheus chromium:chromium chromedriver:chromium-driver
+tools:
+	@missing=""; for pair in $(DEBIAN_TOOLS); do \
+		command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" != 0 ]; then echo "install as root:$$missing" >&2; exit 1; fi; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+			apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+# The alert rules load and their unit tests pass (first occurrences fire, see the file).
+rules: tools
+	promtool check rules deploy/prometheus/alerts.yml
+	cd deploy/prometheus && promtool test rules alerts.test.yml
+
 up: $(STAMP)
 	$(BIN)/fleet up
 
@@ -24,7 +43,7 @@ check: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/python -m contracts.export --check
 
-test: check
+test: check rules
 	$(BIN)/pytest
 
 schema: $(STAMP)
