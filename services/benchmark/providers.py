@@ -34,10 +34,13 @@ The clocks (all `time.perf_counter()`, one monotonic clock for the whole machine
 An arrival is stamped in the protocol's `data_received`, the first Python code that runs
 when the event loop sees the socket readable, and before anything else is done with the
 bytes: HTTP framing is undone there by `httptools` (C), and every line is split, decoded
-and parsed only once the response has ended. So a busy stream costs the others a few
-microseconds per read, not a JSON parse per line, and gaps between chunks are not
-collapsed by a loop that gets round to reading late. `benchmarks/benchmark_accuracy.py`
-measures the remaining error against a server's own write times.
+and parsed only once the response has ended, `PARSE_SLICE` lines at a time with the loop
+given back in between (concurrent streams tend to end together). So a busy stream costs
+the others a few microseconds per read, not a JSON parse per line, and gaps between
+chunks are not collapsed by a loop that gets round to reading late. Requests are encoded
+once per distinct prompt, before any clock starts. `benchmarks/benchmark_accuracy.py`
+measures the remaining error against a server's own write times, beside a minimal
+raw-socket client.
 
 Connections: each concurrent lane keeps one HTTP/1.1 connection open (keep-alive) and
 reopens it when the server closes it. TLS is verified with certifi's roots. Proxies from
