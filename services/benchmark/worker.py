@@ -95,7 +95,10 @@ class Claim:
         fields = dict(row)
         attempt, seconds_left = fields.pop("attempt"), fields.pop("seconds_left")
         cancel_requested = fields.pop("cancel_requested")
-        return cls(BenchmarkRequested(**fields), attempt, seconds_left, cancel_requested)
+        # the row was validated when it was stored; a limit tightened since must not make
+        # an old job unclaimable (its claim would fail again after every lease)
+        job = BenchmarkRequested.model_construct(**fields)
+        return cls(job, attempt, seconds_left, cancel_requested)
 
 
 class Worker:
