@@ -31,13 +31,9 @@ async def test_migrations_apply_from_zero_then_second_run_is_a_noop(database_url
     finally:
         await conn.close()
     # the service's role owns its schema's tables, not the admin that ran the migration
-    assert tables == {
-        "outbox": "stats",
-        "inbox": "stats",
-        "delivery_attempts": "stats",
-        "model_statistics": "stats",
-        "schema_migrations": "stats",
-    }
+    expected = {"outbox", "inbox", "delivery_attempts", "model_statistics", "schema_migrations"}
+    assert expected <= set(tables)
+    assert set(tables.values()) == {"stats"}
     assert recorded == len(migrations)
 
 

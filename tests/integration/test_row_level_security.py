@@ -9,6 +9,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from contracts.events import SubtaskCompleted
 from services.runtime.db import (
     RUNTIME_MIGRATIONS,
     Login,
@@ -17,6 +18,7 @@ from services.runtime.db import (
     load_migrations,
     migrate,
 )
+from services.stats import handlers
 
 STATS_MIGRATIONS = Path(__file__).parents[2] / "services" / "stats" / "migrations"
 USERS = ("alice", "bob")
@@ -28,15 +30,13 @@ async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
     a pool of ONE connection, so every request below reuses the same session."""
     await migrate(database_url, "stats", load_migrations(RUNTIME_MIGRATIONS, STATS_MIGRATIONS))
     one = await create_pool(Login(database_url, "stats", "stats_app"), 1, "test")
-    async with one.acquire() as conn:
-        for user in USERS:
-            for model in ("m1", "m2"):
-                await conn.execute(
-                    "INSERT INTO model_statistics (user_id, model_id, session_id, response_count)"
-                    " VALUES ($1, $2, 's', 1)",
-                    user,
-                    model,
-                )
+    completed = [
+        SubtaskCompleted(plan_id="p", subtask_id=f"{u}-{m}", model_id=m, user_id=u, session_id="s")
+        for u in USERS
+        for m in ("m1", "m2")
+    ]
+    async with one.acquire() as conn, conn.transaction():
+        await handlers.on_subtask_completed(conn, completed)  # as the consumer writes them
     yield one
     await one.close()
 

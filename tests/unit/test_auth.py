@@ -24,6 +24,12 @@ from services.runtime.auth import (
 from services.runtime.config import RuntimeSettings
 
 SECRET = "s" * 40
+# placeholders for expiry times, filled in when a test runs (not when the module is imported)
+LATER, EARLIER = "+60", "-120"
+
+
+def timed(claims: dict[str, Any]) -> dict[str, Any]:
+    return {k: time.time() + float(v) if k == "exp" else v for k, v in claims.items()}
 
 
 async def test_a_token_minted_for_a_user_names_them_and_their_role() -> None:
@@ -37,26 +43,26 @@ async def test_a_token_minted_for_a_user_names_them_and_their_role() -> None:
 @pytest.mark.parametrize(
     ("claims", "key", "algorithm", "why"),
     [
-        ({"sub": "a", "exp": time.time() - 120}, SECRET, "HS256", "expired"),
-        ({"sub": "a", "exp": time.time() + 60}, "another" * 6, "HS256", "(?i)signature"),
+        ({"sub": "a", "exp": EARLIER}, SECRET, "HS256", "expired"),
+        ({"sub": "a", "exp": LATER}, "another" * 6, "HS256", "(?i)signature"),
         ({"sub": "a"}, SECRET, "HS256", "exp"),
-        ({"exp": time.time() + 60}, SECRET, "HS256", "sub"),
-        ({"sub": "a", "exp": time.time() + 60, "role": "admin"}, SECRET, "HS256", "role"),
-        ({"sub": "a\x00b", "exp": time.time() + 60}, SECRET, "HS256", "sub"),
-        ({"sub": "x" * 300, "exp": time.time() + 60}, SECRET, "HS256", "sub"),
-        ({"sub": 7, "exp": time.time() + 60}, SECRET, "HS256", "(?i)sub"),
+        ({"exp": LATER}, SECRET, "HS256", "sub"),
+        ({"sub": "a", "exp": LATER, "role": "admin"}, SECRET, "HS256", "role"),
+        ({"sub": "a\x00b", "exp": LATER}, SECRET, "HS256", "sub"),
+        ({"sub": "x" * 300, "exp": LATER}, SECRET, "HS256", "sub"),
+        ({"sub": 7, "exp": LATER}, SECRET, "HS256", "(?i)sub"),
     ],
 )
 async def test_a_bad_token_is_refused(
     claims: dict[str, Any], key: str, algorithm: str, why: str
 ) -> None:
-    token = jwt.encode(claims, key, algorithm=algorithm)
+    token = jwt.encode(timed(claims), key, algorithm=algorithm)
     with pytest.raises(InvalidToken, match=why):
         await Verifier(secret=SECRET).verify(token)
 
 
 async def test_an_unsigned_token_is_refused() -> None:
-    token = jwt.encode({"sub": "a", "exp": time.time() + 60}, "", algorithm="none")
+    token = jwt.encode(timed({"sub": "a", "exp": LATER}), "", algorithm="none")
     with pytest.raises(InvalidToken):
         await Verifier(secret=SECRET).verify(token)
 
@@ -112,7 +118,7 @@ def jwks() -> Iterator[JwksServer]:
 
 
 def claims(user: str = "alice") -> dict[str, Any]:
-    return {"sub": user, "exp": time.time() + 60, "role": "user"}
+    return timed({"sub": user, "exp": LATER, "role": "user"})
 
 
 async def test_rs256_and_es256_tokens_are_verified_with_the_published_keys(
