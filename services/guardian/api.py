@@ -1,21 +1,26 @@
-"""HTTP routes of guardian: the seed's /api/health and /api/guardian/*, and the incidents.
+"""HTTP routes of guardian: the seed's /api/health and /api/guardian/*, the incidents, and
+the status page at `/` (the seed's diagnostics page).
 
-`/api/health` (and `/api/metrics`) are open, as load balancers and probes call them and
-they show no user's data; the rest needs a token, and acting (control, smoke, reports that
-hold log lines) the operator role.
+`/api/health`, `/api/metrics` and the status page are open, as load balancers, probes and
+operators on call read them and they show no user's data; the rest needs a token, and acting
+(control, smoke, reports that hold log lines) the operator role. The page's buttons send the
+operator's token, pasted into the page and kept in the tab's sessionStorage.
 """
 
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, HTTPException, Query
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.templating import Jinja2Templates
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from pydantic import BaseModel, Field
 
 from services.guardian import db
+from services.guardian.domain import SMOKE
 from services.guardian.handlers import Guardian
 from services.runtime.auth import OperatorDep
 
@@ -28,9 +33,68 @@ class Control(BaseModel):
     service: str | None = Field(None, max_length=100, description="For reset: which service.")
 
 
+TEMPLATES = Jinja2Templates(directory=Path(__file__).parent / "templates")
+
+
+async def page(guardian: Guardian) -> dict[str, Any]:
+    """What the status page shows: states, instances, incidents, the last smoke run, links.
+    No user's data: service names, guardian's own reasons and times."""
+    incidents: list[dict[str, Any]] = []
+    last_smoke = guardian.last_smoke
+    if guardian.runtime is not None:
+        try:
+            async with guardian.rt().pool.acquire() as conn:
+                incidents = await db.incidents(conn, 20)
+                if last_smoke is None:
+                    runs = await db.smoke_runs(conn, 1)
+                    last_smoke = runs[0] if runs else None
+        except Exception as exc:  # the page still shows what guardian sees
+            incidents = [{"service": "guardian", "reason": f"incidents unavailable: {exc}"[:200]}]
+    services = []
+    for name, s in guardian.watch.services.items():
+        url = guardian.probe_url(name)
+        services.append(
+            {
+                "name": name,
+                "status": s.status,
+                "since": s.changed_at,
+                "reason": s.reason,
+                "instances": sorted(s.instances),
+                "restarts": s.restarts,
+                "held": s.held,
+                "docs": f"{url}/docs" if url else None,
+            }
+        )
+    return {
+        "services": services,
+        "open_incidents": [i for i in incidents if i.get("opened_at") and not i["closed_at"]],
+        "recent_incidents": [i for i in incidents if i.get("closed_at")][:10],
+        "smoke": last_smoke,
+        "smoke_service": SMOKE,
+        "leader": guardian.leader,
+        "paused": guardian.paused,
+        "instance": guardian.runtime.instance if guardian.runtime else None,
+        "grafana": guardian.settings.guardian_grafana_url or None,
+        "smoke_interval_s": guardian.settings.guardian_smoke_interval_s,
+    }
+
+
 def build_open_router(guardian: Guardian) -> APIRouter:
-    """What anyone may call: the fleet's health, for probes and load balancers."""
+    """What anyone may call: the fleet's health, for probes and load balancers, and the
+    status page."""
     router = APIRouter(tags=["guardian"])
+
+    @router.get("/", summary="The status page (HTML)", response_class=HTMLResponse)
+    async def status_page(request: Request) -> HTMLResponse:
+        return TEMPLATES.TemplateResponse(request, "status.html", await page(guardian))
+
+    @router.get(
+        "/status/live",
+        summary="The status page's live part (HTML), fetched by the page every second",
+        response_class=HTMLResponse,
+    )
+    async def status_live(request: Request) -> HTMLResponse:
+        return TEMPLATES.TemplateResponse(request, "live.html", await page(guardian))
 
     @router.get(
         "/api/health",
@@ -84,19 +148,18 @@ def build_router(guardian: Guardian) -> APIRouter:
 
     @router.post(
         "/api/guardian/run-smoke",
-        summary="Run the smoke canary (not yet: 501)",
-        status_code=501,
-        responses={501: {"description": "The smoke canary is not built yet."}},
+        summary="Run the smoke canary now and answer its result (a failure opens the `smoke` "
+        "incident, as a scheduled run's does)",
     )
-    async def run_smoke(_: OperatorDep) -> JSONResponse:
-        return JSONResponse(
-            {
-                "error": "not_implemented",
-                "detail": "the smoke canary through the pipeline is not built yet; "
-                "GET /api/health tells each service's state meanwhile",
-            },
-            status_code=501,
-        )
+    async def run_smoke(who: OperatorDep) -> dict[str, Any]:
+        return await guardian.run_smoke("operator", who.user_id)
+
+    @router.get("/api/guardian/smoke", summary="Smoke canary runs, newest first")
+    async def smoke_runs(
+        limit: Annotated[int, Query(ge=1, le=500)] = 20,
+    ) -> list[dict[str, Any]]:
+        async with guardian.rt().pool.acquire() as conn:
+            return await db.smoke_runs(conn, limit)
 
     @router.get("/api/guardian/incidents", summary="Incidents, newest first")
     async def incidents(

@@ -29,6 +29,7 @@ def build(settings: GuardianSettings | None = None) -> ServiceSpec:
             guardian.ticker,
             guardian.executor,
             guardian.leadership,
+            guardian.smoke_schedule,
         ],
         on_start=[guardian.attach],
     )

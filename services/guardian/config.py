@@ -3,7 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import NoDecode
 
 from services.guardian.domain import Policy
@@ -97,6 +97,27 @@ class GuardianSettings(RuntimeSettings):
         1 << 30, ge=0, description="Less free on the data disk: degraded."
     )
     guardian_log_lines: int = Field(50, ge=1, le=10_000, description="Log lines in a report.")
+
+    guardian_smoke_interval_s: float = Field(
+        300.0,
+        ge=0,
+        description="The leader runs the smoke canary this often (0: only on request). The "
+        "seed's 6 hours would leave a broken pipeline unseen for hours; a run costs a few "
+        "requests and one event.",
+    )
+    guardian_smoke_timeout_s: float = Field(
+        20.0, gt=0, description="A step not done by then failed (each step has its own)."
+    )
+    guardian_smoke_token: SecretStr | None = Field(
+        None,
+        description="The canary's bearer token (a user token whose sub starts with "
+        "`canary:`), for an identity provider guardian cannot sign for (AUTH_JWKS_URL). "
+        "Without it guardian signs a short-lived one with AUTH_JWT_SECRET.",
+    )
+    guardian_grafana_url: str | None = Field(
+        "http://localhost:3000",
+        description="Where the status page links to Grafana (empty: no link).",
+    )
 
     @field_validator("guardian_services", mode="before")
     @classmethod

@@ -282,3 +282,28 @@ async def incident(conn: Connection, incident_id: uuid.UUID) -> dict[str, Any] |
 async def restarts_by_service(conn: Connection) -> dict[str, int]:
     rows = await conn.fetch("SELECT service, count(*) AS n FROM restart_attempts GROUP BY service")
     return {r["service"]: r["n"] for r in rows}
+
+
+async def save_smoke_run(conn: Connection, run: dict[str, Any]) -> None:
+    await conn.execute(
+        "INSERT INTO smoke_runs (run_id, started_at, finished_at, trigger, requested_by,"
+        " instance, ok, seconds, steps) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        run["run_id"],
+        run["started_at"],
+        run["finished_at"],
+        run["trigger"],
+        run["requested_by"],
+        run["instance"],
+        run["ok"],
+        run["seconds"],
+        run["steps"],
+    )
+
+
+async def smoke_runs(conn: Connection, limit: int) -> list[dict[str, Any]]:
+    rows = await conn.fetch(
+        "SELECT run_id, started_at, finished_at, trigger, requested_by, instance, ok, seconds,"
+        " steps FROM smoke_runs ORDER BY started_at DESC LIMIT $1",
+        limit,
+    )
+    return [dict(r) for r in rows]

@@ -563,6 +563,67 @@ class Watch:
         return [Escalated(s.name, now, inc.incident_id, reason, tuple(inc.attempts))]
 
 
+# --- the smoke canary --------------------------------------------------------------------
+
+SMOKE = "smoke"
+"""The pseudo-service whose incidents are the canary's: a failed run opens one as a crash
+does (`service.down` with service `smoke`), the next passing run closes it."""
+
+
+@dataclass(frozen=True)
+class SmokeStep:
+    """One step of a canary run: which service it went through, and how it went."""
+
+    step: str
+    service: str
+    ok: bool
+    seconds: float
+    detail: str = ""
+
+
+def smoke_verdict(steps: Sequence[SmokeStep]) -> tuple[bool, str]:
+    """A run passes when every step did; else the reason names each failed step."""
+    failed = [f"{s.step} ({s.service}): {s.detail}" for s in steps if not s.ok]
+    if not steps:
+        return False, "smoke test ran no step"
+    return not failed, ("smoke test failed: " + "; ".join(failed))[:1000] if failed else ""
+
+
+@dataclass
+class CanaryWatch:
+    """The canary's incident: opened by the first failed run, kept (one incident, however
+    many runs fail), closed by the first passing run. Only the leader acts, as in `Watch`."""
+
+    incident: Incident | None = None
+    acting: bool = False
+
+    def result(self, ok: bool, reason: str, now: datetime) -> list[Action]:
+        if not self.acting:
+            return []
+        inc = self.incident
+        if not ok and inc is None:
+            inc = self.incident = Incident(uuid.uuid4(), SMOKE, now, reason, None)
+            return [WentDown(SMOKE, now, inc.incident_id, reason, None)]
+        if ok and inc is not None:
+            self.incident = None
+            downtime = max((now - inc.opened_at).total_seconds(), 0.0)
+            return [Recovered(SMOKE, now, inc.incident_id, inc.opened_at, downtime, 0)]
+        return []
+
+    def take_over(self, stored: Sequence[StoredIncident]) -> None:
+        self.acting = True
+        row = next((i for i in stored if i.service == SMOKE), None)
+        self.incident = (
+            None
+            if row is None
+            else Incident(row.incident_id, SMOKE, row.opened_at, row.reason, row.last_seen_at)
+        )
+
+    def step_down(self) -> None:
+        self.acting = False
+        self.incident = None
+
+
 # --- overall health ----------------------------------------------------------------------
 
 Overall = Literal["healthy", "degraded", "unhealthy"]

@@ -39,8 +39,10 @@ from contracts.events import (
 from services.guardian import db
 from services.guardian.config import GuardianSettings
 from services.guardian.domain import (
+    SMOKE,
     Action,
     AttemptFinished,
+    CanaryWatch,
     Escalated,
     Recovered,
     Reminded,
@@ -52,7 +54,9 @@ from services.guardian.domain import (
     overall_status,
     render_report,
     report_name,
+    smoke_verdict,
 )
+from services.guardian.smoke import Canary
 from services.runtime import outbox
 from services.runtime.service import Runtime
 
@@ -72,6 +76,22 @@ LAST_CHECK = Gauge("guardian_last_check_timestamp", "Unix time of the last readi
 DISK_FREE = Gauge("orchestrator_disk_free_bytes", "Free bytes on FLEET_HOME's disk")
 IS_LEADER = Gauge("guardian_is_leader", "1 while this replica holds the leader lock")
 EPOCH = Gauge("guardian_leader_epoch", "The epoch of this replica's leadership (0: standby)")
+SMOKE_RUNS = Counter("guardian_smoke_runs_total", "Smoke canary runs by result", ["result"])
+SMOKE_SECONDS = Histogram(
+    "guardian_smoke_duration_seconds",
+    "A smoke canary run, end to end",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+)
+SMOKE_STEP_SECONDS = Gauge(
+    "guardian_smoke_step_seconds",
+    "The last run's time of each step (after the event: since it was published)",
+    ["step", "service"],
+)
+SMOKE_LAST_SUCCESS = Gauge(
+    "guardian_smoke_last_success_timestamp", "Unix time of the last passing smoke canary run"
+)
+for _result in ("passed", "failed"):  # both series exist from the start (alerts, rates)
+    SMOKE_RUNS.labels(_result)
 
 
 def utcnow() -> datetime:
@@ -159,6 +179,12 @@ class Guardian:
         self.settings = settings
         self.policy = settings.policy()
         self.watch = Watch(settings.guardian_services, self.policy, utcnow())
+        self.canary = CanaryWatch()
+        self.last_smoke: dict[str, Any] | None = None
+        self._smoke_lock = asyncio.Lock()
+        for name in [*settings.guardian_services, SMOKE]:  # series at 0 from the start
+            for counter in (RESTARTS, INCIDENTS, ESCALATIONS):
+                counter.labels(name)
         self.runtime: Runtime | None = None
         self.epoch: int | None = None  # set while this replica leads
         self.paused = False
@@ -236,7 +262,8 @@ class Guardian:
         url = self.settings.guardian_probe_urls.get(service)
         if url:
             return url
-        instances = self.watch.services[service].instances.values()
+        watched = self.watch.services.get(service)
+        instances = watched.instances.values() if watched else ()
         newest = max(instances, key=lambda i: i.last_seen_at, default=None)
         url = newest.http_url if newest else None
         # a service listening on every interface announces 0.0.0.0: not an address to call
@@ -339,6 +366,7 @@ class Guardian:
     async def take_over(self, conn: asyncpg.Connection) -> None:
         stored = await db.open_incidents(conn)
         held = await db.held_services(conn)
+        self.canary.take_over(stored)
         self.feed(self.watch.take_over(stored, held, utcnow()))
 
     def step_down(self) -> None:
@@ -348,6 +376,7 @@ class Guardian:
         IS_LEADER.set(0)
         EPOCH.set(0)
         self.watch.step_down()
+        self.canary.step_down()
         while not self._queue.empty():  # a standby's decisions are not carried out
             self._queue.get_nowait()
 
@@ -361,6 +390,7 @@ class Guardian:
         if paused and not self.paused:
             self.paused = True
             self.watch.step_down()
+            self.canary.step_down()
             log.warning("guardian paused: watching goes on, no action is taken")
         elif not paused and self.paused:
             self.paused = False
@@ -531,6 +561,63 @@ class Guardian:
         except Exception as exc:
             found.append({"subject": "(unavailable)", "seq": None, "reason": str(exc)[:200]})
         return found
+
+    # --- the smoke canary --------------------------------------------------------------
+
+    async def smoke_schedule(self, runtime: Runtime) -> None:
+        """The leader runs the canary every GUARDIAN_SMOKE_INTERVAL_S (standbys do not: one
+        run per interval for the fleet)."""
+        interval = self.settings.guardian_smoke_interval_s
+        if interval <= 0:
+            return
+        while True:
+            await asyncio.sleep(interval)
+            if self.leader and not self.paused:
+                await self.run_smoke("schedule", None)
+
+    async def run_smoke(self, trigger: str, by: str | None) -> dict[str, Any]:
+        """One canary run (one at a time per replica), stored; a failure opens the `smoke`
+        incident and the next passing run closes it (the leader's to act on)."""
+        runtime = self.rt()
+        async with self._smoke_lock:
+            started_at, t0 = utcnow(), time.perf_counter()
+            steps = await Canary(self.settings, runtime, self.probe_url).run()
+            took = time.perf_counter() - t0
+            ok, reason = smoke_verdict(steps)
+            finished_at = utcnow()
+            run: dict[str, Any] = {
+                "run_id": uuid.uuid4(),
+                "started_at": started_at,
+                "finished_at": finished_at,
+                "trigger": trigger,
+                "requested_by": by,
+                "instance": runtime.instance,
+                "ok": ok,
+                "seconds": round(took, 4),
+                "steps": [step.__dict__ for step in steps],
+                "reason": reason or None,
+            }
+            SMOKE_RUNS.labels("passed" if ok else "failed").inc()
+            SMOKE_SECONDS.observe(took)
+            for step in steps:
+                SMOKE_STEP_SECONDS.labels(step.step, step.service).set(step.seconds)
+            if ok:
+                SMOKE_LAST_SUCCESS.set_to_current_time()
+            async with runtime.pool.acquire() as conn:
+                await db.save_smoke_run(conn, run)
+            self.last_smoke = run
+            if self.leader and not self.paused:
+                self.feed(self.canary.result(ok, reason, finished_at))
+            log_at = logging.INFO if ok else logging.ERROR
+            log.log(
+                log_at,
+                "smoke canary %s in %.2fs%s",
+                "passed" if ok else "failed",
+                took,
+                f": {reason}" if reason else "",
+                extra={"trigger": trigger},
+            )
+            return run
 
     # --- what users read ---------------------------------------------------------------
 

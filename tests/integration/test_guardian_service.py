@@ -309,7 +309,8 @@ async def test_a_crash_loop_gets_three_restarts_then_one_report_and_an_operator_
                 await client.post("/api/guardian/control", json=unknown, headers=AUTH)
             ).status_code in (404, 422)
             smoke = await client.post("/api/guardian/run-smoke", headers=AUTH)
-            assert smoke.status_code == 501
+            # no address known for the other services here: the canary fails, and says so
+            assert smoke.status_code == 200 and smoke.json()["ok"] is False
     finally:
         await stats.close()
 

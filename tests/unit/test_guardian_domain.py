@@ -11,10 +11,12 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from services.guardian.domain import (
+    SMOKE,
     Action,
     Attempt,
     AttemptFinished,
     CameUp,
+    CanaryWatch,
     Escalated,
     Flapped,
     Policy,
@@ -23,6 +25,7 @@ from services.guardian.domain import (
     Reset,
     RestartObserved,
     RestartRequested,
+    SmokeStep,
     Status,
     StoredIncident,
     Watch,
@@ -32,6 +35,7 @@ from services.guardian.domain import (
     render_report,
     report_name,
     restart_delay,
+    smoke_verdict,
     trace_ids,
 )
 
@@ -452,3 +456,35 @@ def test_trace_ids_are_those_of_error_lines_newest_first() -> None:
         json.dumps({"level": "error", "trace_id": "1" * 32}),
     ]
     assert trace_ids(lines) == ["1" * 32, "3" * 32]
+
+
+# --- the smoke canary ----------------------------------------------------------------------
+
+
+def test_a_failed_canary_opens_one_incident_and_the_next_pass_closes_it() -> None:
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    ok_steps = [SmokeStep("catalog", "sync", True, 0.01), SmokeStep("counted", "stats", True, 0.2)]
+    assert smoke_verdict(ok_steps) == (True, "")
+    bad = [ok_steps[0], SmokeStep("counted", "stats", False, 20.0, "not done in 20s")]
+    ok, reason = smoke_verdict(bad)
+    assert not ok and reason == "smoke test failed: counted (stats): not done in 20s"
+    assert smoke_verdict([])[0] is False
+
+    canary = CanaryWatch()
+    assert canary.result(False, reason, t0) == []  # a standby opens nothing
+    canary.take_over([])
+    (down,) = canary.result(False, reason, t0)
+    assert isinstance(down, WentDown) and down.service == SMOKE and down.reason == reason
+    assert canary.result(False, reason, t0 + timedelta(minutes=5)) == []  # the same incident
+    (up,) = canary.result(True, "", t0 + timedelta(minutes=10))
+    assert isinstance(up, Recovered) and up.incident_id == down.incident_id
+    assert up.downtime_s == 600 and up.restarts == 0
+    assert canary.result(True, "", t0 + timedelta(minutes=15)) == []
+
+    # a new leader carries on the stored incident
+    assert down.incident_id is not None
+    stored = StoredIncident(down.incident_id, SMOKE, t0, reason, None, (), 0, 0, False)
+    other = CanaryWatch()
+    other.take_over([stored])
+    (closed,) = other.result(True, "", t0 + timedelta(minutes=1))
+    assert isinstance(closed, Recovered) and closed.incident_id == down.incident_id
