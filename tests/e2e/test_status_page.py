@@ -58,8 +58,8 @@ def test_the_status_page_shows_a_killed_service_red_then_green(
     )
     browser.get(guardian + "/")
     assert browser.title == "LLM Fleet status"
-    for name in ("sync", "benchmark", "planner", "stats"):
-        WebDriverWait(browser, 30).until(lambda b, n=name: status_of(b, n) == "up")
+    services = ("sync", "benchmark", "planner", "stats")
+    WebDriverWait(browser, 30).until(lambda b: all(status_of(b, n) == "up" for n in services))
     docs = browser.find_element(By.CSS_SELECTOR, "#service-stats a").get_attribute("href")
     assert docs == f"{state['services']['stats']}/docs"
 
