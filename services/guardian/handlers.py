@@ -72,6 +72,15 @@ CHECK_DURATION = Histogram(
     ["service"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
 )
+CHECKS = Counter(
+    "guardian_health_checks_total", "Readiness probes by result (ok, failed)", ["service", "result"]
+)
+RECOVERY = Histogram(
+    "guardian_recovery_duration_seconds",
+    "From an incident's opening to its service ready again (service.recovered's downtime)",
+    ["service"],
+    buckets=(0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 7200.0),
+)
 LAST_CHECK = Gauge("guardian_last_check_timestamp", "Unix time of the last readiness probe")
 DISK_FREE = Gauge("orchestrator_disk_free_bytes", "Free bytes on FLEET_HOME's disk")
 IS_LEADER = Gauge("guardian_is_leader", "1 while this replica holds the leader lock")
@@ -185,6 +194,9 @@ class Guardian:
         for name in [*settings.guardian_services, SMOKE]:  # series at 0 from the start
             for counter in (RESTARTS, INCIDENTS, ESCALATIONS):
                 counter.labels(name)
+        for name in settings.guardian_services:
+            for result in ("ok", "failed"):
+                CHECKS.labels(name, result)
         self.runtime: Runtime | None = None
         self.epoch: int | None = None  # set while this replica leads
         self.paused = False
@@ -289,6 +301,7 @@ class Guardian:
             ok, detail = False, f"{type(exc).__name__}: {exc}"[:300]
         took = time.perf_counter() - t0
         CHECK_DURATION.labels(service).observe(took)
+        CHECKS.labels(service, "ok" if ok else "failed").inc()
         LAST_CHECK.set_to_current_time()
         self.last_probe[service] = {"ok": ok, "detail": detail, "seconds": round(took, 4)}
         self.feed(self.watch.sample(service, ok, detail, utcnow()))
@@ -455,6 +468,7 @@ class Guardian:
                 incident_id=incident,
             )
         if isinstance(action, Recovered):
+            RECOVERY.labels(action.service).observe(action.downtime_s)
             return ServiceRecovered(
                 event_id=uuid.uuid5(incident or uuid.UUID(int=0), "service.recovered"),
                 service=action.service,

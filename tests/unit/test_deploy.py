@@ -397,27 +397,31 @@ def alert_rules() -> list[dict[str, Any]]:
     return [rule for group in groups for rule in group["rules"]]
 
 
-def dashboard() -> dict[str, Any]:
-    data: dict[str, Any] = json.loads(
-        (DEPLOY / "grafana" / "dashboards" / "fleet.json").read_text()
-    )
+DASHBOARDS = sorted((DEPLOY / "grafana" / "dashboards").glob("*.json"))
+
+
+def dashboard(name: str = "fleet.json") -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((DEPLOY / "grafana" / "dashboards" / name).read_text())
     return data
 
 
-def dashboard_queries() -> list[tuple[str, str]]:
-    board = dashboard()
-    queries = [
-        (panel["title"], target["expr"])
-        for panel in board["panels"]
-        for target in panel.get("targets", [])
-        if "expr" in target
-    ]
-    for variable in board["templating"]["list"]:
-        query = variable.get("query")
-        text = query.get("query", "") if isinstance(query, dict) else str(query or "")
-        inner = re.fullmatch(r"label_values\((\w+),\s*\w+\)", text)
-        if inner:
-            queries.append((f"${variable['name']}", inner.group(1)))
+def dashboard_queries(names: list[str] | None = None) -> list[tuple[str, str]]:
+    """Every query of the dashboards (all of them unless named), as (panel title, expr)."""
+    queries = []
+    for name in names or [path.name for path in DASHBOARDS]:
+        board = dashboard(name)
+        queries += [
+            (f"{name}: {panel['title']}", target["expr"])
+            for panel in board["panels"]
+            for target in panel.get("targets", [])
+            if "expr" in target
+        ]
+        for variable in board["templating"]["list"]:
+            query = variable.get("query")
+            text = query.get("query", "") if isinstance(query, dict) else str(query or "")
+            inner = re.fullmatch(r"label_values\((\w+),\s*\w+\)", text)
+            if inner:
+                queries.append((f"{name}: ${variable['name']}", inner.group(1)))
     return queries
 
 
@@ -490,8 +494,30 @@ def test_alerts_cover_stale_sync_devices_and_planner_dispatch() -> None:
     assert 'kind="subtask"' in timeouts["expr"]
 
 
-def test_dashboard_is_provisioned_with_its_datasources(compose: dict[str, Any]) -> None:
-    board = dashboard()
+def test_the_guardian_dashboard_shows_operations() -> None:
+    board = dashboard("guardian.json")
+    assert board["title"] == "Guardian operations"
+    assert board["uid"] != dashboard()["uid"]
+    shown = set().union(*(metric_names(e) for _, e in dashboard_queries(["guardian.json"])))
+    for name in (
+        "guardian_restarts_total",  # restarts over time
+        "guardian_health_checks_total",  # health-check success rate
+        "guardian_recovery_duration_seconds_bucket",  # recovery duration
+        "guardian_incidents_total",
+        "guardian_escalations_total",
+        "guardian_smoke_runs_total",
+        "orchestrator_service_up",
+        "orchestrator_disk_free_bytes",
+        "guardian_last_check_timestamp",
+        "orchestrator_http_requests_total",
+        "orchestrator_http_request_duration_seconds_bucket",
+    ):
+        assert name in shown, name
+
+
+@pytest.mark.parametrize("name", [path.name for path in DASHBOARDS])
+def test_dashboard_is_provisioned_with_its_datasources(compose: dict[str, Any], name: str) -> None:
+    board = dashboard(name)
     assert board["uid"] and board["title"] and isinstance(board["schemaVersion"], int)
     ids = [panel["id"] for panel in board["panels"]]
     assert len(ids) == len(set(ids))
@@ -521,7 +547,7 @@ def test_dashboard_is_provisioned_with_its_datasources(compose: dict[str, Any]) 
     mounts = dict(
         str(v).split(":")[1::-1] for v in compose["grafana"]["volumes"] if str(v).startswith(".")
     )
-    assert (DEPLOY / mounts[provider["options"]["path"]] / "fleet.json").is_file()
+    assert (DEPLOY / mounts[provider["options"]["path"]] / name).is_file()
     assert mounts["/etc/grafana/provisioning"] == "./grafana/provisioning"
 
 
