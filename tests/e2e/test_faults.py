@@ -319,3 +319,23 @@ async def test_a_deleted_durable_consumer_and_stream_are_declared_again(
         await eventually(lambda: ready(stats), timeout=10, what="readiness")
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) <= 8, [r.getMessage() for r in warnings]
+
+
+async def test_values_the_database_refuses_are_parked_at_once_and_the_rest_counted(
+    env: Env,
+) -> None:
+    async with running(stats_spec(env, stats_batch_size=50)) as (stats, _):
+        poisoned = completed(0).model_copy(update={"session_id": "nul\x00byte"})
+        events = [poisoned, *(completed(i) for i in range(1, 11))]
+        await publish(env.js, events)
+
+        async def all_counted() -> bool:
+            return await counted(env.database_url) == (10, 10)
+
+        await eventually(all_counted, timeout=20, what="the 10 storable events")
+        [parked] = await dead_letters(env.js)
+        headers = parked.headers or {}
+        assert headers["Fleet-Dead-Reason"] == "rejected"  # not retried: it never could be
+        assert headers["Fleet-Delivered"] == "1"
+        assert SubtaskCompleted.from_wire(parked.data or b"").event_id == poisoned.event_id
+        assert await ready(stats)
