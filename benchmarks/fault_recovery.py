@@ -57,6 +57,7 @@ class Bench:
         self.nats.start()
         self.pg.start()
         self.database_url = await fresh_database(self.pg.url)
+
         async def quiet(_: Exception) -> None:  # the faults are on purpose
             pass
 
