@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -85,7 +86,8 @@ async def middleware_cost(requests: int) -> None:
     def app(with_metrics: bool) -> httpx.AsyncClient:
         made = create_app(ServiceSpec(name="bench", settings=RuntimeSettings()))
         if not with_metrics:
-            made.user_middleware = [m for m in made.user_middleware if m.cls is not HttpMetrics]
+            metrics: Any = HttpMetrics
+            made.user_middleware = [m for m in made.user_middleware if m.cls is not metrics]
         return httpx.AsyncClient(transport=httpx.ASGITransport(app=made), base_url="http://b")
 
     clients = {"with": app(True), "without": app(False)}
