@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from contracts.events import SubtaskCompleted
+from contracts.events import ModelDismissed, ModelRewarded, ModelSynced, SubtaskCompleted
 from services.runtime.consumer import Consumer
 from services.runtime.service import ServiceSpec
 from services.stats import api, handlers
@@ -23,6 +23,24 @@ def build(settings: StatsSettings | None = None) -> ServiceSpec:
                 "stats-subtask-completed",
                 SubtaskCompleted,
                 handlers.on_subtask_completed,
+                batch_size=settings.stats_batch_size,
+            ),
+            Consumer(
+                "stats-model-rewarded",
+                ModelRewarded,
+                handlers.on_model_rewarded,
+                batch_size=settings.stats_batch_size,
+            ),
+            Consumer(
+                "stats-model-dismissed",
+                ModelDismissed,
+                handlers.on_model_dismissed,
+                batch_size=settings.stats_batch_size,
+            ),
+            Consumer(
+                "stats-model-synced",
+                ModelSynced,
+                handlers.on_model_synced,
                 batch_size=settings.stats_batch_size,
             ),
         ],

@@ -11,5 +11,11 @@ class StatsSettings(RuntimeSettings):
         500,
         ge=1,
         le=5000,
-        description="subtask.completed events applied per transaction at most.",
+        description="Events of one kind applied per transaction at most.",
+    )
+    stats_leaderboard_min_responses: int = Field(
+        30,
+        ge=1,
+        description="Responses a model needs in the window to be ranked on a leaderboard; "
+        "below it the model is listed as not having enough data.",
     )

@@ -2,46 +2,396 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
+from datetime import date, datetime
+from typing import Any, Literal
+
 import asyncpg
 
+from contracts.events import ModelSynced, PriceTier
 from services.runtime.db import Connection
-from services.stats.domain import ResponseDelta
+from services.stats.domain import (
+    CostEntry,
+    Counters,
+    DayTally,
+    ModelCounts,
+    PriceInForce,
+    RosterChange,
+    SessionDelta,
+)
+
+# --- writes: one statement per table per batch (arrays unnested), rows in key order ------
 
 
-async def add_responses(conn: Connection, deltas: list[ResponseDelta]) -> None:
-    """One statement for the whole batch: unnest the columns, upsert by record key."""
+async def add_prices(conn: Connection, events: Sequence[ModelSynced]) -> None:
+    """Each model.synced is a price in force from its time on (history kept)."""
     await conn.execute(
         """
+        INSERT INTO model_prices (model_id, valid_from, event_id, prompt_price_per_1m,
+            completion_price_per_1m, variable_price, price_tiers)
+        SELECT m, v, e, p, c, var, tiers::jsonb
+        FROM unnest($1::text[], $2::timestamptz[], $3::uuid[], $4::numeric[],
+                    $5::numeric[], $6::bool[], $7::text[]) AS x(m, v, e, p, c, var, tiers)
+        ON CONFLICT DO NOTHING
+        """,
+        [e.model_id for e in events],
+        [e.occurred_at for e in events],
+        [e.event_id for e in events],
+        [e.prompt_price_per_1m for e in events],
+        [e.completion_price_per_1m for e in events],
+        [e.variable_price for e in events],
+        [json.dumps([t.model_dump(mode="json") for t in e.price_tiers]) for e in events],
+    )
+
+
+async def prices_in_force(
+    conn: Connection, calls: Sequence[tuple[str, datetime]]
+) -> list[PriceInForce | None]:
+    """For each (model, time): the newest price from before that time, or None."""
+    rows = await conn.fetch(
+        """
+        SELECT p.prompt_price_per_1m, p.completion_price_per_1m, p.variable_price,
+               p.price_tiers, p.model_id IS NOT NULL AS known
+        FROM unnest($1::text[], $2::timestamptz[]) WITH ORDINALITY AS c(model_id, at, n)
+        LEFT JOIN LATERAL (
+            SELECT * FROM model_prices m WHERE m.model_id = c.model_id AND m.valid_from <= c.at
+            ORDER BY m.valid_from DESC, m.event_id DESC LIMIT 1
+        ) p ON true
+        ORDER BY c.n
+        """,
+        [m for m, _ in calls],
+        [t for _, t in calls],
+    )
+    return [
+        PriceInForce(
+            r["prompt_price_per_1m"],
+            r["completion_price_per_1m"],
+            r["variable_price"],
+            tuple(PriceTier.model_validate(t) for t in _json(r["price_tiers"])),
+        )
+        if r["known"]
+        else None
+        for r in rows
+    ]
+
+
+def _json(value: Any) -> Any:
+    return json.loads(value) if isinstance(value, str) else value
+
+
+async def add_costs(conn: Connection, entries: Sequence[CostEntry]) -> None:
+    await conn.execute(
+        """
+        INSERT INTO llm_costs (event_id, user_id, model_id, session_id, called_at,
+            prompt_tokens, completion_tokens, prompt_price_per_1m, completion_price_per_1m,
+            cost_usd, price_source, unknown_reason)
+        SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[],
+            $5::timestamptz[], $6::bigint[], $7::bigint[], $8::numeric[], $9::numeric[],
+            $10::numeric[], $11::text[], $12::text[])
+        """,
+        [e.event_id for e in entries],
+        [e.user_id for e in entries],
+        [e.model_id for e in entries],
+        [e.session_id for e in entries],
+        [e.called_at for e in entries],
+        [e.prompt_tokens for e in entries],
+        [e.completion_tokens for e in entries],
+        [e.prompt_price_per_1m for e in entries],
+        [e.completion_price_per_1m for e in entries],
+        [e.cost_usd for e in entries],
+        [e.price_source.value for e in entries],
+        [e.unknown_reason.value if e.unknown_reason else None for e in entries],
+    )
+
+
+async def apply_sessions(conn: Connection, deltas: Sequence[SessionDelta]) -> list[RosterChange]:
+    """Add a batch to the (user, model, session) records and the roster; returns which
+    models appeared on a panel and which were dismissed for the first time."""
+    rows = await conn.fetch(
+        """
         INSERT INTO model_statistics AS s (user_id, model_id, session_id, response_count,
-            prompt_tokens, completion_tokens, cost_usd, first_used_at, last_used_at)
-        SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::bigint[],
-                             $6::bigint[], $7::numeric[], $8::timestamptz[], $9::timestamptz[])
+            total_brains, dismissal_count, prompt_tokens, completion_tokens, cost_usd,
+            unpriced_calls, first_used_at, last_used_at, appeared_at, dismissed_at,
+            dismissal_reason)
+        SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[],
+            $6::bigint[], $7::bigint[], $8::bigint[], $9::numeric[], $10::bigint[],
+            $11::timestamptz[], $12::timestamptz[], $13::timestamptz[], $14::timestamptz[],
+            $15::text[])
         ON CONFLICT (user_id, model_id, session_id) DO UPDATE SET
             response_count    = s.response_count + EXCLUDED.response_count,
+            total_brains      = s.total_brains + EXCLUDED.total_brains,
+            dismissal_count   = s.dismissal_count + EXCLUDED.dismissal_count,
             prompt_tokens     = s.prompt_tokens + EXCLUDED.prompt_tokens,
             completion_tokens = s.completion_tokens + EXCLUDED.completion_tokens,
             cost_usd          = s.cost_usd + EXCLUDED.cost_usd,
+            unpriced_calls    = s.unpriced_calls + EXCLUDED.unpriced_calls,
             first_used_at     = LEAST(s.first_used_at, EXCLUDED.first_used_at),
             last_used_at      = GREATEST(s.last_used_at, EXCLUDED.last_used_at),
+            appeared_at       = LEAST(s.appeared_at, EXCLUDED.appeared_at),
+            dismissed_at      = LEAST(s.dismissed_at, EXCLUDED.dismissed_at),
+            dismissal_reason  = CASE WHEN EXCLUDED.dismissed_at < s.dismissed_at
+                                       OR s.dismissed_at IS NULL
+                                     THEN EXCLUDED.dismissal_reason
+                                     ELSE s.dismissal_reason END,
             updated_at        = now()
+        RETURNING new.user_id, new.model_id,
+            CASE WHEN old.id IS NULL THEN new.appeared_at END AS appeared_at,
+            CASE WHEN old.dismissed_at IS NULL THEN new.dismissed_at END AS first_dismissed_at
         """,
         [d.user_id for d in deltas],
         [d.model_id for d in deltas],
         [d.session_id for d in deltas],
-        [d.responses for d in deltas],
-        [d.prompt_tokens for d in deltas],
-        [d.completion_tokens for d in deltas],
-        [d.cost_usd for d in deltas],
-        [d.first_used_at for d in deltas],
-        [d.last_used_at for d in deltas],
+        [d.counters.responses for d in deltas],
+        [d.counters.brains for d in deltas],
+        [d.counters.dismissals for d in deltas],
+        [d.counters.prompt_tokens for d in deltas],
+        [d.counters.completion_tokens for d in deltas],
+        [d.counters.cost_usd for d in deltas],
+        [d.counters.unpriced_calls for d in deltas],
+        [d.counters.first_used_at for d in deltas],
+        [d.counters.last_used_at for d in deltas],
+        [d.seen_at for d in deltas],
+        [d.dismissed_at for d in deltas],
+        [d.dismissal_reason for d in deltas],
     )
+    return [
+        RosterChange(r["user_id"], r["model_id"], r["appeared_at"], r["first_dismissed_at"])
+        for r in rows
+        if r["appeared_at"] or r["first_dismissed_at"]
+    ]
+
+
+COUNTERS = (
+    "response_count",
+    "total_brains",
+    "dismissal_count",
+    "sessions_appeared",
+    "sessions_dismissed",
+    "prompt_tokens",
+    "completion_tokens",
+    "cost_usd",
+    "unpriced_calls",
+)
+_COUNTER_TYPES = ("bigint",) * 7 + ("numeric", "bigint")
+
+
+def _counter_arrays(counters: Sequence[Counters]) -> list[list[Any]]:
+    return [
+        [c.responses for c in counters],
+        [c.brains for c in counters],
+        [c.dismissals for c in counters],
+        [c.sessions_appeared for c in counters],
+        [c.sessions_dismissed for c in counters],
+        [c.prompt_tokens for c in counters],
+        [c.completion_tokens for c in counters],
+        [c.cost_usd for c in counters],
+        [c.unpriced_calls for c in counters],
+    ]
+
+
+def _add_counters_sql(table: str, keys: dict[str, str], usage: bool = False) -> str:
+    """INSERT … ON CONFLICT DO UPDATE adding every counter (and widening first/last used)."""
+    columns = [*keys, *COUNTERS] + (["first_used_at", "last_used_at"] if usage else [])
+    types = [*keys.values(), *_COUNTER_TYPES] + (["timestamptz"] * 2 if usage else [])
+    params = ", ".join(f"${i}::{t}[]" for i, t in enumerate(types, 1))
+    updates = [f"{c} = a.{c} + EXCLUDED.{c}" for c in COUNTERS]
+    if usage:
+        updates += [
+            "first_used_at = LEAST(a.first_used_at, EXCLUDED.first_used_at)",
+            "last_used_at = GREATEST(a.last_used_at, EXCLUDED.last_used_at)",
+        ]
+    return (
+        f"INSERT INTO {table} AS a ({', '.join(columns)}) SELECT * FROM unnest({params})"
+        f" ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {', '.join(updates)}"
+    )
+
+
+ADD_USER_DAYS = _add_counters_sql(
+    "user_model_daily", {"user_id": "text", "day": "date", "model_id": "text"}
+)
+ADD_USER_TOTALS = _add_counters_sql(
+    "user_model_totals", {"user_id": "text", "model_id": "text"}, usage=True
+)
+ADD_GLOBAL_DAYS = _add_counters_sql("model_daily", {"day": "date", "model_id": "text"})
+
+
+async def add_tallies(
+    conn: Connection,
+    days: Sequence[DayTally],
+    totals: Sequence[tuple[str, str, Counters]],
+    global_days: Sequence[tuple[str, date, Counters]],
+) -> None:
+    """The aggregates the read paths are served from, in one fixed order of tables."""
+    if totals:
+        await conn.execute(
+            ADD_USER_TOTALS,
+            [u for u, _, _ in totals],
+            [m for _, m, _ in totals],
+            *_counter_arrays([c for _, _, c in totals]),
+            [c.first_used_at for _, _, c in totals],
+            [c.last_used_at for _, _, c in totals],
+        )
+    if days:
+        await conn.execute(
+            ADD_USER_DAYS,
+            [t.user_id for t in days],
+            [t.day for t in days],
+            [t.model_id for t in days],
+            *_counter_arrays([t.counters for t in days]),
+        )
+    if global_days:
+        await conn.execute(
+            ADD_GLOBAL_DAYS,
+            [d for _, d, _ in global_days],
+            [m for m, _, _ in global_days],
+            *_counter_arrays([c for _, _, c in global_days]),
+        )
+
+
+# --- reads (a user's through Runtime.as_user: row-level security applies) ---------------
+
+SESSION_COLUMNS = (
+    "session_id, response_count, total_brains, dismissal_count, prompt_tokens,"
+    " completion_tokens, cost_usd, unpriced_calls, first_used_at, last_used_at,"
+    " appeared_at, dismissed_at, dismissal_reason"
+)
 
 
 async def model_records(conn: Connection, user_id: str, model_id: str) -> list[asyncpg.Record]:
     return await conn.fetch(
-        "SELECT session_id, response_count, total_brains, dismissal_count, prompt_tokens,"
-        " completion_tokens, cost_usd, first_used_at, last_used_at"
-        " FROM model_statistics WHERE user_id = $1 AND model_id = $2 ORDER BY first_used_at",
+        f"SELECT {SESSION_COLUMNS} FROM model_statistics"
+        " WHERE user_id = $1 AND model_id = $2 ORDER BY appeared_at, session_id",
         user_id,
         model_id,
     )
+
+
+async def model_totals(conn: Connection, user_id: str, model_id: str) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        "SELECT * FROM user_model_totals WHERE user_id = $1 AND model_id = $2",
+        user_id,
+        model_id,
+    )
+
+
+async def roster(conn: Connection, user_id: str, session_id: str) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        "SELECT model_id, appeared_at, dismissed_at, dismissal_reason, response_count,"
+        " total_brains, last_used_at FROM model_statistics"
+        " WHERE user_id = $1 AND session_id = $2 ORDER BY appeared_at, model_id",
+        user_id,
+        session_id,
+    )
+
+
+RecordOrder = Literal[
+    "response_count", "total_brains", "dismissal_count", "cost_usd", "first_used_at", "last_used_at"
+]
+
+
+async def all_models(
+    conn: Connection, user_id: str, order: RecordOrder, descending: bool, limit: int
+) -> list[asyncpg.Record]:
+    # `order` is one of RecordOrder's literals (the API checks it), never free text
+    direction = "DESC NULLS LAST" if descending else "ASC NULLS LAST"
+    return await conn.fetch(
+        f"SELECT * FROM user_model_totals WHERE user_id = $1"
+        f" ORDER BY {order} {direction}, model_id LIMIT $2",
+        user_id,
+        limit,
+    )
+
+
+SpendGroup = Literal["model", "session", "day"]
+
+
+async def spend(
+    conn: Connection, user_id: str, group: SpendGroup, since: date | None
+) -> list[asyncpg.Record]:
+    """Known cost and the number of calls without a known cost, per group."""
+    sums = (
+        "sum(cost_usd) AS cost_usd, sum(unpriced_calls) AS unpriced_calls,"
+        " sum(response_count) AS calls, sum(prompt_tokens) AS prompt_tokens,"
+        " sum(completion_tokens) AS completion_tokens"
+    )
+    if group == "model" and since is None:
+        query = (
+            "SELECT model_id AS key, cost_usd, unpriced_calls, response_count AS calls,"
+            " prompt_tokens, completion_tokens FROM user_model_totals WHERE user_id = $1"
+            " ORDER BY model_id"
+        )
+        return await conn.fetch(query, user_id)
+    if group == "session":
+        query = (
+            f"SELECT session_id AS key, {sums} FROM model_statistics WHERE user_id = $1"
+            " AND ($2::date IS NULL OR last_used_at >= $2::date) GROUP BY session_id ORDER BY 1"
+        )
+    else:
+        column = "day::text" if group == "day" else "model_id"
+        query = (
+            f"SELECT {column} AS key, {sums} FROM user_model_daily WHERE user_id = $1"
+            f" AND day >= coalesce($2::date, '-infinity'::date) GROUP BY 1 ORDER BY 1"
+        )
+    return await conn.fetch(query, user_id, since)
+
+
+async def cost_ledger(
+    conn: Connection, user_id: str, before: datetime | None, session_id: str | None, limit: int
+) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        "SELECT * FROM llm_costs WHERE user_id = $1"
+        " AND ($2::timestamptz IS NULL OR called_at < $2)"
+        " AND ($3::text IS NULL OR session_id = $3)"
+        " ORDER BY called_at DESC, event_id DESC LIMIT $4",
+        user_id,
+        before,
+        session_id,
+        limit,
+    )
+
+
+def _counts(rows: Sequence[asyncpg.Record]) -> list[ModelCounts]:
+    return [
+        ModelCounts(
+            r["model_id"],
+            int(r["responses"]),
+            int(r["brains"]),
+            int(r["appeared"]),
+            int(r["dismissed"]),
+        )
+        for r in rows
+    ]
+
+
+_LEADERBOARD_SUMS = (
+    "model_id, sum(response_count) AS responses, sum(total_brains) AS brains,"
+    " sum(sessions_appeared) AS appeared, sum(sessions_dismissed) AS dismissed"
+)
+
+
+async def user_leaderboard(conn: Connection, user_id: str, since: date | None) -> list[ModelCounts]:
+    if since is None:
+        rows = await conn.fetch(
+            "SELECT model_id, response_count AS responses, total_brains AS brains,"
+            " sessions_appeared AS appeared, sessions_dismissed AS dismissed"
+            " FROM user_model_totals WHERE user_id = $1",
+            user_id,
+        )
+    else:
+        rows = await conn.fetch(
+            f"SELECT {_LEADERBOARD_SUMS} FROM user_model_daily"
+            " WHERE user_id = $1 AND day >= $2 GROUP BY model_id",
+            user_id,
+            since,
+        )
+    return _counts(rows)
+
+
+async def global_leaderboard(conn: Connection, since: date | None) -> list[ModelCounts]:
+    rows = await conn.fetch(
+        f"SELECT {_LEADERBOARD_SUMS} FROM model_daily"
+        " WHERE day >= coalesce($1::date, '-infinity'::date) GROUP BY model_id",
+        since,
+    )
+    return _counts(rows)

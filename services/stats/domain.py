@@ -1,54 +1,402 @@
-"""Pure decisions of stats: how a batch of completed subtasks changes the work records."""
+"""Pure decisions of stats: what an event adds to the work records, what a call cost, and
+how a leaderboard is ranked with honest uncertainty."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
-from datetime import datetime
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import date, datetime
 from decimal import Decimal
+from enum import StrEnum
 
-from contracts.events import SubtaskCompleted
+from contracts.events import (
+    ModelDismissed,
+    ModelRewarded,
+    PriceTier,
+    SubtaskCompleted,
+    is_canary,
+)
+
+MILLION = Decimal(1_000_000)
+# Beyond these an event is garbage, not work: its sums would overflow the records' bigint.
+MAX_TOKENS_PER_CALL = 10**12
+MAX_BRAINS_PER_REWARD = 10**9
 
 
-@dataclass
-class ResponseDelta:
-    """What one batch adds to one (user, model, session) record."""
+class PriceSource(StrEnum):
+    EVENT = "event"  # the event carried cost_usd
+    CATALOG = "catalog"  # priced by stats from model.synced, at the price of the call's time
+    UNKNOWN = "unknown"  # no price: cost_usd is null and unknown_reason says why
+
+
+class UnknownReason(StrEnum):
+    NO_PRICE_YET = "no_catalog_price_at_call_time"
+    VARIABLE_PRICE = "variable_price"
+    NOT_PRICED_PER_TOKEN = "not_priced_per_token"
+
+
+class Unacceptable(ValueError):
+    """An event that can never be applied (its numbers are beyond any real call)."""
+
+
+# --- costs -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PriceInForce:
+    """A model's catalog price at some moment (from the newest model.synced before it)."""
+
+    prompt_price_per_1m: Decimal | None
+    completion_price_per_1m: Decimal | None
+    variable_price: bool
+    price_tiers: tuple[PriceTier, ...] = ()
+
+
+@dataclass(frozen=True)
+class CostEntry:
+    """One row of the ledger (llm_costs): a call and what it cost."""
+
+    event_id: object
+    user_id: str
+    model_id: str
+    session_id: str
+    called_at: datetime
+    prompt_tokens: int
+    completion_tokens: int
+    prompt_price_per_1m: Decimal | None
+    completion_price_per_1m: Decimal | None
+    cost_usd: Decimal | None
+    price_source: PriceSource
+    unknown_reason: UnknownReason | None
+
+
+def unit_prices(price: PriceInForce, prompt_tokens: int) -> tuple[Decimal, Decimal] | None:
+    """The per-1M prices a call of `prompt_tokens` pays: the highest tier it reaches by
+    prompt length, else the base prices. Tiers with another condition (a time window) are
+    not known to apply, so they are not used. None: no per-token price."""
+    if price.variable_price or price.prompt_price_per_1m is None:
+        return None
+    if price.completion_price_per_1m is None:
+        return None
+    reached = [
+        t
+        for t in price.price_tiers
+        if t.min_prompt_tokens is not None and prompt_tokens >= t.min_prompt_tokens
+    ]
+    if reached:
+        tier = max(reached, key=lambda t: t.min_prompt_tokens or 0)
+        return tier.prompt_price_per_1m, tier.completion_price_per_1m
+    return price.prompt_price_per_1m, price.completion_price_per_1m
+
+
+def price_call(event: SubtaskCompleted, price: PriceInForce | None) -> CostEntry:
+    """What one call cost: the event's own cost when it carries one, else the catalog price
+    in force at the call's time, else unknown with the reason (never 0)."""
+    check_tokens(event)
+    prompt = completion = cost = None
+    reason: UnknownReason | None = None
+    if event.cost_usd is not None:
+        source, cost = PriceSource.EVENT, event.cost_usd
+    elif price is None:
+        source, reason = PriceSource.UNKNOWN, UnknownReason.NO_PRICE_YET
+    elif (prices := unit_prices(price, event.prompt_tokens)) is None:
+        source = PriceSource.UNKNOWN
+        reason = (
+            UnknownReason.VARIABLE_PRICE
+            if price.variable_price
+            else UnknownReason.NOT_PRICED_PER_TOKEN
+        )
+    else:
+        prompt, completion = prices
+        source = PriceSource.CATALOG
+        cost = (event.prompt_tokens * prompt + event.completion_tokens * completion) / MILLION
+    return CostEntry(
+        event.event_id,
+        event.user_id,
+        event.model_id,
+        event.session_id,
+        event.completed_at,
+        event.prompt_tokens,
+        event.completion_tokens,
+        prompt,
+        completion,
+        cost,
+        source,
+        reason,
+    )
+
+
+def check_tokens(event: SubtaskCompleted) -> None:
+    if max(event.prompt_tokens, event.completion_tokens) > MAX_TOKENS_PER_CALL:
+        raise Unacceptable(f"more than {MAX_TOKENS_PER_CALL} tokens in one call")
+
+
+# --- what events add to the records ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """What one event adds to one (user, model, session), at the event's time."""
 
     user_id: str
     model_id: str
     session_id: str
-    responses: int
-    prompt_tokens: int
-    completion_tokens: int
-    cost_usd: Decimal
-    first_used_at: datetime
-    last_used_at: datetime
+    at: datetime
+    responses: int = 0
+    brains: int = 0
+    dismissals: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: Decimal = Decimal(0)
+    unpriced_calls: int = 0
+    dismissal_reason: str | None = None
 
 
-def response_deltas(events: Iterable[SubtaskCompleted]) -> list[ResponseDelta]:
-    """Fold events into one delta per record, so a batch costs one row write per record."""
-    deltas: dict[tuple[str, str, str], ResponseDelta] = {}
-    for e in events:
-        key = (e.user_id, e.model_id, e.session_id)
-        used_at = e.completed_at
+def from_call(entry: CostEntry) -> Contribution:
+    return Contribution(
+        entry.user_id,
+        entry.model_id,
+        entry.session_id,
+        entry.called_at,
+        responses=1,
+        prompt_tokens=entry.prompt_tokens,
+        completion_tokens=entry.completion_tokens,
+        cost_usd=entry.cost_usd if entry.cost_usd is not None else Decimal(0),
+        unpriced_calls=1 if entry.cost_usd is None else 0,
+    )
+
+
+def from_reward(event: ModelRewarded) -> Contribution:
+    if event.brains > MAX_BRAINS_PER_REWARD:
+        raise Unacceptable(f"more than {MAX_BRAINS_PER_REWARD} brains in one reward")
+    return Contribution(
+        event.user_id, event.model_id, event.session_id, event.occurred_at, brains=event.brains
+    )
+
+
+def from_dismissal(event: ModelDismissed) -> Contribution:
+    return Contribution(
+        event.user_id,
+        event.model_id,
+        event.session_id,
+        event.occurred_at,
+        dismissals=1,
+        dismissal_reason=event.reason,
+    )
+
+
+@dataclass
+class Counters:
+    """The additive part of every record and aggregate."""
+
+    responses: int = 0
+    brains: int = 0
+    dismissals: int = 0
+    sessions_appeared: int = 0
+    sessions_dismissed: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: Decimal = Decimal(0)
+    unpriced_calls: int = 0
+    first_used_at: datetime | None = None
+    last_used_at: datetime | None = None
+
+    def add(self, c: Contribution) -> None:
+        self.responses += c.responses
+        self.brains += c.brains
+        self.dismissals += c.dismissals
+        self.prompt_tokens += c.prompt_tokens
+        self.completion_tokens += c.completion_tokens
+        self.cost_usd += c.cost_usd
+        self.unpriced_calls += c.unpriced_calls
+        if c.responses:
+            self.used_at(c.at, c.at)
+
+    def merge(self, other: Counters) -> None:
+        self.responses += other.responses
+        self.brains += other.brains
+        self.dismissals += other.dismissals
+        self.sessions_appeared += other.sessions_appeared
+        self.sessions_dismissed += other.sessions_dismissed
+        self.prompt_tokens += other.prompt_tokens
+        self.completion_tokens += other.completion_tokens
+        self.cost_usd += other.cost_usd
+        self.unpriced_calls += other.unpriced_calls
+        if other.first_used_at and other.last_used_at:
+            self.used_at(other.first_used_at, other.last_used_at)
+
+    def used_at(self, first: datetime, last: datetime) -> None:
+        self.first_used_at = min(self.first_used_at or first, first)
+        self.last_used_at = max(self.last_used_at or last, last)
+
+
+@dataclass
+class SessionDelta:
+    """What one batch adds to one (user, model, session) record, roster included."""
+
+    user_id: str
+    model_id: str
+    session_id: str
+    seen_at: datetime  # the earliest event: when the model appeared on the panel
+    counters: Counters = field(default_factory=Counters)
+    dismissed_at: datetime | None = None  # the earliest dismissal, and its reason
+    dismissal_reason: str | None = None
+
+
+def session_deltas(contributions: Iterable[Contribution]) -> list[SessionDelta]:
+    """Fold a batch into one delta per record, in key order (so every consumer locks rows
+    in the same order and none deadlocks another)."""
+    deltas: dict[tuple[str, str, str], SessionDelta] = {}
+    for c in contributions:
+        key = (c.user_id, c.model_id, c.session_id)
         d = deltas.get(key)
         if d is None:
-            deltas[key] = ResponseDelta(
-                e.user_id,
-                e.model_id,
-                e.session_id,
-                1,
-                e.prompt_tokens,
-                e.completion_tokens,
-                e.cost_usd or Decimal(0),
-                used_at,
-                used_at,
-            )
-            continue
-        d.responses += 1
-        d.prompt_tokens += e.prompt_tokens
-        d.completion_tokens += e.completion_tokens
-        d.cost_usd += e.cost_usd or Decimal(0)
-        d.first_used_at = min(d.first_used_at, used_at)
-        d.last_used_at = max(d.last_used_at, used_at)
-    return list(deltas.values())
+            d = deltas[key] = SessionDelta(*key, seen_at=c.at)
+        d.seen_at = min(d.seen_at, c.at)
+        d.counters.add(c)
+        if c.dismissals and (d.dismissed_at is None or c.at < d.dismissed_at):
+            d.dismissed_at, d.dismissal_reason = c.at, c.dismissal_reason
+    return [deltas[k] for k in sorted(deltas)]
+
+
+@dataclass(frozen=True)
+class RosterChange:
+    """What applying a session delta changed on the roster: the model newly appeared on the
+    session's panel (at `appeared_at`), or was dismissed for the first time."""
+
+    user_id: str
+    model_id: str
+    appeared_at: datetime | None
+    first_dismissed_at: datetime | None
+
+
+@dataclass
+class DayTally:
+    user_id: str
+    model_id: str
+    day: date
+    counters: Counters = field(default_factory=Counters)
+
+
+def day_tallies(
+    contributions: Iterable[Contribution], changes: Iterable[RosterChange]
+) -> list[DayTally]:
+    """Fold a batch into one tally per (user, model, UTC day of the event), in key order."""
+    tallies: dict[tuple[str, str, date], DayTally] = {}
+
+    def tally(user_id: str, model_id: str, at: datetime) -> Counters:
+        key = (user_id, model_id, at.date())
+        if key not in tallies:
+            tallies[key] = DayTally(*key)
+        return tallies[key].counters
+
+    for c in contributions:
+        tally(c.user_id, c.model_id, c.at).add(c)
+    for ch in changes:
+        if ch.appeared_at:
+            tally(ch.user_id, ch.model_id, ch.appeared_at).sessions_appeared += 1
+        if ch.first_dismissed_at:
+            tally(ch.user_id, ch.model_id, ch.first_dismissed_at).sessions_dismissed += 1
+    return [tallies[k] for k in sorted(tallies)]
+
+
+def user_totals(tallies: Iterable[DayTally]) -> list[tuple[str, str, Counters]]:
+    """The day tallies summed per (user, model), in key order."""
+    totals: dict[tuple[str, str], Counters] = {}
+    for t in tallies:
+        totals.setdefault((t.user_id, t.model_id), Counters()).merge(t.counters)
+    return [(*k, totals[k]) for k in sorted(totals)]
+
+
+def global_days(tallies: Iterable[DayTally]) -> list[tuple[str, date, Counters]]:
+    """The day tallies summed per (model, day) over every user but the canaries."""
+    days: dict[tuple[date, str], Counters] = {}
+    for t in tallies:
+        if not is_canary(t.user_id):
+            days.setdefault((t.day, t.model_id), Counters()).merge(t.counters)
+    return [(k[1], k[0], days[k]) for k in sorted(days)]
+
+
+# --- the leaderboard ---------------------------------------------------------------------
+
+Z95 = 1.959963984540054  # the standard normal's 97.5th percentile: a two-sided 95% interval
+
+
+@dataclass(frozen=True)
+class Interval:
+    rate: float
+    low: float
+    high: float
+
+
+def wilson(successes: int, trials: int, z: float = Z95) -> Interval:
+    """Wilson's score interval of a proportion (good at small counts and near 0 and 1,
+    where the normal approximation's interval leaves [0, 1] or collapses to a point)."""
+    if trials <= 0:
+        raise ValueError("no trials")
+    p = successes / trials
+    z2n = z * z / trials
+    centre = (p + z2n / 2) / (1 + z2n)
+    half = z * math.sqrt(p * (1 - p) / trials + z2n / (4 * trials)) / (1 + z2n)
+    return Interval(p, max(0.0, centre - half), min(1.0, centre + half))
+
+
+def poisson_score(events: int, exposure: int, z: float = Z95) -> Interval:
+    """The score interval of a rate of events per unit of exposure (Wilson's construction
+    for a Poisson count): brains per response is not a proportion, since one response may
+    earn several brains, so it cannot have a binomial interval."""
+    if exposure <= 0:
+        raise ValueError("no exposure")
+    half = z * math.sqrt(events + z * z / 4)
+    centre = events + z * z / 2
+    return Interval(
+        events / exposure, max(0.0, (centre - half) / exposure), (centre + half) / exposure
+    )
+
+
+@dataclass(frozen=True)
+class ModelCounts:
+    model_id: str
+    responses: int
+    brains: int
+    sessions_appeared: int
+    sessions_dismissed: int
+
+
+@dataclass(frozen=True)
+class Standing:
+    """A model's line on a leaderboard; rank None: not enough data to rank it."""
+
+    counts: ModelCounts
+    brains_per_response: Interval | None
+    dismissals_per_appearance: Interval | None
+    rank: int | None
+
+
+def leaderboard(models: Sequence[ModelCounts], min_responses: int) -> list[Standing]:
+    """Rank models by brains per response the way LMArena ranks: a model's rank is one plus
+    the number of models whose interval lies wholly above its own, so models whose intervals
+    overlap share ranks. Models with fewer than `min_responses` responses are listed, unranked
+    ("not enough data"), after the ranked ones."""
+    ranked: list[tuple[ModelCounts, Interval, Interval | None]] = []
+    unranked: list[Standing] = []
+    for m in models:
+        brains = poisson_score(m.brains, m.responses) if m.responses else None
+        # a window may hold a dismissal of a session that appeared before it
+        appearances = max(m.sessions_appeared, m.sessions_dismissed)
+        dismissals = wilson(m.sessions_dismissed, appearances) if appearances else None
+        if brains is not None and m.responses >= min_responses:
+            ranked.append((m, brains, dismissals))
+        else:
+            unranked.append(Standing(m, brains, dismissals, None))
+    lows = [brains.low for _, brains, _ in ranked]
+    result = [
+        Standing(m, brains, dismissals, 1 + sum(low > brains.high for low in lows))
+        for m, brains, dismissals in ranked
+    ]
+    result.sort(
+        key=lambda s: (s.rank or 0, -s.counts.brains, -s.counts.responses, s.counts.model_id)
+    )
+    unranked.sort(key=lambda s: (-s.counts.responses, s.counts.model_id))
+    return result + unranked

@@ -2,11 +2,67 @@
 
 from __future__ import annotations
 
-from contracts.events import SubtaskCompleted
+from collections.abc import Sequence
+
+from contracts.events import ModelDismissed, ModelRewarded, ModelSynced, SubtaskCompleted
+from services.runtime.consumer import DeadLetter
 from services.runtime.db import Connection
 from services.stats import db
-from services.stats.domain import response_deltas
+from services.stats.domain import (
+    Contribution,
+    Unacceptable,
+    day_tallies,
+    from_call,
+    from_dismissal,
+    from_reward,
+    global_days,
+    price_call,
+    session_deltas,
+    user_totals,
+)
 
 
 async def on_subtask_completed(conn: Connection, events: list[SubtaskCompleted]) -> None:
-    await db.add_responses(conn, response_deltas(events))
+    """Each completed subtask is one response and one call in the cost ledger, priced by
+    the event's cost, else by the catalog price in force when it completed."""
+    to_price = [e for e in events if e.cost_usd is None]
+    prices = (
+        dict(
+            zip(
+                (e.event_id for e in to_price),
+                await db.prices_in_force(conn, [(e.model_id, e.completed_at) for e in to_price]),
+                strict=True,
+            )
+        )
+        if to_price
+        else {}
+    )
+    try:
+        entries = [price_call(e, prices.get(e.event_id)) for e in events]
+    except Unacceptable as exc:
+        raise DeadLetter(str(exc)) from exc
+    await db.add_costs(conn, entries)
+    await apply(conn, [from_call(e) for e in entries])
+
+
+async def on_model_rewarded(conn: Connection, events: list[ModelRewarded]) -> None:
+    try:
+        contributions = [from_reward(e) for e in events]
+    except Unacceptable as exc:
+        raise DeadLetter(str(exc)) from exc
+    await apply(conn, contributions)
+
+
+async def on_model_dismissed(conn: Connection, events: list[ModelDismissed]) -> None:
+    await apply(conn, [from_dismissal(e) for e in events])
+
+
+async def on_model_synced(conn: Connection, events: list[ModelSynced]) -> None:
+    await db.add_prices(conn, events)
+
+
+async def apply(conn: Connection, contributions: Sequence[Contribution]) -> None:
+    """The records, the roster and every aggregate, always in the same order of tables."""
+    changes = await db.apply_sessions(conn, session_deltas(contributions))
+    days = day_tallies(contributions, changes)
+    await db.add_tallies(conn, days, user_totals(days), global_days(days))

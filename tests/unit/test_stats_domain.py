@@ -1,22 +1,49 @@
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
-from contracts.events import SubtaskCompleted
-from services.stats.domain import response_deltas
+import pytest
+
+from contracts.events import ModelDismissed, ModelRewarded, PriceTier, SubtaskCompleted
+from services.stats.domain import (
+    ModelCounts,
+    PriceInForce,
+    PriceSource,
+    RosterChange,
+    Unacceptable,
+    UnknownReason,
+    day_tallies,
+    from_call,
+    from_dismissal,
+    from_reward,
+    global_days,
+    leaderboard,
+    poisson_score,
+    price_call,
+    session_deltas,
+    user_totals,
+    wilson,
+)
 
 T0 = datetime(2026, 4, 2, 12, 0, tzinfo=UTC)
 
 
 def done(
-    model: str, session: str, minutes: int, tokens: int = 1, cost: str | None = None
+    model: str,
+    session: str,
+    minutes: int,
+    tokens: int = 1,
+    cost: str | None = None,
+    user: str = "u",
 ) -> SubtaskCompleted:
     return SubtaskCompleted(
         plan_id="p",
         subtask_id=f"{model}{minutes}",
         model_id=model,
-        user_id="u",
+        user_id=user,
         session_id=session,
         prompt_tokens=tokens,
         completion_tokens=2 * tokens,
@@ -25,24 +52,244 @@ def done(
     )
 
 
-def test_a_batch_folds_into_one_delta_per_user_model_and_session() -> None:
-    deltas = response_deltas(
-        [
-            done("a", "s1", 5, tokens=3, cost="0.1"),
-            done("a", "s1", 1, cost="0.2"),
-            done("a", "s2", 2),
-            done("b", "s1", 3),
-        ]
+def dismissed(model: str, session: str, minutes: int, reason: str) -> ModelDismissed:
+    return ModelDismissed(
+        user_id="u",
+        session_id=session,
+        model_id=model,
+        reason=reason,
+        occurred_at=T0 + timedelta(minutes=minutes),
     )
-    by_key = {(d.model_id, d.session_id): d for d in deltas}
-    assert set(by_key) == {("a", "s1"), ("a", "s2"), ("b", "s1")}
-    a1 = by_key[("a", "s1")]
-    assert (a1.responses, a1.prompt_tokens, a1.completion_tokens) == (2, 4, 8)
-    assert a1.cost_usd == Decimal("0.3")
-    assert a1.first_used_at == T0 + timedelta(minutes=1)  # order of arrival does not matter
-    assert a1.last_used_at == T0 + timedelta(minutes=5)
-    assert by_key[("b", "s1")].cost_usd == Decimal(0)
 
 
-def test_no_events_no_deltas() -> None:
-    assert response_deltas([]) == []
+def rewarded(model: str, session: str, minutes: int, brains: int) -> ModelRewarded:
+    return ModelRewarded(
+        user_id="u",
+        session_id=session,
+        model_id=model,
+        brains=brains,
+        occurred_at=T0 + timedelta(minutes=minutes),
+    )
+
+
+PRICE = PriceInForce(Decimal("2.5"), Decimal("10"), False)
+
+
+# --- costs -------------------------------------------------------------------------------
+
+
+def test_a_call_is_priced_by_its_own_cost_first_then_by_the_catalog() -> None:
+    own = price_call(done("a", "s", 0, tokens=1000, cost="0.5"), PRICE)
+    assert (own.price_source, own.cost_usd, own.prompt_price_per_1m) == (
+        "event",
+        Decimal("0.5"),
+        None,
+    )
+    priced = price_call(done("a", "s", 0, tokens=1000), PRICE)
+    # 1000 prompt tokens at 2.5/1M + 2000 completion tokens at 10/1M
+    assert priced.price_source == PriceSource.CATALOG
+    assert priced.cost_usd == Decimal("0.0225")
+    assert (priced.prompt_price_per_1m, priced.completion_price_per_1m) == (
+        Decimal("2.5"),
+        Decimal(10),
+    )
+
+
+def test_a_long_prompt_pays_the_highest_tier_it_reaches() -> None:
+    tiers = (
+        PriceTier(min_prompt_tokens=1000, prompt_price_per_1m=5, completion_price_per_1m=20),
+        PriceTier(min_prompt_tokens=200_000, prompt_price_per_1m=9, completion_price_per_1m=30),
+        PriceTier(min_prompt_tokens=None, prompt_price_per_1m=0, completion_price_per_1m=0),
+    )
+    price = PriceInForce(Decimal("2.5"), Decimal("10"), False, tiers)
+    assert price_call(done("a", "s", 0, tokens=999), price).prompt_price_per_1m == Decimal("2.5")
+    assert price_call(done("a", "s", 0, tokens=1000), price).prompt_price_per_1m == 5
+    assert price_call(done("a", "s", 0, tokens=300_000), price).prompt_price_per_1m == 9
+
+
+@pytest.mark.parametrize(
+    ("price", "reason"),
+    [
+        (None, UnknownReason.NO_PRICE_YET),
+        (PriceInForce(None, None, True), UnknownReason.VARIABLE_PRICE),
+        (PriceInForce(None, None, False), UnknownReason.NOT_PRICED_PER_TOKEN),
+    ],
+)
+def test_an_unknown_price_is_unknown_with_a_reason_never_zero(
+    price: PriceInForce | None, reason: UnknownReason
+) -> None:
+    entry = price_call(done("router/auto", "s", 0, tokens=100), price)
+    assert (entry.price_source, entry.cost_usd, entry.unknown_reason) == ("unknown", None, reason)
+    contribution = from_call(entry)
+    assert (contribution.unpriced_calls, contribution.cost_usd) == (1, Decimal(0))
+
+
+def test_a_free_model_costs_zero_and_counts_as_priced() -> None:
+    entry = price_call(
+        done("llama3", "s", 0, tokens=100), PriceInForce(Decimal(0), Decimal(0), False)
+    )
+    assert (entry.price_source, entry.cost_usd) == (PriceSource.CATALOG, Decimal(0))
+    assert from_call(entry).unpriced_calls == 0
+
+
+def test_numbers_beyond_any_real_call_are_refused() -> None:
+    with pytest.raises(Unacceptable):
+        price_call(done("a", "s", 0, tokens=10**13), PRICE)
+    with pytest.raises(Unacceptable):
+        from_reward(rewarded("a", "s", 0, brains=10**10))
+
+
+# --- folding a batch ---------------------------------------------------------------------
+
+
+def test_a_batch_folds_into_one_delta_per_user_model_and_session_in_key_order() -> None:
+    calls = [
+        done("b", "s1", 3),
+        done("a", "s1", 5, tokens=3, cost="0.1"),
+        done("a", "s1", 1, cost="0.2"),
+        done("a", "s2", 2),
+    ]
+    contributions = [from_call(price_call(e, None)) for e in calls]
+    contributions += [
+        from_reward(rewarded("a", "s1", 0, 3)),
+        from_dismissal(dismissed("a", "s1", 9, "slow")),
+    ]
+    contributions += [from_dismissal(dismissed("a", "s1", 7, "wrong"))]
+    deltas = session_deltas(contributions)
+    assert [(d.model_id, d.session_id) for d in deltas] == [("a", "s1"), ("a", "s2"), ("b", "s1")]
+    a1 = deltas[0]
+    c = a1.counters
+    assert (c.responses, c.prompt_tokens, c.completion_tokens, c.brains, c.dismissals) == (
+        2,
+        4,
+        8,
+        3,
+        2,
+    )
+    assert c.cost_usd == Decimal("0.3")
+    assert c.unpriced_calls == 0
+    assert a1.seen_at == T0  # the reward, the earliest event, put it on the panel
+    assert c.first_used_at == T0 + timedelta(minutes=1)  # a reward is not a use
+    assert c.last_used_at == T0 + timedelta(minutes=5)
+    # the earliest dismissal says when and why, whatever the order of arrival
+    assert (a1.dismissed_at, a1.dismissal_reason) == (T0 + timedelta(minutes=7), "wrong")
+    assert deltas[1].counters.unpriced_calls == 1
+
+
+def test_days_totals_and_the_global_view_add_up_and_leave_canaries_out() -> None:
+    late = T0 + timedelta(days=1)
+    contributions = [
+        from_call(price_call(done("a", "s1", 0, cost="1"), None)),
+        from_call(price_call(done("a", "s1", 24 * 60, cost="2"), None)),
+        from_call(price_call(done("a", "s9", 0, cost="4", user="canary:guardian"), None)),
+    ]
+    changes = [RosterChange("u", "a", T0, None), RosterChange("u", "a", None, late)]
+    days = day_tallies(contributions, changes)
+    assert [(t.user_id, t.day) for t in days] == [
+        ("canary:guardian", T0.date()),
+        ("u", T0.date()),
+        ("u", late.date()),
+    ]
+    assert (days[1].counters.sessions_appeared, days[2].counters.sessions_dismissed) == (1, 1)
+    [canary, u] = user_totals(days)
+    assert u[2].responses == 2 and u[2].cost_usd == 3
+    assert (u[2].first_used_at, u[2].last_used_at) == (T0, late)
+    assert canary[0] == "canary:guardian"
+    everyone = global_days(days)
+    assert [(m, d, c.cost_usd) for m, d, c in everyone] == [
+        ("a", T0.date(), Decimal(1)),
+        ("a", late.date(), Decimal(2)),
+    ]
+
+
+# --- intervals and ranks -----------------------------------------------------------------
+
+
+def score_bound(
+    statistic: Callable[[float], float], estimate: float, lo: float, hi: float, z: float
+) -> float:
+    """Where the score statistic equals z, by bisection (independent of any closed form)."""
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if (statistic(mid) > z) == (mid < estimate):
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+Z = 1.959963984540054
+
+
+@pytest.mark.parametrize(("x", "n"), [(0, 10), (1, 10), (5, 10), (10, 10), (3, 1000), (481, 977)])
+def test_wilson_bounds_are_where_the_binomial_score_test_reaches_its_95_percent_limit(
+    x: int, n: int
+) -> None:
+    p_hat = x / n
+
+    def score(p: float) -> float:
+        return abs(p_hat - p) / math.sqrt(p * (1 - p) / n)
+
+    interval = wilson(x, n)
+    low = 0.0 if x == 0 else score_bound(score, p_hat, 1e-12, p_hat, Z)
+    high = 1.0 if x == n else score_bound(score, p_hat, p_hat, 1 - 1e-12, Z)
+    assert interval.rate == p_hat
+    assert interval.low == pytest.approx(low, abs=1e-9)
+    assert interval.high == pytest.approx(high, abs=1e-9)
+    # and a textbook value: 5 of 10 -> (0.2366, 0.7634)
+    if (x, n) == (5, 10):
+        assert (round(interval.low, 4), round(interval.high, 4)) == (0.2366, 0.7634)
+
+
+@pytest.mark.parametrize(("x", "n"), [(0, 10), (3, 10), (25, 10), (500, 400)])
+def test_the_rate_interval_is_where_the_poisson_score_test_reaches_its_95_percent_limit(
+    x: int, n: int
+) -> None:
+    rate = x / n
+
+    def score(lam: float) -> float:
+        return abs(x - n * lam) / math.sqrt(n * lam)
+
+    interval = poisson_score(x, n)
+    low = 0.0 if x == 0 else score_bound(score, rate, 1e-12, rate, Z)
+    high = score_bound(score, rate, max(rate, 1e-12), rate + 100, Z)
+    assert interval.low == pytest.approx(low, abs=1e-9)
+    assert interval.high == pytest.approx(high, abs=1e-9)
+
+
+def counts(
+    model: str, responses: int, brains: int, appeared: int = 10, dismissed: int = 0
+) -> ModelCounts:
+    return ModelCounts(model, responses, brains, appeared, dismissed)
+
+
+def test_ranks_separate_only_models_whose_intervals_do_not_overlap() -> None:
+    board = leaderboard(
+        [
+            counts("good", 1000, 900),
+            counts("also-good", 1000, 880),  # overlaps "good": shares its rank
+            counts("poor", 1000, 100),
+            counts("new", 5, 5),  # too few responses to rank
+        ],
+        min_responses=30,
+    )
+    assert [(s.counts.model_id, s.rank) for s in board] == [
+        ("good", 1),
+        ("also-good", 1),
+        ("poor", 3),
+        ("new", None),
+    ]
+    new = board[-1]
+    assert new.brains_per_response is not None and new.brains_per_response.rate == 1.0
+
+
+def test_a_model_with_nothing_to_rate_has_no_interval() -> None:
+    [s] = leaderboard([counts("x", 0, 2, appeared=0, dismissed=0)], min_responses=1)
+    assert (s.rank, s.brains_per_response, s.dismissals_per_appearance) == (None, None, None)
+    [d] = leaderboard([counts("y", 40, 0, appeared=2, dismissed=3)], min_responses=1)
+    assert d.dismissals_per_appearance is not None and d.dismissals_per_appearance.rate == 1.0
+
+
+def test_no_events_nothing_to_fold() -> None:
+    assert session_deltas([]) == []
+    assert day_tallies([], []) == []
