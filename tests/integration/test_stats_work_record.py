@@ -297,3 +297,24 @@ CONSUMERS = (
     ("stats-model-dismissed", "FEEDBACK"),
     ("stats-model-synced", "CATALOG"),
 )
+
+
+async def test_hostile_input_is_refused_or_finds_nothing_never_a_server_error(
+    stats: tuple[Runtime, httpx.AsyncClient],
+) -> None:
+    _, client = stats
+    for url, params in [
+        ("/v1/sessions/a%00b/roster", {}),
+        ("/v1/models/a%00b/stats", {}),
+        ("/v1/costs", {"session_id": "a\x00b"}),
+        ("/v1/costs", {"before": "2026-01-01T00:00:00"}),  # no time zone
+        ("/v1/costs", {"before": "NaN"}),
+        ("/v1/costs", {"limit": str(10**30)}),
+        ("/v1/spend", {"days": str(10**30)}),
+        ("/v1/spend", {"group_by": "user"}),
+        ("/v1/leaderboard", {"window": "1y"}),
+        ("/v1/stats/models", {"sort": "model_id; DROP TABLE llm_costs"}),
+        (f"/v1/sessions/{'x' * 10_000}/roster", {}),
+    ]:
+        r = await client.get(url, params=params, headers=ALICE)
+        assert r.status_code in (200, 404, 422), (url, params, r.status_code, r.text[:200])

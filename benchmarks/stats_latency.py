@@ -1,0 +1,224 @@
+"""stats end to end: publish -> visible, at a steady rate of mixed events
+(`subtask.completed`, `model.rewarded`, `model.dismissed`), for the stats service (visible
+in its HTTP API: the session's roster, read as the event's user) and, in the same run on
+the same messages, for a bare consumer (nats-py fetch + a plain INSERT, no inbox, no
+aggregates; visible: its row can be selected).
+
+    python -m benchmarks.stats_latency [--rate 1000] [--seconds 30] [--probe-every 50] [--rounds 3]
+
+Every `probe-every`-th event is a probe: its own user and session, so it is visible exactly
+when it is applied; each probe is polled every millisecond on both sides until it shows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import asyncpg
+import httpx
+import nats
+from nats.js import JetStreamContext
+
+from benchmarks.harness import bench_headers, fresh_database, service_env
+from benchmarks.stats_ingest import spawn
+from contracts.catalog import FEEDBACK_STREAM, PLANS_STREAM
+from contracts.events import ModelDismissed, ModelRewarded, SubtaskCompleted
+from services.embedded import EmbeddedNats, EmbeddedPostgres, free_port
+from services.runtime.messaging import ensure_streams
+from services.stack import spawn_service, wait_until_up
+
+SUBJECTS = (
+    ("subtask.completed", PLANS_STREAM.name),
+    ("model.rewarded", FEEDBACK_STREAM.name),
+    ("model.dismissed", FEEDBACK_STREAM.name),
+)
+
+
+Mixed = SubtaskCompleted | ModelRewarded | ModelDismissed
+
+
+def event(i: int, probe: bool) -> Mixed:
+    user = f"probe-{i}" if probe else f"user-{i % 500}"
+    session, model = f"session-{i}" if probe else f"session-{i % 37}", f"vendor/model-{i % 20}"
+    kind = i % 3
+    if kind == 0:
+        return SubtaskCompleted(
+            plan_id="p",
+            subtask_id=str(i),
+            model_id=model,
+            user_id=user,
+            session_id=session,
+            prompt_tokens=100,
+            completion_tokens=50,
+        )
+    if kind == 1:
+        return ModelRewarded(user_id=user, session_id=session, model_id=model)
+    return ModelDismissed(user_id=user, session_id=session, model_id=model, reason="bench")
+
+
+# --- the bare consumer: its own process, as in production --------------------------------
+
+
+async def bare_consumer(nats_url: str, db_url: str) -> None:
+    pool = await asyncpg.create_pool(db_url, min_size=3, max_size=3)
+    await pool.execute("CREATE TABLE bare_events (event_id uuid PRIMARY KEY, body bytea)")
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+
+    async def consume(subject: str, stream: str) -> None:
+        sub = await js.pull_subscribe(
+            subject, durable=f"bare-{subject.replace('.', '-')}", stream=stream
+        )
+        while True:
+            try:
+                msgs = await sub.fetch(100, timeout=0.05)
+            except TimeoutError:
+                continue
+            await pool.execute(
+                "INSERT INTO bare_events"
+                " SELECT (convert_from(b, 'UTF8')::jsonb ->> 'event_id')::uuid, b"
+                " FROM unnest($1::bytea[]) b ON CONFLICT DO NOTHING",
+                [m.data for m in msgs],
+            )
+            await asyncio.gather(*(m.ack() for m in msgs))
+
+    tasks = [asyncio.create_task(consume(s, st)) for s, st in SUBJECTS]
+    print("ready", flush=True)
+    await asyncio.gather(*tasks)
+
+
+# --- the run -----------------------------------------------------------------------------
+
+
+async def run_round(
+    nats_url: str, admin_url: str, js: JetStreamContext, args: argparse.Namespace, tmp: Path
+) -> tuple[list[float], list[float]]:
+    for stream in (PLANS_STREAM.name, FEEDBACK_STREAM.name):
+        await js.delete_stream(stream)
+    await ensure_streams(js)
+    db = await fresh_database(admin_url)
+    port = free_port()
+    stats = spawn_service("stats", service_env(nats_url, db, port), tmp / "stats.log")
+    bare = spawn(["-m", "benchmarks.stats_latency", "--bare", nats_url, db], {})
+    stats_ms: list[float] = []
+    bare_ms: list[float] = []
+    try:
+        assert bare.stdout is not None and bare.stdout.readline().strip() == "ready"
+        await wait_until_up(f"http://127.0.0.1:{port}", stats)
+        db_pool = await asyncpg.create_pool(db, min_size=4, max_size=8)
+        api = httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10)
+        probes: list[asyncio.Task[None]] = []
+
+        async def watch(e: Mixed, sent: float) -> None:
+            url = f"/v1/sessions/{e.session_id}/roster"
+            headers = bench_headers(e.user_id, "user")
+
+            async def in_api() -> None:
+                while True:
+                    if (await api.get(url, headers=headers)).status_code == 200:
+                        stats_ms.append((time.perf_counter() - sent) * 1000)
+                        return
+                    await asyncio.sleep(0.001)
+
+            async def in_bare() -> None:
+                query = "SELECT true FROM bare_events WHERE event_id = $1"
+                while True:
+                    if await db_pool.fetchval(query, e.event_id):
+                        bare_ms.append((time.perf_counter() - sent) * 1000)
+                        return
+                    await asyncio.sleep(0.001)
+
+            await asyncio.gather(in_api(), in_bare())
+
+        total = args.rate * args.seconds
+        tick = 0.01
+        per_tick = max(1, round(args.rate * tick))
+        t0 = time.perf_counter()
+        acks = []
+        for i in range(total):
+            if i % per_tick == 0:  # a steady rate: wait for this tick's start
+                delay = t0 + (i // per_tick) * tick - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            probe = i % args.probe_every == 0
+            e = event(i, probe)
+            sent = time.perf_counter()
+            acks.append(
+                await js.publish_async(
+                    e.subject,
+                    e.model_dump_json().encode(),
+                    headers={"Nats-Msg-Id": str(uuid.uuid4())},
+                )
+            )
+            if probe:
+                probes.append(asyncio.create_task(watch(e, sent)))
+        await asyncio.gather(*acks)
+        achieved = total / (time.perf_counter() - t0)
+        await asyncio.wait_for(asyncio.gather(*probes), 120)
+        print(f"    published {total} at {achieved:.0f}/s, {len(probes)} probes", flush=True)
+        await api.aclose()
+        await db_pool.close()
+    finally:
+        stats.terminate()
+        stats.wait(30)
+        bare.terminate()
+        bare.wait(30)
+    return stats_ms, bare_ms
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+async def main(args: argparse.Namespace) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="fleet-bench-"))
+    nats_server, pg = EmbeddedNats(tmp / "nats"), EmbeddedPostgres(tmp / "pg")
+    nats_server.start()
+    pg.start()
+    rows: list[tuple[float, float, float, float]] = []
+    try:
+        nc = await nats.connect(nats_server.url)
+        js = nc.jetstream()
+        await ensure_streams(js)
+        for r in range(1, args.rounds + 1):
+            s, b = await run_round(nats_server.url, pg.url, js, args, tmp)
+            rows.append((pct(s, 0.5), pct(s, 0.99), pct(b, 0.5), pct(b, 0.99)))
+            print(
+                f"round {r}: stats p50 {rows[-1][0]:.1f} p99 {rows[-1][1]:.1f} ms;"
+                f" bare p50 {rows[-1][2]:.1f} p99 {rows[-1][3]:.1f} ms",
+                flush=True,
+            )
+        await nc.close()
+    finally:
+        pg.stop()
+        nats_server.stop()
+    med = [statistics.median(r[k] for r in rows) for k in range(4)]
+    print(
+        f"\n{args.rate} events/s for {args.seconds} s, every {args.probe_every}th a probe, "
+        f"{args.rounds} rounds, {os.cpu_count()} cores; publish -> visible, median of rounds:"
+    )
+    print(f"stats (in its API):      p50 {med[0]:.1f} ms  p99 {med[1]:.1f} ms")
+    print(f"bare consumer (its row): p50 {med[2]:.1f} ms  p99 {med[3]:.1f} ms")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rate", type=int, default=1000)
+    parser.add_argument("--seconds", type=int, default=30)
+    parser.add_argument("--probe-every", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--bare", nargs=2, metavar=("NATS_URL", "DB_URL"))
+    parsed = parser.parse_args()
+    if parsed.bare:
+        asyncio.run(bare_consumer(*parsed.bare))
+        sys.exit(0)
+    asyncio.run(main(parsed))
