@@ -18,7 +18,7 @@ import pytest
 from nats.aio.client import Client as Nats
 
 from contracts.catalog import DEAD_LETTER_STREAM
-from contracts.events import SubtaskCompleted
+from contracts.events import Event, ModelDismissed, ModelRewarded, SubtaskCompleted
 from services.embedded import EmbeddedNats, EmbeddedPostgres, free_port
 from services.runtime.messaging import ensure_streams
 from services.stack import spawn_service, wait_until_up
@@ -72,7 +72,7 @@ async def cluster(tmp_path: Path) -> AsyncIterator[tuple[EmbeddedNats, EmbeddedP
         nats_server.stop()
 
 
-async def publish_until_stored(nc: Nats, event: SubtaskCompleted) -> None:
+async def publish_until_stored(nc: Nats, event: Event) -> None:
     """A client that retries until JetStream confirms, reusing the event's id."""
     js = nc.jetstream()
     while True:
@@ -94,8 +94,10 @@ async def total_counted(database_url: str) -> tuple[int, int]:
     except (OSError, asyncpg.PostgresError):
         return -1, -1
     try:
+        # each event adds exactly one: a response, a brain or a dismissal
         counted = await conn.fetchval(
-            "SELECT coalesce(sum(response_count), 0) FROM stats.model_statistics"
+            "SELECT coalesce(sum(response_count + total_brains + dismissal_count), 0)"
+            " FROM stats.model_statistics"
         )
         inbox = await conn.fetchval("SELECT count(*) FROM stats.inbox")
         return int(counted), int(inbox)
@@ -114,17 +116,23 @@ async def test_every_event_is_applied_exactly_once_through_kills_and_restarts(
     stats = StatsProcess(nats_server.url, pg.url, tmp_path / "stats.log")
     await stats.start()
 
-    events = [
-        SubtaskCompleted(
+    def mixed(i: int) -> Event:
+        user, model = f"user-{i % 3}", f"model-{i % 7}"
+        if i % 5 == 3:
+            return ModelRewarded(user_id=user, session_id="chaos", model_id=model, brains=1)
+        if i % 5 == 4:
+            return ModelDismissed(user_id=user, session_id=f"chaos-{i}", model_id=model)
+        return SubtaskCompleted(
             plan_id="p",
             subtask_id=f"s{i}",
-            model_id=f"model-{i % 7}",
-            user_id=f"user-{i % 3}",
+            model_id=model,
+            user_id=user,
             session_id="chaos",
             prompt_tokens=1,
         )
-        for i in range(EVENTS)
-    ]
+
+    events = [mixed(i) for i in range(EVENTS)]
+    calls = sum(isinstance(e, SubtaskCompleted) for e in events)
 
     published = 0
 
@@ -176,6 +184,11 @@ async def test_every_event_is_applied_exactly_once_through_kills_and_restarts(
             await asyncio.sleep(0.2)
         await asyncio.sleep(1.0)  # a late redelivery would show up now
         assert await total_counted(pg.url) == (EVENTS, EVENTS)
+        conn = await asyncpg.connect(pg.url)
+        try:  # every call in the cost ledger once
+            assert await conn.fetchval("SELECT count(*) FROM stats.llm_costs") == calls
+        finally:
+            await conn.close()
         dead = await nc.jetstream().stream_info(DEAD_LETTER_STREAM.name)
         assert dead.state.messages == 0, "a valid event was dead-lettered"
     finally:
