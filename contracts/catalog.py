@@ -95,7 +95,12 @@ CHANNELS: tuple[Channel, ...] = (
     Channel(ev.PlanCompleted, PLANS_STREAM, ("planner",), ("agents", "ui")),
     Channel(ev.SubtaskReady, PLANS_STREAM, ("planner",), ("agents",)),
     Channel(ev.SubtaskStarted, PLANS_STREAM, ("agents",), ("planner",)),
-    Channel(ev.SubtaskCompleted, PLANS_STREAM, ("agents", "orchestrator"), ("planner", "stats")),
+    Channel(
+        ev.SubtaskCompleted,
+        PLANS_STREAM,
+        ("agents", "orchestrator", "guardian"),  # guardian: its smoke canary's
+        ("planner", "stats"),
+    ),
     Channel(ev.SubtaskFailed, PLANS_STREAM, ("agents",), ("planner",)),
     Channel(ev.ApprovalRequested, PLANS_STREAM, ("planner",), ("ui",)),
     Channel(ev.ApprovalResolved, PLANS_STREAM, ("planner",), ("ui", "agents")),

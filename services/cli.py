@@ -6,6 +6,7 @@ fleet run <service>      one service in the foreground (what a container runs)
 fleet migrate [service]  apply database migrations and exit (a deployment's migration job)
 fleet status             the services of a running `fleet up`, their health and URLs
 fleet token --user U     a development bearer token for U (--operator: with that role)
+fleet nats-config        the NATS server configuration: each service's user and permissions
 """
 
 from __future__ import annotations
@@ -93,6 +94,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench_main(args.args)
 
 
+def cmd_nats_config(_: argparse.Namespace) -> int:
+    """The NATS server configuration of the fleet's users (services, agent, ui, admin) with
+    their permissions; passwords from FLEET_HOME/secrets/nats-users.json, made when missing."""
+    from services.runtime import nats_users
+
+    users = nats_users.fleet_users()
+    secrets = nats_users.passwords(fleet_home(), users)
+    print(nats_users.server_config(users, secrets))
+    print(f"passwords: {fleet_home() / nats_users.USERS_FILE}", file=sys.stderr)
+    return 0
+
+
 def cmd_token(args: argparse.Namespace) -> int:
     """A development token, signed with the secret under FLEET_HOME that `fleet up`'s
     services verify with (or AUTH_JWT_SECRET when set, as they would)."""
@@ -128,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     token.add_argument("--operator", action="store_true", help="with the operator role")
     token.add_argument("--hours", type=float, default=12.0, help="valid for (default 12)")
     token.set_defaults(func=cmd_token)
+    sub.add_parser(
+        "nats-config", help="print the NATS server configuration of the fleet's users"
+    ).set_defaults(func=cmd_nats_config)
     bench = sub.add_parser(
         "bench",
         help="submit a benchmark and show its results (fleet bench run --help)",

@@ -88,11 +88,13 @@ def _stop(proc: subprocess.Popen[bytes] | None, sig: int, timeout: float = 15) -
 
 @dataclass
 class EmbeddedNats:
-    """nats-server with JetStream, its store under `datadir`."""
+    """nats-server with JetStream, its store under `datadir`; with `config`, a server
+    configuration file (its users and their permissions)."""
 
     datadir: Path
     port: int = 0
     monitor_port: int = 0
+    config: Path | None = None
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -117,6 +119,7 @@ class EmbeddedNats:
                 str(self.port),
                 "-m",
                 str(self.monitor_port),
+                *(["-c", str(self.config)] if self.config else []),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -42,6 +42,7 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 
 from services.embedded import EmbeddedNats, EmbeddedPostgres, die_with_parent, free_port
+from services.runtime import nats_users
 
 SERVICES: dict[str, int] = {
     "sync": 8101,
@@ -310,11 +311,22 @@ class Stack:
         t0 = time.monotonic()
         (self.home / "logs").mkdir(exist_ok=True)
         nats_url = self.env.get("NATS_URL")
+        nats_passwords: dict[str, str] = {}
         if not nats_url:
-            nats = self.nats = EmbeddedNats(self.home / "nats", port=port_or_free(4222))
+            # users with the event catalog's permissions, one per service and per client kind
+            users = nats_users.fleet_users()
+            nats_passwords = nats_users.passwords(self.home, users)
+            config = self.home / "nats.conf"
+            fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(nats_users.server_config(users, nats_passwords))
+            nats = self.nats = EmbeddedNats(
+                self.home / "nats", port=port_or_free(4222), config=config
+            )
             self._step("NATS (JetStream, embedded)", nats.start)
             self.say(f"    {nats.url}")
-            nats_url = nats.url
+            # what this stack's own tools (and fleet status) use: the admin user
+            nats_url = nats.url.replace("nats://", f"nats://admin:{nats_passwords['admin']}@")
         database_url = self.env.get("DATABASE_URL")
         if not database_url:
             pg = self.postgres = EmbeddedPostgres(self.home / "postgres", port=port_or_free(5432))
@@ -333,12 +345,19 @@ class Stack:
                 "HTTP_HOST": "127.0.0.1",
                 "FLEET_HOME": str(self.home),
             }
+            if nats_passwords:
+                child_env |= {
+                    "NATS_URL": nats.url,
+                    "NATS_USER": name,
+                    "NATS_PASSWORD": nats_passwords[name],
+                }
             if name == "guardian":
                 child_env["GUARDIAN_SUPERVISOR_SOCKET"] = str(self.channel.socket)
                 child_env["GUARDIAN_SUPERVISOR_TOKEN_FILE"] = str(self.channel.token_file)
             self._envs[name] = child_env
             self.procs[name] = self._spawn(name)
         self._step("services (migrate, connect, ready)", lambda: self._wait_ready(timeout))
+        self.state_file.touch(mode=0o600)  # it holds the admin's NATS URL
         self.state_file.write_text(
             json.dumps(
                 {
@@ -358,6 +377,11 @@ class Stack:
             "\nevery API takes a bearer token: .venv/bin/fleet token --user alice"
             " (add --operator for sync runs and guardian's controls)"
         )
+        if nats_passwords:
+            self.say(
+                "NATS clients connect as user agent, ui or admin; passwords in "
+                f"{self.home / nats_users.USERS_FILE}"
+            )
         self.say("guardian restarts what dies")
         self.say(f"logs: {self.home / 'logs'}   reports: {self.home / 'reports'}   stop: Ctrl-C")
 
@@ -477,7 +501,7 @@ def status_table(urls: Mapping[str, str], nats_url: str, database_url: str) -> s
     lines.insert(1, "  ".join("-" * w for w in widths))
     lines += [
         "",
-        f"NATS:       {nats_url}",
+        f"NATS:       {_hide_password(nats_url)}",
         f"PostgreSQL: {_hide_password(database_url)}",
         "API docs:   <url>/docs   metrics: <url>/metrics",
     ]

@@ -28,6 +28,10 @@ class RuntimeSettings(BaseSettings):
     auth_issuer: str | None = Field(None, description="Required `iss` of tokens, when set.")
     auth_audience: str | None = Field(None, description="Required `aud` of tokens, when set.")
     nats_url: str = "nats://127.0.0.1:4222"
+    nats_user: str | None = Field(
+        None, description="The service's NATS user (its permissions: the event catalog's)."
+    )
+    nats_password: SecretStr | None = None
     database_url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
     db_user: str | None = Field(
         None,

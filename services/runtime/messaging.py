@@ -18,6 +18,7 @@ from nats.js.api import StreamConfig
 from nats.js.errors import NotFoundError
 
 from contracts import STREAMS, StreamSpec
+from services.runtime.nats_users import inbox_prefix
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +55,13 @@ class ResilientNats(Nats):
         await self._process_op_err(nats.errors.Error(f"nats: {text}"))
 
 
-async def connect_nats(url: str, name: str) -> Nats:
-    """Connect, and reconnect for ever afterwards (every 0.5 s)."""
+async def connect_nats(
+    url: str, name: str, user: str | None = None, password: str | None = None
+) -> Nats:
+    """Connect (as `user` when given, receiving replies on an inbox prefix of its own, which
+    its NATS permissions name), and reconnect for ever afterwards (every 0.5 s)."""
     client = ResilientNats()
+    credentials: dict[str, str] = {"user": user, "password": password or ""} if user else {}
 
     async def error_cb(exc: Exception) -> None:
         log.warning("nats: %s", exc)
@@ -77,6 +82,8 @@ async def connect_nats(url: str, name: str) -> Nats:
     await client.connect(
         url,
         name=name,
+        inbox_prefix=inbox_prefix(name),
+        **credentials,  # type: ignore[arg-type]
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,  # type: ignore[arg-type]  # typed int, sleeps any number
         error_cb=error_cb,

@@ -214,7 +214,8 @@ async def start_runtime(spec: ServiceSpec) -> tuple[Runtime, list[asyncio.Task[N
     if s.migrate_on_start:
         await migrate(s.database_url, spec.name, load_migrations(*dirs), login.user, login.password)
     pool = await create_pool(login, s.db_pool_size, application=spec.name)
-    nc = await connect_nats(s.nats_url, spec.name)
+    nats_password = s.nats_password.get_secret_value() if s.nats_password else None
+    nc = await connect_nats(s.nats_url, spec.name, s.nats_user, nats_password)
     js = nc.jetstream()
     await ensure_streams(js)
     relay = outbox.Relay(
