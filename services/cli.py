@@ -94,12 +94,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench_main(args.args)
 
 
-def cmd_nats_config(_: argparse.Namespace) -> int:
+def cmd_nats_config(args: argparse.Namespace) -> int:
     """The NATS server configuration of the fleet's users (services, agent, ui, admin) with
-    their permissions; passwords from FLEET_HOME/secrets/nats-users.json, made when missing."""
+    their permissions; passwords from FLEET_HOME/secrets/nats-users.json (made when missing),
+    or with --from-env references to the server's environment (<USER>_NATS_PASSWORD)."""
     from services.runtime import nats_users
 
     users = nats_users.fleet_users()
+    if args.from_env:
+        print(nats_users.server_config(users))
+        return 0
     secrets = nats_users.passwords(fleet_home(), users)
     print(nats_users.server_config(users, secrets))
     print(f"passwords: {fleet_home() / nats_users.USERS_FILE}", file=sys.stderr)
@@ -141,9 +145,15 @@ def main(argv: list[str] | None = None) -> int:
     token.add_argument("--operator", action="store_true", help="with the operator role")
     token.add_argument("--hours", type=float, default=12.0, help="valid for (default 12)")
     token.set_defaults(func=cmd_token)
-    sub.add_parser(
+    nats_config = sub.add_parser(
         "nats-config", help="print the NATS server configuration of the fleet's users"
-    ).set_defaults(func=cmd_nats_config)
+    )
+    nats_config.add_argument(
+        "--from-env",
+        action="store_true",
+        help="passwords as references to the server's environment (deploy/nats/users.conf)",
+    )
+    nats_config.set_defaults(func=cmd_nats_config)
     bench = sub.add_parser(
         "bench",
         help="submit a benchmark and show its results (fleet bench run --help)",

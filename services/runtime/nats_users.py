@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -126,8 +127,20 @@ def passwords(home: Path, users: Iterable[str]) -> dict[str, str]:
     return known
 
 
-def server_config(users: Mapping[str, Permissions], secrets_by_user: Mapping[str, str]) -> str:
-    """A nats-server configuration (JSON is valid in its format) with these users."""
+def password_variable(user: str) -> str:
+    """The environment variable a deployment's NATS server reads `user`'s password from."""
+    return f"{user.upper()}_NATS_PASSWORD"
+
+
+def server_config(
+    users: Mapping[str, Permissions], secrets_by_user: Mapping[str, str] | None = None
+) -> str:
+    """A nats-server configuration (JSON is valid in its format) with these users; without
+    `secrets_by_user`, each password is a reference to an environment variable of the
+    server's (`password_variable`), which is how deployments keep them out of the file."""
+    if secrets_by_user is None:
+        text = server_config(users, {u: f"@@{password_variable(u)}@@" for u in users})
+        return re.sub(r'"@@(\w+)@@"', r"$\1", text)
     return json.dumps(
         {
             "authorization": {
