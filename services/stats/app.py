@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from contracts.events import ModelDismissed, ModelRewarded, ModelSynced, SubtaskCompleted
 from services.runtime.consumer import Consumer
-from services.runtime.service import ServiceSpec
-from services.stats import api, handlers
+from services.runtime.service import Runtime, ServiceSpec
+from services.stats import api, db, handlers
 from services.stats.config import StatsSettings
 
 
@@ -45,4 +46,16 @@ def build(settings: StatsSettings | None = None) -> ServiceSpec:
             ),
         ],
         routers=[api.router],
+        tasks=[fold_global_days],
     )
+
+
+async def fold_global_days(runtime: Runtime) -> None:
+    """Keep the global per-model days' pending rows few (every instance may run this: a
+    fold takes only rows no other fold has taken)."""
+    settings = runtime.settings
+    interval = settings.stats_global_fold_interval_s if isinstance(settings, StatsSettings) else 1
+    while True:
+        await asyncio.sleep(interval)
+        async with runtime.pool.acquire() as conn:
+            await db.fold_global_days(conn)

@@ -19,3 +19,10 @@ class StatsSettings(RuntimeSettings):
         description="Responses a model needs in the window to be ranked on a leaderboard; "
         "below it the model is listed as not having enough data.",
     )
+    stats_global_fold_interval_s: float = Field(
+        1.0,
+        gt=0,
+        le=3600,
+        description="How often the global per-model days appended by the consumers are "
+        "folded into their aggregate (the global leaderboard is exact either way).",
+    )

@@ -8,6 +8,7 @@ from datetime import date, datetime
 from typing import Any, Literal
 
 import asyncpg
+from pydantic_core import to_json
 
 from contracts.events import ModelSynced, PriceTier
 from services.runtime.db import Connection
@@ -21,7 +22,22 @@ from services.stats.domain import (
     SessionDelta,
 )
 
-# --- writes: one statement per table per batch (arrays unnested), rows in key order ------
+# --- writes: one statement per table per batch, rows in key order ------------------------
+#
+# A batch goes to PostgreSQL as one JSON document per statement, unpacked by
+# json_to_recordset: asyncpg encoding a dozen arrays of 500 values each cost more than
+# the statements themselves (a check of every value against collections.abc.Iterable).
+
+
+def _json_rows(rows: Sequence[dict[str, Any]]) -> str:
+    """A batch's rows as JSON text (numbers, decimals as strings, ISO times, uuid text)."""
+    return to_json(rows).decode()
+
+
+def _recordset(columns: dict[str, str], param: int = 1) -> str:
+    """`json_to_recordset($n)` typed by `columns` (name: SQL type), in their order."""
+    types = ", ".join(f"{c} {t}" for c, t in columns.items())
+    return f"json_to_recordset(${param}::text::json) AS x({types})"
 
 
 async def add_prices(conn: Connection, events: Sequence[ModelSynced]) -> None:
@@ -53,15 +69,15 @@ async def prices_in_force(
         """
         SELECT p.prompt_price_per_1m, p.completion_price_per_1m, p.variable_price,
                p.price_tiers, p.model_id IS NOT NULL AS known
-        FROM unnest($1::text[], $2::timestamptz[]) WITH ORDINALITY AS c(model_id, at, n)
+        FROM ROWS FROM (json_to_recordset($1::text::json) AS (model_id text, at timestamptz))
+            WITH ORDINALITY AS c(model_id, at, n)
         LEFT JOIN LATERAL (
             SELECT * FROM model_prices m WHERE m.model_id = c.model_id AND m.valid_from <= c.at
             ORDER BY m.valid_from DESC, m.event_id DESC LIMIT 1
         ) p ON true
         ORDER BY c.n
         """,
-        [m for m, _ in calls],
-        [t for _, t in calls],
+        _json_rows([{"model_id": m, "at": t} for m, t in calls]),
     )
     return [
         PriceInForce(
@@ -80,28 +96,47 @@ def _json(value: Any) -> Any:
     return json.loads(value) if isinstance(value, str) else value
 
 
+COST_COLUMNS = {
+    "event_id": "uuid",
+    "user_id": "text",
+    "model_id": "text",
+    "session_id": "text",
+    "called_at": "timestamptz",
+    "prompt_tokens": "bigint",
+    "completion_tokens": "bigint",
+    "prompt_price_per_1m": "numeric",
+    "completion_price_per_1m": "numeric",
+    "cost_usd": "numeric",
+    "price_source": "text",
+    "unknown_reason": "text",
+}
+ADD_COSTS = (
+    f"INSERT INTO llm_costs ({', '.join(COST_COLUMNS)}) SELECT * FROM {_recordset(COST_COLUMNS)}"
+)
+
+
 async def add_costs(conn: Connection, entries: Sequence[CostEntry]) -> None:
     await conn.execute(
-        """
-        INSERT INTO llm_costs (event_id, user_id, model_id, session_id, called_at,
-            prompt_tokens, completion_tokens, prompt_price_per_1m, completion_price_per_1m,
-            cost_usd, price_source, unknown_reason)
-        SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[],
-            $5::timestamptz[], $6::bigint[], $7::bigint[], $8::numeric[], $9::numeric[],
-            $10::numeric[], $11::text[], $12::text[])
-        """,
-        [e.event_id for e in entries],
-        [e.user_id for e in entries],
-        [e.model_id for e in entries],
-        [e.session_id for e in entries],
-        [e.called_at for e in entries],
-        [e.prompt_tokens for e in entries],
-        [e.completion_tokens for e in entries],
-        [e.prompt_price_per_1m for e in entries],
-        [e.completion_price_per_1m for e in entries],
-        [e.cost_usd for e in entries],
-        [e.price_source.value for e in entries],
-        [e.unknown_reason.value if e.unknown_reason else None for e in entries],
+        ADD_COSTS,
+        _json_rows(
+            [
+                {
+                    "event_id": e.event_id,
+                    "user_id": e.user_id,
+                    "model_id": e.model_id,
+                    "session_id": e.session_id,
+                    "called_at": e.called_at,
+                    "prompt_tokens": e.prompt_tokens,
+                    "completion_tokens": e.completion_tokens,
+                    "prompt_price_per_1m": e.prompt_price_per_1m,
+                    "completion_price_per_1m": e.completion_price_per_1m,
+                    "cost_usd": e.cost_usd,
+                    "price_source": e.price_source.value,
+                    "unknown_reason": e.unknown_reason.value if e.unknown_reason else None,
+                }
+                for e in entries
+            ]
+        ),
     )
 
 
@@ -114,10 +149,11 @@ async def apply_sessions(conn: Connection, deltas: Sequence[SessionDelta]) -> li
             total_brains, dismissal_count, prompt_tokens, completion_tokens, cost_usd,
             unpriced_calls, first_used_at, last_used_at, appeared_at, dismissed_at,
             dismissal_reason)
-        SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[],
-            $6::bigint[], $7::bigint[], $8::bigint[], $9::numeric[], $10::bigint[],
-            $11::timestamptz[], $12::timestamptz[], $13::timestamptz[], $14::timestamptz[],
-            $15::text[])
+        SELECT * FROM json_to_recordset($1::text::json) AS x(user_id text, model_id text,
+            session_id text, response_count bigint, total_brains bigint, dismissal_count bigint,
+            prompt_tokens bigint, completion_tokens bigint, cost_usd numeric,
+            unpriced_calls bigint, first_used_at timestamptz, last_used_at timestamptz,
+            appeared_at timestamptz, dismissed_at timestamptz, dismissal_reason text)
         ON CONFLICT (user_id, model_id, session_id) DO UPDATE SET
             response_count    = s.response_count + EXCLUDED.response_count,
             total_brains      = s.total_brains + EXCLUDED.total_brains,
@@ -139,21 +175,28 @@ async def apply_sessions(conn: Connection, deltas: Sequence[SessionDelta]) -> li
             CASE WHEN old.id IS NULL THEN new.appeared_at END AS appeared_at,
             CASE WHEN old.dismissed_at IS NULL THEN new.dismissed_at END AS first_dismissed_at
         """,
-        [d.user_id for d in deltas],
-        [d.model_id for d in deltas],
-        [d.session_id for d in deltas],
-        [d.counters.responses for d in deltas],
-        [d.counters.brains for d in deltas],
-        [d.counters.dismissals for d in deltas],
-        [d.counters.prompt_tokens for d in deltas],
-        [d.counters.completion_tokens for d in deltas],
-        [d.counters.cost_usd for d in deltas],
-        [d.counters.unpriced_calls for d in deltas],
-        [d.counters.first_used_at for d in deltas],
-        [d.counters.last_used_at for d in deltas],
-        [d.seen_at for d in deltas],
-        [d.dismissed_at for d in deltas],
-        [d.dismissal_reason for d in deltas],
+        _json_rows(
+            [
+                {
+                    "user_id": d.user_id,
+                    "model_id": d.model_id,
+                    "session_id": d.session_id,
+                    "response_count": d.counters.responses,
+                    "total_brains": d.counters.brains,
+                    "dismissal_count": d.counters.dismissals,
+                    "prompt_tokens": d.counters.prompt_tokens,
+                    "completion_tokens": d.counters.completion_tokens,
+                    "cost_usd": d.counters.cost_usd,
+                    "unpriced_calls": d.counters.unpriced_calls,
+                    "first_used_at": d.counters.first_used_at,
+                    "last_used_at": d.counters.last_used_at,
+                    "appeared_at": d.seen_at,
+                    "dismissed_at": d.dismissed_at,
+                    "dismissal_reason": d.dismissal_reason,
+                }
+                for d in deltas
+            ]
+        ),
     )
     return [
         RosterChange(r["user_id"], r["model_id"], r["appeared_at"], r["first_dismissed_at"])
@@ -162,39 +205,37 @@ async def apply_sessions(conn: Connection, deltas: Sequence[SessionDelta]) -> li
     ]
 
 
-COUNTERS = (
-    "response_count",
-    "total_brains",
-    "dismissal_count",
-    "sessions_appeared",
-    "sessions_dismissed",
-    "prompt_tokens",
-    "completion_tokens",
-    "cost_usd",
-    "unpriced_calls",
-)
-_COUNTER_TYPES = ("bigint",) * 7 + ("numeric", "bigint")
+COUNTERS = {
+    "response_count": "bigint",
+    "total_brains": "bigint",
+    "dismissal_count": "bigint",
+    "sessions_appeared": "bigint",
+    "sessions_dismissed": "bigint",
+    "prompt_tokens": "bigint",
+    "completion_tokens": "bigint",
+    "cost_usd": "numeric",
+    "unpriced_calls": "bigint",
+}
+USAGE = {"first_used_at": "timestamptz", "last_used_at": "timestamptz"}
 
 
-def _counter_arrays(counters: Sequence[Counters]) -> list[list[Any]]:
-    return [
-        [c.responses for c in counters],
-        [c.brains for c in counters],
-        [c.dismissals for c in counters],
-        [c.sessions_appeared for c in counters],
-        [c.sessions_dismissed for c in counters],
-        [c.prompt_tokens for c in counters],
-        [c.completion_tokens for c in counters],
-        [c.cost_usd for c in counters],
-        [c.unpriced_calls for c in counters],
-    ]
+def _counter_values(c: Counters) -> dict[str, Any]:
+    return {
+        "response_count": c.responses,
+        "total_brains": c.brains,
+        "dismissal_count": c.dismissals,
+        "sessions_appeared": c.sessions_appeared,
+        "sessions_dismissed": c.sessions_dismissed,
+        "prompt_tokens": c.prompt_tokens,
+        "completion_tokens": c.completion_tokens,
+        "cost_usd": c.cost_usd,
+        "unpriced_calls": c.unpriced_calls,
+    }
 
 
 def _add_counters_sql(table: str, keys: dict[str, str], usage: bool = False) -> str:
     """INSERT … ON CONFLICT DO UPDATE adding every counter (and widening first/last used)."""
-    columns = [*keys, *COUNTERS] + (["first_used_at", "last_used_at"] if usage else [])
-    types = [*keys.values(), *_COUNTER_TYPES] + (["timestamptz"] * 2 if usage else [])
-    params = ", ".join(f"${i}::{t}[]" for i, t in enumerate(types, 1))
+    columns = {**keys, **COUNTERS, **(USAGE if usage else {})}
     updates = [f"{c} = a.{c} + EXCLUDED.{c}" for c in COUNTERS]
     if usage:
         updates += [
@@ -202,7 +243,7 @@ def _add_counters_sql(table: str, keys: dict[str, str], usage: bool = False) -> 
             "last_used_at = GREATEST(a.last_used_at, EXCLUDED.last_used_at)",
         ]
     return (
-        f"INSERT INTO {table} AS a ({', '.join(columns)}) SELECT * FROM unnest({params})"
+        f"INSERT INTO {table} AS a ({', '.join(columns)}) SELECT * FROM {_recordset(columns)}"
         f" ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {', '.join(updates)}"
     )
 
@@ -213,7 +254,11 @@ ADD_USER_DAYS = _add_counters_sql(
 ADD_USER_TOTALS = _add_counters_sql(
     "user_model_totals", {"user_id": "text", "model_id": "text"}, usage=True
 )
-ADD_GLOBAL_DAYS = _add_counters_sql("model_daily", {"day": "date", "model_id": "text"})
+_GLOBAL_DAY_COLUMNS = {"day": "date", "model_id": "text", **COUNTERS}
+ADD_GLOBAL_PENDING = (
+    f"INSERT INTO model_daily_pending ({', '.join(_GLOBAL_DAY_COLUMNS)})"
+    f" SELECT * FROM {_recordset(_GLOBAL_DAY_COLUMNS)}"
+)
 
 
 async def add_tallies(
@@ -222,31 +267,60 @@ async def add_tallies(
     totals: Sequence[tuple[str, str, Counters]],
     global_days: Sequence[tuple[str, date, Counters]],
 ) -> None:
-    """The aggregates the read paths are served from, in one fixed order of tables."""
+    """The aggregates the read paths are served from, in one fixed order of tables. The
+    global days are only appended (folded into model_daily later by `fold_global_days`),
+    so the consumers never wait on each other for the same global rows."""
     if totals:
         await conn.execute(
             ADD_USER_TOTALS,
-            [u for u, _, _ in totals],
-            [m for _, m, _ in totals],
-            *_counter_arrays([c for _, _, c in totals]),
-            [c.first_used_at for _, _, c in totals],
-            [c.last_used_at for _, _, c in totals],
+            _json_rows(
+                [
+                    {
+                        "user_id": u,
+                        "model_id": m,
+                        **_counter_values(c),
+                        "first_used_at": c.first_used_at,
+                        "last_used_at": c.last_used_at,
+                    }
+                    for u, m, c in totals
+                ]
+            ),
         )
     if days:
         await conn.execute(
             ADD_USER_DAYS,
-            [t.user_id for t in days],
-            [t.day for t in days],
-            [t.model_id for t in days],
-            *_counter_arrays([t.counters for t in days]),
+            _json_rows(
+                [
+                    {"user_id": t.user_id, "day": t.day, "model_id": t.model_id}
+                    | _counter_values(t.counters)
+                    for t in days
+                ]
+            ),
         )
     if global_days:
         await conn.execute(
-            ADD_GLOBAL_DAYS,
-            [d for _, d, _ in global_days],
-            [m for m, _, _ in global_days],
-            *_counter_arrays([c for _, _, c in global_days]),
+            ADD_GLOBAL_PENDING,
+            _json_rows(
+                [{"day": d, "model_id": m, **_counter_values(c)} for m, d, c in global_days]
+            ),
         )
+
+
+_COUNTER_SUMS = ", ".join(f"sum({c})" for c in COUNTERS)
+FOLD_GLOBAL_DAYS = f"""
+    WITH moved AS (DELETE FROM model_daily_pending RETURNING *)
+    INSERT INTO model_daily AS a (day, model_id, {", ".join(COUNTERS)})
+    SELECT day, model_id, {_COUNTER_SUMS} FROM moved GROUP BY day, model_id
+    ORDER BY day, model_id
+    ON CONFLICT (day, model_id) DO UPDATE SET
+        {", ".join(f"{c} = a.{c} + EXCLUDED.{c}" for c in COUNTERS)}
+"""
+
+
+async def fold_global_days(conn: Connection) -> None:
+    """Move what the consumers appended into model_daily, in one statement (rows deleted
+    by a concurrent fold are skipped by this one, so nothing is added twice)."""
+    await conn.execute(FOLD_GLOBAL_DAYS)
 
 
 # --- reads (a user's through Runtime.as_user: row-level security applies) ---------------
@@ -364,6 +438,7 @@ def _counts(rows: Sequence[asyncpg.Record]) -> list[ModelCounts]:
     ]
 
 
+_DAY_COLUMNS = "day, model_id, response_count, total_brains, sessions_appeared, sessions_dismissed"
 _LEADERBOARD_SUMS = (
     "model_id, sum(response_count) AS responses, sum(total_brains) AS brains,"
     " sum(sessions_appeared) AS appeared, sum(sessions_dismissed) AS dismissed"
@@ -389,9 +464,12 @@ async def user_leaderboard(conn: Connection, user_id: str, since: date | None) -
 
 
 async def global_leaderboard(conn: Connection, since: date | None) -> list[ModelCounts]:
+    # the folded days and what is still pending: exact whenever it is read
     rows = await conn.fetch(
-        f"SELECT {_LEADERBOARD_SUMS} FROM model_daily"
-        " WHERE day >= coalesce($1::date, '-infinity'::date) GROUP BY model_id",
+        f"SELECT {_LEADERBOARD_SUMS} FROM ("
+        f"  SELECT {_DAY_COLUMNS} FROM model_daily"
+        f"  UNION ALL SELECT {_DAY_COLUMNS} FROM model_daily_pending"
+        ") d WHERE day >= coalesce($1::date, '-infinity'::date) GROUP BY model_id",
         since,
     )
     return _counts(rows)

@@ -4,6 +4,7 @@ user's own; every new table is held to row-level security."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -24,6 +25,7 @@ from contracts.events import (
 )
 from services.runtime.db import Login, acting_for, create_pool
 from services.runtime.service import Runtime
+from services.stats import db
 from services.stats.app import build
 from services.stats.config import StatsSettings
 from tests.conftest import Infra, bearer, eventually, running
@@ -215,6 +217,39 @@ async def test_leaderboards_rank_a_users_own_models_and_operators_see_everyone_b
     }
     canary = (await client.get("/v1/leaderboard", headers=bearer("canary:guardian", "user"))).json()
     assert {m["model_id"] for m in canary["models"]} == {"m/good", "m/poor", "m/new"}
+    # the consumers only append the global days; the fold moves them, the board is the same
+    await eventually(lambda: _count(runtime, "model_daily_pending", 0), what="the global fold")
+    assert (await client.get("/v1/leaderboard/global", headers=OPERATOR)).json() == everyone
+    async with runtime.pool.acquire() as conn:
+        folded = await conn.fetchval("SELECT sum(response_count) FROM model_daily")
+    assert folded == 41
+
+
+async def test_concurrent_folds_move_each_pending_global_row_once(
+    stats: tuple[Runtime, httpx.AsyncClient],
+) -> None:
+    runtime, client = stats
+    rows = [(NOW.date() - timedelta(days=i % 3), f"m/{i % 5}", i) for i in range(1, 301)]
+    async with runtime.pool.acquire() as conn:
+        await conn.executemany(
+            "INSERT INTO model_daily_pending (day, model_id, response_count, total_brains)"
+            " VALUES ($1, $2, 1, $3)",
+            rows,
+        )
+    before = (await client.get("/v1/leaderboard/global", headers=OPERATOR)).json()
+
+    async def fold() -> None:
+        async with runtime.pool.acquire() as conn, conn.transaction():
+            await db.fold_global_days(conn)
+
+    await asyncio.gather(*(fold() for _ in range(4)))
+    async with runtime.pool.acquire() as conn:
+        assert await conn.fetchval("SELECT count(*) FROM model_daily_pending") == 0
+        folded = await conn.fetchrow(
+            "SELECT sum(response_count) AS responses, sum(total_brains) AS brains FROM model_daily"
+        )
+    assert (folded["responses"], folded["brains"]) == (300, sum(range(1, 301)))
+    assert (await client.get("/v1/leaderboard/global", headers=OPERATOR)).json() == before
 
 
 async def test_every_new_table_shows_a_user_their_own_rows_only_through_sql(
@@ -246,7 +281,7 @@ async def test_every_new_table_shows_a_user_their_own_rows_only_through_sql(
                 await conn.execute("SET LOCAL ROLE stats_user")  # no claims: nothing
                 assert await conn.fetchval(f"SELECT count(*) FROM {table}") == 0, table
         # the catalog's prices and the global aggregate are no user's: not for stats_user
-        for table in ("model_prices", "model_daily"):
+        for table in ("model_prices", "model_daily", "model_daily_pending"):
             with pytest.raises(asyncpg.InsufficientPrivilegeError):
                 async with acting_for(pool, "stats", {"sub": "alice"}) as conn:
                     await conn.fetch(f"SELECT * FROM {table}")
