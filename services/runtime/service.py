@@ -263,15 +263,28 @@ async def start_runtime(spec: ServiceSpec) -> tuple[Runtime, list[asyncio.Task[N
     return runtime, tasks
 
 
-async def stop_runtime(runtime: Runtime, tasks: list[asyncio.Task[None]]) -> None:
+async def stop_runtime(
+    runtime: Runtime, tasks: list[asyncio.Task[None]], grace_s: float = 5.0
+) -> None:
+    """Stop the loops, NATS and the pool; whatever does not stop within `grace_s` is left
+    behind or cut off and logged, so a stop never hangs (a SIGTERM must end the process)."""
     for task in tasks:
         task.cancel()
-    for task in tasks:
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
+    if tasks:
+        done, stuck = await asyncio.wait(tasks, timeout=grace_s)
+        for task in done:
+            if not task.cancelled():
+                task.exception()  # retrieved: a loop that failed while stopping is no news
+        for task in stuck:
+            log.warning("%s did not stop within %.0fs", task.get_name(), grace_s)
     with contextlib.suppress(Exception):
         await runtime.nc.close()  # not drain(): it waits out its timeout on pull requests
-    await runtime.pool.close()
+    try:
+        # close() waits for every borrowed connection to come back
+        await asyncio.wait_for(runtime.pool.close(), grace_s)
+    except TimeoutError:
+        log.warning("database connections still in use after %.0fs: cut off", grace_s)
+        runtime.pool.terminate()
 
 
 def login_of(service: str, settings: RuntimeSettings) -> Login:

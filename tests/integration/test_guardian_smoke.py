@@ -60,7 +60,12 @@ class Served:
         app.state.runtime = runtime
         self.tasks = tasks
         config = uvicorn.Config(
-            app, host="127.0.0.1", port=self.port, lifespan="off", log_config=None
+            app,
+            host="127.0.0.1",
+            port=self.port,
+            lifespan="off",
+            log_config=None,
+            timeout_graceful_shutdown=2,  # a kept-alive client must not hold the stop
         )
         server = uvicorn.Server(config)
         task = asyncio.create_task(server.serve())
