@@ -10,17 +10,9 @@ from typing import Any, Literal
 import asyncpg
 from pydantic_core import to_json
 
-from contracts.events import ModelSynced, PriceTier
+from contracts.events import CANARY_USER_PREFIX, ModelSynced, PriceTier
 from services.runtime.db import Connection
-from services.stats.domain import (
-    CostEntry,
-    Counters,
-    DayTally,
-    ModelCounts,
-    PriceInForce,
-    RosterChange,
-    SessionDelta,
-)
+from services.stats.domain import Contribution, CostEntry, ModelCounts, PriceInForce
 
 # --- writes: one statement per table per batch, rows in key order ------------------------
 #
@@ -140,170 +132,131 @@ async def add_costs(conn: Connection, entries: Sequence[CostEntry]) -> None:
     )
 
 
-async def apply_sessions(conn: Connection, deltas: Sequence[SessionDelta]) -> list[RosterChange]:
-    """Add a batch to the (user, model, session) records and the roster; returns which
-    models appeared on a panel and which were dismissed for the first time."""
-    rows = await conn.fetch(
-        """
-        INSERT INTO model_statistics AS s (user_id, model_id, session_id, response_count,
-            total_brains, dismissal_count, prompt_tokens, completion_tokens, cost_usd,
-            unpriced_calls, first_used_at, last_used_at, appeared_at, dismissed_at,
-            dismissal_reason)
-        SELECT * FROM json_to_recordset($1::text::json) AS x(user_id text, model_id text,
-            session_id text, response_count bigint, total_brains bigint, dismissal_count bigint,
-            prompt_tokens bigint, completion_tokens bigint, cost_usd numeric,
-            unpriced_calls bigint, first_used_at timestamptz, last_used_at timestamptz,
-            appeared_at timestamptz, dismissed_at timestamptz, dismissal_reason text)
-        ON CONFLICT (user_id, model_id, session_id) DO UPDATE SET
-            response_count    = s.response_count + EXCLUDED.response_count,
-            total_brains      = s.total_brains + EXCLUDED.total_brains,
-            dismissal_count   = s.dismissal_count + EXCLUDED.dismissal_count,
-            prompt_tokens     = s.prompt_tokens + EXCLUDED.prompt_tokens,
-            completion_tokens = s.completion_tokens + EXCLUDED.completion_tokens,
-            cost_usd          = s.cost_usd + EXCLUDED.cost_usd,
-            unpriced_calls    = s.unpriced_calls + EXCLUDED.unpriced_calls,
-            first_used_at     = LEAST(s.first_used_at, EXCLUDED.first_used_at),
-            last_used_at      = GREATEST(s.last_used_at, EXCLUDED.last_used_at),
-            appeared_at       = LEAST(s.appeared_at, EXCLUDED.appeared_at),
-            dismissed_at      = LEAST(s.dismissed_at, EXCLUDED.dismissed_at),
-            dismissal_reason  = CASE WHEN EXCLUDED.dismissed_at < s.dismissed_at
-                                       OR s.dismissed_at IS NULL
-                                     THEN EXCLUDED.dismissal_reason
-                                     ELSE s.dismissal_reason END,
-            updated_at        = now()
-        RETURNING new.user_id, new.model_id,
-            CASE WHEN old.id IS NULL THEN new.appeared_at END AS appeared_at,
-            CASE WHEN old.dismissed_at IS NULL THEN new.dismissed_at END AS first_dismissed_at
-        """,
+COUNTERS = (
+    "response_count",
+    "total_brains",
+    "dismissal_count",
+    "sessions_appeared",
+    "sessions_dismissed",
+    "prompt_tokens",
+    "completion_tokens",
+    "cost_usd",
+    "unpriced_calls",
+)
+_ADDED = ", ".join(f"{c} = a.{c} + EXCLUDED.{c}" for c in COUNTERS)
+_SUMMED = ", ".join(f"sum({c}) AS {c}" for c in COUNTERS)
+_WIDENED = (
+    "first_used_at = LEAST(a.first_used_at, EXCLUDED.first_used_at),"
+    " last_used_at = GREATEST(a.last_used_at, EXCLUDED.last_used_at)"
+)
+
+# A batch's contributions, folded and written in one statement: the per-session records
+# and roster, then each user's days (the main INSERT), then each user's totals and the
+# global days' pending rows. The same statement for every consumer, so every transaction
+# locks the tables in the same order, and the rows of each in key order: none deadlocks
+# another. A roster change (a model newly on a session's panel, or dismissed there for the
+# first time) counts on the day it happened, as returned by the records' upsert.
+APPLY = f"""
+WITH c AS (
+    SELECT * FROM json_to_recordset($1::text::json) AS x(n int, user_id text, model_id text,
+        session_id text, at timestamptz, responses bigint, brains bigint, dismissals bigint,
+        prompt_tokens bigint, completion_tokens bigint, cost_usd numeric,
+        unpriced_calls bigint, dismissal_reason text)
+), sessions AS (
+    INSERT INTO model_statistics AS s (user_id, model_id, session_id, response_count,
+        total_brains, dismissal_count, prompt_tokens, completion_tokens, cost_usd,
+        unpriced_calls, first_used_at, last_used_at, appeared_at, dismissed_at,
+        dismissal_reason)
+    SELECT user_id, model_id, session_id, sum(responses), sum(brains), sum(dismissals),
+        sum(prompt_tokens), sum(completion_tokens), sum(cost_usd), sum(unpriced_calls),
+        -- a use is a response (a reward or a dismissal is not); the panel, any event
+        min(at) FILTER (WHERE responses > 0), max(at) FILTER (WHERE responses > 0), min(at),
+        -- the earliest dismissal says when and why, whatever the order of arrival
+        min(at) FILTER (WHERE dismissals > 0),
+        (array_agg(dismissal_reason ORDER BY at, n) FILTER (WHERE dismissals > 0))[1]
+    FROM c GROUP BY user_id, model_id, session_id ORDER BY user_id, model_id, session_id
+    ON CONFLICT (user_id, model_id, session_id) DO UPDATE SET
+        response_count    = s.response_count + EXCLUDED.response_count,
+        total_brains      = s.total_brains + EXCLUDED.total_brains,
+        dismissal_count   = s.dismissal_count + EXCLUDED.dismissal_count,
+        prompt_tokens     = s.prompt_tokens + EXCLUDED.prompt_tokens,
+        completion_tokens = s.completion_tokens + EXCLUDED.completion_tokens,
+        cost_usd          = s.cost_usd + EXCLUDED.cost_usd,
+        unpriced_calls    = s.unpriced_calls + EXCLUDED.unpriced_calls,
+        first_used_at     = LEAST(s.first_used_at, EXCLUDED.first_used_at),
+        last_used_at      = GREATEST(s.last_used_at, EXCLUDED.last_used_at),
+        appeared_at       = LEAST(s.appeared_at, EXCLUDED.appeared_at),
+        dismissed_at      = LEAST(s.dismissed_at, EXCLUDED.dismissed_at),
+        dismissal_reason  = CASE WHEN EXCLUDED.dismissed_at < s.dismissed_at
+                                   OR s.dismissed_at IS NULL
+                                 THEN EXCLUDED.dismissal_reason
+                                 ELSE s.dismissal_reason END,
+        updated_at        = now()
+    RETURNING new.user_id, new.model_id,
+        CASE WHEN old.id IS NULL THEN new.appeared_at END AS appeared_at,
+        CASE WHEN old.dismissed_at IS NULL THEN new.dismissed_at END AS first_dismissed_at
+), days AS (
+    SELECT user_id, model_id, day, {_SUMMED},
+        min(used_at) AS first_used_at, max(used_at) AS last_used_at
+    FROM (
+        SELECT user_id, model_id, (at AT TIME ZONE 'UTC')::date AS day,
+            responses AS response_count, brains AS total_brains,
+            dismissals AS dismissal_count, 0 AS sessions_appeared, 0 AS sessions_dismissed,
+            prompt_tokens, completion_tokens, cost_usd, unpriced_calls,
+            CASE WHEN responses > 0 THEN at END AS used_at
+        FROM c
+        UNION ALL
+        SELECT user_id, model_id, (appeared_at AT TIME ZONE 'UTC')::date,
+            0, 0, 0, 1, 0, 0, 0, 0, 0, NULL FROM sessions WHERE appeared_at IS NOT NULL
+        UNION ALL
+        SELECT user_id, model_id, (first_dismissed_at AT TIME ZONE 'UTC')::date,
+            0, 0, 0, 0, 1, 0, 0, 0, 0, NULL FROM sessions WHERE first_dismissed_at IS NOT NULL
+    ) d GROUP BY user_id, model_id, day
+), totals AS (
+    INSERT INTO user_model_totals AS a (user_id, model_id, {", ".join(COUNTERS)},
+        first_used_at, last_used_at)
+    SELECT user_id, model_id, {_SUMMED}, min(first_used_at), max(last_used_at)
+    FROM days GROUP BY user_id, model_id ORDER BY user_id, model_id
+    ON CONFLICT (user_id, model_id) DO UPDATE SET {_ADDED}, {_WIDENED}
+), global_days AS (
+    -- every user's days but the canaries', appended (folded later by fold_global_days)
+    INSERT INTO model_daily_pending (day, model_id, {", ".join(COUNTERS)})
+    SELECT day, model_id, {_SUMMED} FROM days WHERE NOT starts_with(user_id, $2)
+    GROUP BY day, model_id
+)
+INSERT INTO user_model_daily AS a (user_id, day, model_id, {", ".join(COUNTERS)})
+SELECT user_id, day, model_id, {", ".join(COUNTERS)} FROM days
+ORDER BY user_id, day, model_id
+ON CONFLICT (user_id, day, model_id) DO UPDATE SET {_ADDED}
+"""
+
+
+async def apply(conn: Connection, contributions: Sequence[Contribution]) -> None:
+    """Add a batch to the records, the roster and every aggregate (APPLY)."""
+    await conn.execute(
+        APPLY,
         _json_rows(
             [
                 {
-                    "user_id": d.user_id,
-                    "model_id": d.model_id,
-                    "session_id": d.session_id,
-                    "response_count": d.counters.responses,
-                    "total_brains": d.counters.brains,
-                    "dismissal_count": d.counters.dismissals,
-                    "prompt_tokens": d.counters.prompt_tokens,
-                    "completion_tokens": d.counters.completion_tokens,
-                    "cost_usd": d.counters.cost_usd,
-                    "unpriced_calls": d.counters.unpriced_calls,
-                    "first_used_at": d.counters.first_used_at,
-                    "last_used_at": d.counters.last_used_at,
-                    "appeared_at": d.seen_at,
-                    "dismissed_at": d.dismissed_at,
-                    "dismissal_reason": d.dismissal_reason,
+                    "n": n,
+                    "user_id": c.user_id,
+                    "model_id": c.model_id,
+                    "session_id": c.session_id,
+                    "at": c.at,
+                    "responses": c.responses,
+                    "brains": c.brains,
+                    "dismissals": c.dismissals,
+                    "prompt_tokens": c.prompt_tokens,
+                    "completion_tokens": c.completion_tokens,
+                    "cost_usd": c.cost_usd,
+                    "unpriced_calls": c.unpriced_calls,
+                    "dismissal_reason": c.dismissal_reason,
                 }
-                for d in deltas
+                for n, c in enumerate(contributions)
             ]
         ),
+        CANARY_USER_PREFIX,
     )
-    return [
-        RosterChange(r["user_id"], r["model_id"], r["appeared_at"], r["first_dismissed_at"])
-        for r in rows
-        if r["appeared_at"] or r["first_dismissed_at"]
-    ]
-
-
-COUNTERS = {
-    "response_count": "bigint",
-    "total_brains": "bigint",
-    "dismissal_count": "bigint",
-    "sessions_appeared": "bigint",
-    "sessions_dismissed": "bigint",
-    "prompt_tokens": "bigint",
-    "completion_tokens": "bigint",
-    "cost_usd": "numeric",
-    "unpriced_calls": "bigint",
-}
-USAGE = {"first_used_at": "timestamptz", "last_used_at": "timestamptz"}
-
-
-def _counter_values(c: Counters) -> dict[str, Any]:
-    return {
-        "response_count": c.responses,
-        "total_brains": c.brains,
-        "dismissal_count": c.dismissals,
-        "sessions_appeared": c.sessions_appeared,
-        "sessions_dismissed": c.sessions_dismissed,
-        "prompt_tokens": c.prompt_tokens,
-        "completion_tokens": c.completion_tokens,
-        "cost_usd": c.cost_usd,
-        "unpriced_calls": c.unpriced_calls,
-    }
-
-
-def _add_counters_sql(table: str, keys: dict[str, str], usage: bool = False) -> str:
-    """INSERT … ON CONFLICT DO UPDATE adding every counter (and widening first/last used)."""
-    columns = {**keys, **COUNTERS, **(USAGE if usage else {})}
-    updates = [f"{c} = a.{c} + EXCLUDED.{c}" for c in COUNTERS]
-    if usage:
-        updates += [
-            "first_used_at = LEAST(a.first_used_at, EXCLUDED.first_used_at)",
-            "last_used_at = GREATEST(a.last_used_at, EXCLUDED.last_used_at)",
-        ]
-    return (
-        f"INSERT INTO {table} AS a ({', '.join(columns)}) SELECT * FROM {_recordset(columns)}"
-        f" ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {', '.join(updates)}"
-    )
-
-
-ADD_USER_DAYS = _add_counters_sql(
-    "user_model_daily", {"user_id": "text", "day": "date", "model_id": "text"}
-)
-ADD_USER_TOTALS = _add_counters_sql(
-    "user_model_totals", {"user_id": "text", "model_id": "text"}, usage=True
-)
-_GLOBAL_DAY_COLUMNS = {"day": "date", "model_id": "text", **COUNTERS}
-ADD_GLOBAL_PENDING = (
-    f"INSERT INTO model_daily_pending ({', '.join(_GLOBAL_DAY_COLUMNS)})"
-    f" SELECT * FROM {_recordset(_GLOBAL_DAY_COLUMNS)}"
-)
-
-
-async def add_tallies(
-    conn: Connection,
-    days: Sequence[DayTally],
-    totals: Sequence[tuple[str, str, Counters]],
-    global_days: Sequence[tuple[str, date, Counters]],
-) -> None:
-    """The aggregates the read paths are served from, in one fixed order of tables. The
-    global days are only appended (folded into model_daily later by `fold_global_days`),
-    so the consumers never wait on each other for the same global rows."""
-    if totals:
-        await conn.execute(
-            ADD_USER_TOTALS,
-            _json_rows(
-                [
-                    {
-                        "user_id": u,
-                        "model_id": m,
-                        **_counter_values(c),
-                        "first_used_at": c.first_used_at,
-                        "last_used_at": c.last_used_at,
-                    }
-                    for u, m, c in totals
-                ]
-            ),
-        )
-    if days:
-        await conn.execute(
-            ADD_USER_DAYS,
-            _json_rows(
-                [
-                    {"user_id": t.user_id, "day": t.day, "model_id": t.model_id}
-                    | _counter_values(t.counters)
-                    for t in days
-                ]
-            ),
-        )
-    if global_days:
-        await conn.execute(
-            ADD_GLOBAL_PENDING,
-            _json_rows(
-                [{"day": d, "model_id": m, **_counter_values(c)} for m, d, c in global_days]
-            ),
-        )
 
 
 _COUNTER_SUMS = ", ".join(f"sum({c})" for c in COUNTERS)

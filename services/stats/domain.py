@@ -4,9 +4,9 @@ how a leaderboard is ranked with honest uncertainty."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from datetime import date, datetime
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
 from decimal import Decimal
 from enum import StrEnum
 
@@ -15,7 +15,6 @@ from contracts.events import (
     ModelRewarded,
     PriceTier,
     SubtaskCompleted,
-    is_canary,
 )
 
 MILLION = Decimal(1_000_000)
@@ -184,138 +183,6 @@ def from_dismissal(event: ModelDismissed) -> Contribution:
         dismissals=1,
         dismissal_reason=event.reason,
     )
-
-
-@dataclass
-class Counters:
-    """The additive part of every record and aggregate."""
-
-    responses: int = 0
-    brains: int = 0
-    dismissals: int = 0
-    sessions_appeared: int = 0
-    sessions_dismissed: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cost_usd: Decimal = Decimal(0)
-    unpriced_calls: int = 0
-    first_used_at: datetime | None = None
-    last_used_at: datetime | None = None
-
-    def add(self, c: Contribution) -> None:
-        self.responses += c.responses
-        self.brains += c.brains
-        self.dismissals += c.dismissals
-        self.prompt_tokens += c.prompt_tokens
-        self.completion_tokens += c.completion_tokens
-        self.cost_usd += c.cost_usd
-        self.unpriced_calls += c.unpriced_calls
-        if c.responses:
-            self.used_at(c.at, c.at)
-
-    def merge(self, other: Counters) -> None:
-        self.responses += other.responses
-        self.brains += other.brains
-        self.dismissals += other.dismissals
-        self.sessions_appeared += other.sessions_appeared
-        self.sessions_dismissed += other.sessions_dismissed
-        self.prompt_tokens += other.prompt_tokens
-        self.completion_tokens += other.completion_tokens
-        self.cost_usd += other.cost_usd
-        self.unpriced_calls += other.unpriced_calls
-        if other.first_used_at and other.last_used_at:
-            self.used_at(other.first_used_at, other.last_used_at)
-
-    def used_at(self, first: datetime, last: datetime) -> None:
-        self.first_used_at = min(self.first_used_at or first, first)
-        self.last_used_at = max(self.last_used_at or last, last)
-
-
-@dataclass
-class SessionDelta:
-    """What one batch adds to one (user, model, session) record, roster included."""
-
-    user_id: str
-    model_id: str
-    session_id: str
-    seen_at: datetime  # the earliest event: when the model appeared on the panel
-    counters: Counters = field(default_factory=Counters)
-    dismissed_at: datetime | None = None  # the earliest dismissal, and its reason
-    dismissal_reason: str | None = None
-
-
-def session_deltas(contributions: Iterable[Contribution]) -> list[SessionDelta]:
-    """Fold a batch into one delta per record, in key order (so every consumer locks rows
-    in the same order and none deadlocks another)."""
-    deltas: dict[tuple[str, str, str], SessionDelta] = {}
-    for c in contributions:
-        key = (c.user_id, c.model_id, c.session_id)
-        d = deltas.get(key)
-        if d is None:
-            d = deltas[key] = SessionDelta(*key, seen_at=c.at)
-        d.seen_at = min(d.seen_at, c.at)
-        d.counters.add(c)
-        if c.dismissals and (d.dismissed_at is None or c.at < d.dismissed_at):
-            d.dismissed_at, d.dismissal_reason = c.at, c.dismissal_reason
-    return [deltas[k] for k in sorted(deltas)]
-
-
-@dataclass(frozen=True)
-class RosterChange:
-    """What applying a session delta changed on the roster: the model newly appeared on the
-    session's panel (at `appeared_at`), or was dismissed for the first time."""
-
-    user_id: str
-    model_id: str
-    appeared_at: datetime | None
-    first_dismissed_at: datetime | None
-
-
-@dataclass
-class DayTally:
-    user_id: str
-    model_id: str
-    day: date
-    counters: Counters = field(default_factory=Counters)
-
-
-def day_tallies(
-    contributions: Iterable[Contribution], changes: Iterable[RosterChange]
-) -> list[DayTally]:
-    """Fold a batch into one tally per (user, model, UTC day of the event), in key order."""
-    tallies: dict[tuple[str, str, date], DayTally] = {}
-
-    def tally(user_id: str, model_id: str, at: datetime) -> Counters:
-        key = (user_id, model_id, at.date())
-        if key not in tallies:
-            tallies[key] = DayTally(*key)
-        return tallies[key].counters
-
-    for c in contributions:
-        tally(c.user_id, c.model_id, c.at).add(c)
-    for ch in changes:
-        if ch.appeared_at:
-            tally(ch.user_id, ch.model_id, ch.appeared_at).sessions_appeared += 1
-        if ch.first_dismissed_at:
-            tally(ch.user_id, ch.model_id, ch.first_dismissed_at).sessions_dismissed += 1
-    return [tallies[k] for k in sorted(tallies)]
-
-
-def user_totals(tallies: Iterable[DayTally]) -> list[tuple[str, str, Counters]]:
-    """The day tallies summed per (user, model), in key order."""
-    totals: dict[tuple[str, str], Counters] = {}
-    for t in tallies:
-        totals.setdefault((t.user_id, t.model_id), Counters()).merge(t.counters)
-    return [(*k, totals[k]) for k in sorted(totals)]
-
-
-def global_days(tallies: Iterable[DayTally]) -> list[tuple[str, date, Counters]]:
-    """The day tallies summed per (model, day) over every user but the canaries."""
-    days: dict[tuple[date, str], Counters] = {}
-    for t in tallies:
-        if not is_canary(t.user_id):
-            days.setdefault((t.day, t.model_id), Counters()).merge(t.counters)
-    return [(k[1], k[0], days[k]) for k in sorted(days)]
 
 
 # --- the leaderboard ---------------------------------------------------------------------

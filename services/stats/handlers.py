@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from contracts.events import ModelDismissed, ModelRewarded, ModelSynced, SubtaskCompleted
 from services.runtime.consumer import DeadLetter
 from services.runtime.db import Connection
 from services.stats import db
 from services.stats.domain import (
-    Contribution,
     Unacceptable,
-    day_tallies,
     from_call,
     from_dismissal,
     from_reward,
-    global_days,
     price_call,
-    session_deltas,
-    user_totals,
 )
 
 
@@ -42,7 +35,7 @@ async def on_subtask_completed(conn: Connection, events: list[SubtaskCompleted])
     except Unacceptable as exc:
         raise DeadLetter(str(exc)) from exc
     await db.add_costs(conn, entries)
-    await apply(conn, [from_call(e) for e in entries])
+    await db.apply(conn, [from_call(e) for e in entries])
 
 
 async def on_model_rewarded(conn: Connection, events: list[ModelRewarded]) -> None:
@@ -50,19 +43,12 @@ async def on_model_rewarded(conn: Connection, events: list[ModelRewarded]) -> No
         contributions = [from_reward(e) for e in events]
     except Unacceptable as exc:
         raise DeadLetter(str(exc)) from exc
-    await apply(conn, contributions)
+    await db.apply(conn, contributions)
 
 
 async def on_model_dismissed(conn: Connection, events: list[ModelDismissed]) -> None:
-    await apply(conn, [from_dismissal(e) for e in events])
+    await db.apply(conn, [from_dismissal(e) for e in events])
 
 
 async def on_model_synced(conn: Connection, events: list[ModelSynced]) -> None:
     await db.add_prices(conn, events)
-
-
-async def apply(conn: Connection, contributions: Sequence[Contribution]) -> None:
-    """The records, the roster and every aggregate, always in the same order of tables."""
-    changes = await db.apply_sessions(conn, session_deltas(contributions))
-    days = day_tallies(contributions, changes)
-    await db.add_tallies(conn, days, user_totals(days), global_days(days))

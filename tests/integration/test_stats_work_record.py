@@ -28,6 +28,7 @@ from services.runtime.service import Runtime
 from services.stats import db
 from services.stats.app import build
 from services.stats.config import StatsSettings
+from services.stats.domain import from_call, from_dismissal, from_reward, price_call
 from tests.conftest import Infra, bearer, eventually, running
 
 ALICE, BOB = bearer("alice", "user"), bearer("bob", "user")
@@ -353,3 +354,84 @@ async def test_hostile_input_is_refused_or_finds_nothing_never_a_server_error(
     ]:
         r = await client.get(url, params=params, headers=ALICE)
         assert r.status_code in (200, 404, 422), (url, params, r.status_code, r.text[:200])
+
+
+async def test_a_batch_folds_into_records_days_totals_and_global_days_in_one_statement(
+    stats: tuple[Runtime, httpx.AsyncClient],
+) -> None:
+    """What db.apply adds, table by table, for a batch out of order across two days."""
+    runtime, _ = stats
+    t0 = datetime(2026, 4, 2, 12, 0, tzinfo=UTC)
+
+    def at(minutes: int) -> datetime:
+        return t0 + timedelta(minutes=minutes)
+
+    def done(session: str, minutes: int, tokens: int = 1, cost: str | None = None) -> Any:
+        c = call("u", "a", session, at(minutes), prompt_tokens=tokens)
+        c = c.model_copy(update={"completion_tokens": 2 * tokens})
+        if cost:
+            c = c.model_copy(update={"cost_usd": Decimal(cost)})
+        return from_call(price_call(c, None))
+
+    batch = [
+        done("s1", 5, tokens=3, cost="0.1"),
+        done("s1", 1, cost="0.2"),
+        done("s2", 2),  # no price: unpriced, never 0
+        from_reward(
+            ModelRewarded(user_id="u", session_id="s1", model_id="a", brains=3, occurred_at=at(0))
+        ),
+        from_dismissal(
+            ModelDismissed(
+                user_id="u", session_id="s1", model_id="a", reason="slow", occurred_at=at(9)
+            )
+        ),
+        from_dismissal(
+            ModelDismissed(
+                user_id="u", session_id="s1", model_id="a", reason="wrong", occurred_at=at(7)
+            )
+        ),
+        done("s1", 24 * 60, cost="2"),  # the next day
+        from_call(price_call(call("canary:guardian", "a", "s9", at(0), cost_usd=Decimal(4)), None)),
+    ]
+    async with runtime.pool.acquire() as conn:
+        async with conn.transaction():
+            await db.apply(conn, batch)
+        s1 = await conn.fetchrow(
+            "SELECT * FROM model_statistics WHERE user_id = 'u' AND session_id = 's1'"
+        )
+        days = await conn.fetch(
+            "SELECT user_id, day, response_count, sessions_appeared, sessions_dismissed,"
+            " cost_usd FROM user_model_daily ORDER BY user_id, day"
+        )
+        totals = await conn.fetchrow("SELECT * FROM user_model_totals WHERE user_id = 'u'")
+        everyone = await conn.fetch(
+            "SELECT day, response_count, cost_usd FROM model_daily_pending ORDER BY day"
+        )
+        # the same batch's events again in another batch add up, and change no roster
+        async with conn.transaction():
+            await db.apply(conn, batch[:1])
+        again = await conn.fetchrow("SELECT * FROM user_model_totals WHERE user_id = 'u'")
+    assert s1 is not None and totals is not None and again is not None
+    assert (s1["response_count"], s1["prompt_tokens"], s1["completion_tokens"]) == (3, 5, 10)
+    assert (s1["total_brains"], s1["dismissal_count"], s1["cost_usd"]) == (3, 2, Decimal("2.3"))
+    assert s1["appeared_at"] == at(0)  # the reward, the earliest event, put it on the panel
+    assert (s1["first_used_at"], s1["last_used_at"]) == (at(1), at(24 * 60))  # a reward is no use
+    # the earliest dismissal says when and why, whatever the order of arrival
+    assert (s1["dismissed_at"], s1["dismissal_reason"]) == (at(7), "wrong")
+    day1, day2 = t0.date(), (t0 + timedelta(days=1)).date()
+    assert [tuple(r) for r in days] == [
+        ("canary:guardian", day1, 1, 1, 0, Decimal(4)),
+        ("u", day1, 3, 2, 1, Decimal("0.3")),  # two sessions appeared, one dismissed
+        ("u", day2, 1, 0, 0, Decimal(2)),
+    ]
+    assert (totals["response_count"], totals["unpriced_calls"], totals["cost_usd"]) == (
+        4,
+        1,
+        Decimal("2.3"),
+    )
+    assert (totals["first_used_at"], totals["last_used_at"]) == (at(1), at(24 * 60))
+    assert (totals["sessions_appeared"], totals["sessions_dismissed"]) == (2, 1)
+    # the global days leave the canary out
+    assert [tuple(r) for r in everyone] == [(day1, 3, Decimal("0.3")), (day2, 1, Decimal(2))]
+    assert (again["response_count"], again["sessions_appeared"]) == (5, 2)
+    assert again["cost_usd"] == Decimal("2.4")

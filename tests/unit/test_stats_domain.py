@@ -7,24 +7,18 @@ from decimal import Decimal
 
 import pytest
 
-from contracts.events import ModelDismissed, ModelRewarded, PriceTier, SubtaskCompleted
+from contracts.events import ModelRewarded, PriceTier, SubtaskCompleted
 from services.stats.domain import (
     ModelCounts,
     PriceInForce,
     PriceSource,
-    RosterChange,
     Unacceptable,
     UnknownReason,
-    day_tallies,
     from_call,
-    from_dismissal,
     from_reward,
-    global_days,
     leaderboard,
     poisson_score,
     price_call,
-    session_deltas,
-    user_totals,
     wilson,
 )
 
@@ -49,26 +43,6 @@ def done(
         completion_tokens=2 * tokens,
         completed_at=T0 + timedelta(minutes=minutes),
         cost_usd=Decimal(cost) if cost else None,
-    )
-
-
-def dismissed(model: str, session: str, minutes: int, reason: str) -> ModelDismissed:
-    return ModelDismissed(
-        user_id="u",
-        session_id=session,
-        model_id=model,
-        reason=reason,
-        occurred_at=T0 + timedelta(minutes=minutes),
-    )
-
-
-def rewarded(model: str, session: str, minutes: int, brains: int) -> ModelRewarded:
-    return ModelRewarded(
-        user_id="u",
-        session_id=session,
-        model_id=model,
-        brains=brains,
-        occurred_at=T0 + timedelta(minutes=minutes),
     )
 
 
@@ -136,70 +110,10 @@ def test_numbers_beyond_any_real_call_are_refused() -> None:
     with pytest.raises(Unacceptable):
         price_call(done("a", "s", 0, tokens=10**13), PRICE)
     with pytest.raises(Unacceptable):
-        from_reward(rewarded("a", "s", 0, brains=10**10))
+        from_reward(ModelRewarded(user_id="u", session_id="s", model_id="a", brains=10**10))
 
 
 # --- folding a batch ---------------------------------------------------------------------
-
-
-def test_a_batch_folds_into_one_delta_per_user_model_and_session_in_key_order() -> None:
-    calls = [
-        done("b", "s1", 3),
-        done("a", "s1", 5, tokens=3, cost="0.1"),
-        done("a", "s1", 1, cost="0.2"),
-        done("a", "s2", 2),
-    ]
-    contributions = [from_call(price_call(e, None)) for e in calls]
-    contributions += [
-        from_reward(rewarded("a", "s1", 0, 3)),
-        from_dismissal(dismissed("a", "s1", 9, "slow")),
-    ]
-    contributions += [from_dismissal(dismissed("a", "s1", 7, "wrong"))]
-    deltas = session_deltas(contributions)
-    assert [(d.model_id, d.session_id) for d in deltas] == [("a", "s1"), ("a", "s2"), ("b", "s1")]
-    a1 = deltas[0]
-    c = a1.counters
-    assert (c.responses, c.prompt_tokens, c.completion_tokens, c.brains, c.dismissals) == (
-        2,
-        4,
-        8,
-        3,
-        2,
-    )
-    assert c.cost_usd == Decimal("0.3")
-    assert c.unpriced_calls == 0
-    assert a1.seen_at == T0  # the reward, the earliest event, put it on the panel
-    assert c.first_used_at == T0 + timedelta(minutes=1)  # a reward is not a use
-    assert c.last_used_at == T0 + timedelta(minutes=5)
-    # the earliest dismissal says when and why, whatever the order of arrival
-    assert (a1.dismissed_at, a1.dismissal_reason) == (T0 + timedelta(minutes=7), "wrong")
-    assert deltas[1].counters.unpriced_calls == 1
-
-
-def test_days_totals_and_the_global_view_add_up_and_leave_canaries_out() -> None:
-    late = T0 + timedelta(days=1)
-    contributions = [
-        from_call(price_call(done("a", "s1", 0, cost="1"), None)),
-        from_call(price_call(done("a", "s1", 24 * 60, cost="2"), None)),
-        from_call(price_call(done("a", "s9", 0, cost="4", user="canary:guardian"), None)),
-    ]
-    changes = [RosterChange("u", "a", T0, None), RosterChange("u", "a", None, late)]
-    days = day_tallies(contributions, changes)
-    assert [(t.user_id, t.day) for t in days] == [
-        ("canary:guardian", T0.date()),
-        ("u", T0.date()),
-        ("u", late.date()),
-    ]
-    assert (days[1].counters.sessions_appeared, days[2].counters.sessions_dismissed) == (1, 1)
-    [canary, u] = user_totals(days)
-    assert u[2].responses == 2 and u[2].cost_usd == 3
-    assert (u[2].first_used_at, u[2].last_used_at) == (T0, late)
-    assert canary[0] == "canary:guardian"
-    everyone = global_days(days)
-    assert [(m, d, c.cost_usd) for m, d, c in everyone] == [
-        ("a", T0.date(), Decimal(1)),
-        ("a", late.date(), Decimal(2)),
-    ]
 
 
 # --- intervals and ranks -----------------------------------------------------------------
@@ -288,8 +202,3 @@ def test_a_model_with_nothing_to_rate_has_no_interval() -> None:
     assert (s.rank, s.brains_per_response, s.dismissals_per_appearance) == (None, None, None)
     [d] = leaderboard([counts("y", 40, 0, appeared=2, dismissed=3)], min_responses=1)
     assert d.dismissals_per_appearance is not None and d.dismissals_per_appearance.rate == 1.0
-
-
-def test_no_events_nothing_to_fold() -> None:
-    assert session_deltas([]) == []
-    assert day_tallies([], []) == []
