@@ -53,35 +53,45 @@ async def add_prices(conn: Connection, events: Sequence[ModelSynced]) -> None:
     )
 
 
-async def prices_in_force(
-    conn: Connection, calls: Sequence[tuple[str, datetime]]
-) -> list[PriceInForce | None]:
-    """For each (model, time): the newest price from before that time, or None."""
+async def price_histories(
+    conn: Connection, spans: dict[str, tuple[datetime, datetime]]
+) -> dict[str, list[tuple[datetime, PriceInForce]]]:
+    """For each model and the span of its calls' times in a batch: the prices in force at
+    some time of the span (the newest from before its start, and every later one up to its
+    end), oldest first. One set-based lookup per batch, whatever the number of calls."""
     rows = await conn.fetch(
         """
-        SELECT p.prompt_price_per_1m, p.completion_price_per_1m, p.variable_price,
-               p.price_tiers, p.model_id IS NOT NULL AS known
-        FROM ROWS FROM (json_to_recordset($1::text::json) AS (model_id text, at timestamptz))
-            WITH ORDINALITY AS c(model_id, at, n)
-        LEFT JOIN LATERAL (
-            SELECT * FROM model_prices m WHERE m.model_id = c.model_id AND m.valid_from <= c.at
-            ORDER BY m.valid_from DESC, m.event_id DESC LIMIT 1
+        SELECT m.model_id, p.valid_from, p.prompt_price_per_1m, p.completion_price_per_1m,
+               p.variable_price, p.price_tiers
+        FROM unnest($1::text[], $2::timestamptz[], $3::timestamptz[]) AS m(model_id, since, until)
+        JOIN LATERAL (
+            SELECT * FROM model_prices p
+            WHERE p.model_id = m.model_id AND p.valid_from <= m.until
+              AND p.valid_from >= coalesce((
+                  SELECT max(q.valid_from) FROM model_prices q
+                  WHERE q.model_id = m.model_id AND q.valid_from <= m.since
+              ), '-infinity')
         ) p ON true
-        ORDER BY c.n
+        ORDER BY m.model_id, p.valid_from, p.event_id
         """,
-        _json_rows([{"model_id": m, "at": t} for m, t in calls]),
+        list(spans),
+        [since for since, _ in spans.values()],
+        [until for _, until in spans.values()],
     )
-    return [
-        PriceInForce(
-            r["prompt_price_per_1m"],
-            r["completion_price_per_1m"],
-            r["variable_price"],
-            tuple(PriceTier.model_validate(t) for t in _json(r["price_tiers"])),
+    histories: dict[str, list[tuple[datetime, PriceInForce]]] = {}
+    for r in rows:
+        histories.setdefault(r["model_id"], []).append(
+            (
+                r["valid_from"],
+                PriceInForce(
+                    r["prompt_price_per_1m"],
+                    r["completion_price_per_1m"],
+                    r["variable_price"],
+                    tuple(PriceTier.model_validate(t) for t in _json(r["price_tiers"])),
+                ),
+            )
         )
-        if r["known"]
-        else None
-        for r in rows
-    ]
+    return histories
 
 
 def _json(value: Any) -> Any:

@@ -4,7 +4,8 @@ how a leaderboard is ranked with honest uncertainty."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from bisect import bisect_right
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -68,6 +69,24 @@ class CostEntry:
     cost_usd: Decimal | None
     price_source: PriceSource
     unknown_reason: UnknownReason | None
+
+
+def calls_to_price(events: Iterable[SubtaskCompleted]) -> dict[str, tuple[datetime, datetime]]:
+    """The models the catalog must price (calls without their own cost), each with the
+    span of its calls' times: what one lookup of the batch's prices needs."""
+    spans: dict[str, tuple[datetime, datetime]] = {}
+    for e in events:
+        if e.cost_usd is None:
+            since, until = spans.get(e.model_id, (e.completed_at, e.completed_at))
+            spans[e.model_id] = (min(since, e.completed_at), max(until, e.completed_at))
+    return spans
+
+
+def price_at(history: Sequence[tuple[datetime, PriceInForce]], at: datetime) -> PriceInForce | None:
+    """The price in force at `at`: the newest of `history` (oldest first, each from its
+    time on) from no later than `at`; the last listed wins a tie. None: none yet."""
+    i = bisect_right(history, at, key=lambda entry: entry[0])
+    return history[i - 1][1] if i else None
 
 
 def unit_prices(price: PriceInForce, prompt_tokens: int) -> tuple[Decimal, Decimal] | None:

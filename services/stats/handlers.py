@@ -8,9 +8,11 @@ from services.runtime.db import Connection
 from services.stats import db
 from services.stats.domain import (
     Unacceptable,
+    calls_to_price,
     from_call,
     from_dismissal,
     from_reward,
+    price_at,
     price_call,
 )
 
@@ -18,20 +20,12 @@ from services.stats.domain import (
 async def on_subtask_completed(conn: Connection, events: list[SubtaskCompleted]) -> None:
     """Each completed subtask is one response and one call in the cost ledger, priced by
     the event's cost, else by the catalog price in force when it completed."""
-    to_price = [e for e in events if e.cost_usd is None]
-    prices = (
-        dict(
-            zip(
-                (e.event_id for e in to_price),
-                await db.prices_in_force(conn, [(e.model_id, e.completed_at) for e in to_price]),
-                strict=True,
-            )
-        )
-        if to_price
-        else {}
-    )
+    spans = calls_to_price(events)
+    histories = await db.price_histories(conn, spans) if spans else {}
     try:
-        entries = [price_call(e, prices.get(e.event_id)) for e in events]
+        entries = [
+            price_call(e, price_at(histories.get(e.model_id, ()), e.completed_at)) for e in events
+        ]
     except Unacceptable as exc:
         raise DeadLetter(str(exc)) from exc
     await db.add_costs(conn, entries)

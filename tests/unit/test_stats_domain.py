@@ -14,10 +14,12 @@ from services.stats.domain import (
     PriceSource,
     Unacceptable,
     UnknownReason,
+    calls_to_price,
     from_call,
     from_reward,
     leaderboard,
     poisson_score,
+    price_at,
     price_call,
     wilson,
 )
@@ -202,3 +204,22 @@ def test_a_model_with_nothing_to_rate_has_no_interval() -> None:
     assert (s.rank, s.brains_per_response, s.dismissals_per_appearance) == (None, None, None)
     [d] = leaderboard([counts("y", 40, 0, appeared=2, dismissed=3)], min_responses=1)
     assert d.dismissals_per_appearance is not None and d.dismissals_per_appearance.rate == 1.0
+
+
+def test_a_call_pays_the_newest_price_from_no_later_than_its_time() -> None:
+    cheap, dear, dearer = (PriceInForce(Decimal(p), Decimal(p), False) for p in "123")
+    history = [(T0, cheap), (T0 + timedelta(hours=1), dear), (T0 + timedelta(hours=1), dearer)]
+    assert price_at(history, T0 - timedelta(seconds=1)) is None  # before any price
+    assert price_at(history, T0) is cheap  # in force from its own time on
+    assert price_at(history, T0 + timedelta(minutes=59)) is cheap
+    assert price_at(history, T0 + timedelta(hours=1)) is dearer  # a tie: the last listed
+    assert price_at(history, T0 + timedelta(days=9)) is dearer
+    assert price_at([], T0) is None
+
+
+def test_only_calls_without_their_own_cost_are_looked_up_over_the_span_of_their_times() -> None:
+    calls = [done("a", "s", 5), done("a", "s", 1), done("b", "s", 3, cost="1"), done("c", "s", 2)]
+    assert calls_to_price(calls) == {
+        "a": (T0 + timedelta(minutes=1), T0 + timedelta(minutes=5)),
+        "c": (T0 + timedelta(minutes=2), T0 + timedelta(minutes=2)),
+    }
