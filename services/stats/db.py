@@ -112,34 +112,26 @@ COST_COLUMNS = {
     "price_source": "text",
     "unknown_reason": "text",
 }
-ADD_COSTS = (
-    f"INSERT INTO llm_costs ({', '.join(COST_COLUMNS)}) SELECT * FROM {_recordset(COST_COLUMNS)}"
-)
 
 
-async def add_costs(conn: Connection, entries: Sequence[CostEntry]) -> None:
-    await conn.execute(
-        ADD_COSTS,
-        _json_rows(
-            [
-                {
-                    "event_id": e.event_id,
-                    "user_id": e.user_id,
-                    "model_id": e.model_id,
-                    "session_id": e.session_id,
-                    "called_at": e.called_at,
-                    "prompt_tokens": e.prompt_tokens,
-                    "completion_tokens": e.completion_tokens,
-                    "prompt_price_per_1m": e.prompt_price_per_1m,
-                    "completion_price_per_1m": e.completion_price_per_1m,
-                    "cost_usd": e.cost_usd,
-                    "price_source": e.price_source.value,
-                    "unknown_reason": e.unknown_reason.value if e.unknown_reason else None,
-                }
-                for e in entries
-            ]
-        ),
-    )
+def _cost_rows(entries: Sequence[CostEntry]) -> list[dict[str, Any]]:
+    return [
+        {
+            "event_id": e.event_id,
+            "user_id": e.user_id,
+            "model_id": e.model_id,
+            "session_id": e.session_id,
+            "called_at": e.called_at,
+            "prompt_tokens": e.prompt_tokens,
+            "completion_tokens": e.completion_tokens,
+            "prompt_price_per_1m": e.prompt_price_per_1m,
+            "completion_price_per_1m": e.completion_price_per_1m,
+            "cost_usd": e.cost_usd,
+            "price_source": e.price_source.value,
+            "unknown_reason": e.unknown_reason.value if e.unknown_reason else None,
+        }
+        for e in entries
+    ]
 
 
 COUNTERS = (
@@ -161,11 +153,12 @@ _WIDENED = (
 )
 
 # A batch's contributions, folded and written in one statement: the per-session records
-# and roster, then each user's days (the main INSERT), then each user's totals and the
-# global days' pending rows. The same statement for every consumer, so every transaction
-# locks the tables in the same order, and the rows of each in key order: none deadlocks
-# another. A roster change (a model newly on a session's panel, or dismissed there for the
-# first time) counts on the day it happened, as returned by the records' upsert.
+# and roster, then each user's days (the main INSERT), then each user's totals, the global
+# days' pending rows and the calls' rows of the cost ledger (insert only). The same
+# statement for every consumer, so every transaction locks the tables in the same order,
+# and the rows of each in key order: none deadlocks another. A roster change (a model newly
+# on a session's panel, or dismissed there for the first time) counts on the day it
+# happened, as returned by the records' upsert.
 APPLY = f"""
 WITH c AS (
     SELECT * FROM json_to_recordset($1::text::json) AS x(n int, user_id text, model_id text,
@@ -233,6 +226,9 @@ WITH c AS (
     INSERT INTO model_daily_pending (day, model_id, {", ".join(COUNTERS)})
     SELECT day, model_id, {_SUMMED} FROM days WHERE NOT starts_with(user_id, $2)
     GROUP BY day, model_id
+), costs AS (
+    INSERT INTO llm_costs ({", ".join(COST_COLUMNS)})
+    SELECT * FROM {_recordset(COST_COLUMNS, param=3)}
 )
 INSERT INTO user_model_daily AS a (user_id, day, model_id, {", ".join(COUNTERS)})
 SELECT user_id, day, model_id, {", ".join(COUNTERS)} FROM days
@@ -241,8 +237,11 @@ ON CONFLICT (user_id, day, model_id) DO UPDATE SET {_ADDED}
 """
 
 
-async def apply(conn: Connection, contributions: Sequence[Contribution]) -> None:
-    """Add a batch to the records, the roster and every aggregate (APPLY)."""
+async def apply(
+    conn: Connection, contributions: Sequence[Contribution], costs: Sequence[CostEntry] = ()
+) -> None:
+    """Add a batch to the records, the roster and every aggregate, and its calls (`costs`)
+    to the cost ledger (APPLY)."""
     await conn.execute(
         APPLY,
         _json_rows(
@@ -266,6 +265,7 @@ async def apply(conn: Connection, contributions: Sequence[Contribution]) -> None
             ]
         ),
         CANARY_USER_PREFIX,
+        _json_rows(_cost_rows(costs)),
     )
 
 

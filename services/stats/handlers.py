@@ -28,8 +28,7 @@ async def on_subtask_completed(conn: Connection, events: list[SubtaskCompleted])
         ]
     except Unacceptable as exc:
         raise DeadLetter(str(exc)) from exc
-    await db.add_costs(conn, entries)
-    await db.apply(conn, [from_call(e) for e in entries])
+    await db.apply(conn, [from_call(e) for e in entries], entries)
 
 
 async def on_model_rewarded(conn: Connection, events: list[ModelRewarded]) -> None:
