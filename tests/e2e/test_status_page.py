@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -42,8 +43,24 @@ def browser() -> Iterator[webdriver.Chrome]:
 
 
 def status_of(browser: webdriver.Chrome, service: str) -> str:
-    rows = browser.find_elements(By.ID, f"service-{service}")
-    return rows[0].get_attribute("data-status") or "" if rows else ""
+    """The status a service's row shows; the page redraws its rows every second, so a row
+    found may be gone by the time it is read: that counts as not shown yet."""
+    try:
+        rows = browser.find_elements(By.ID, f"service-{service}")
+        return rows[0].get_attribute("data-status") or "" if rows else ""
+    except StaleElementReferenceException:
+        return ""
+
+
+def badge_color(browser: webdriver.Chrome, service: str) -> str:
+    """The background colour of a service's badge, read again if the row was redrawn."""
+    return str(
+        WebDriverWait(browser, 5, ignored_exceptions=(StaleElementReferenceException,)).until(
+            lambda b: b.find_element(
+                By.CSS_SELECTOR, f"#service-{service} .badge"
+            ).value_of_css_property("background-color")
+        )
+    )
 
 
 def test_the_status_page_shows_a_killed_service_red_then_green(
@@ -60,26 +77,22 @@ def test_the_status_page_shows_a_killed_service_red_then_green(
     assert browser.title == "LLM Fleet status"
     services = ("sync", "benchmark", "planner", "stats")
     WebDriverWait(browser, 30).until(lambda b: all(status_of(b, n) == "up" for n in services))
-    docs = browser.find_element(By.CSS_SELECTOR, "#service-stats a").get_attribute("href")
+    docs = WebDriverWait(browser, 5, ignored_exceptions=(StaleElementReferenceException,)).until(
+        lambda b: b.find_element(By.CSS_SELECTOR, "#service-stats a").get_attribute("href")
+    )
     assert docs == f"{state['services']['stats']}/docs"
 
     os.kill(fleet.pid_of("stats"), signal.SIGKILL)
     WebDriverWait(browser, 10, poll_frequency=0.05).until(lambda b: status_of(b, "stats") == "down")
     red = tmp_path / "status-stats-down.png"
     assert browser.save_screenshot(str(red))
-    color = browser.find_element(By.CSS_SELECTOR, "#service-stats .badge").value_of_css_property(
-        "background-color"
-    )
-    assert color == "rgba(207, 34, 46, 1)"  # red
+    assert badge_color(browser, "stats") == "rgba(207, 34, 46, 1)"  # red
     WebDriverWait(browser, 10).until(
         lambda b: b.find_elements(By.CSS_SELECTOR, '#open-incidents tr[data-service="stats"]')
     )
 
     WebDriverWait(browser, 60).until(lambda b: status_of(b, "stats") == "up")
-    color = browser.find_element(By.CSS_SELECTOR, "#service-stats .badge").value_of_css_property(
-        "background-color"
-    )
-    assert color == "rgba(26, 127, 55, 1)"  # green
+    assert badge_color(browser, "stats") == "rgba(26, 127, 55, 1)"  # green
 
     # the button needs the operator's token: refused without, runs with it
     browser.find_element(By.ID, "run-smoke").click()
