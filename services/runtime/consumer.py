@@ -418,8 +418,13 @@ class Subscription:
         if not usable(self.conn):  # first use, or PostgreSQL went away
             await self._release()
             self.conn = await self.pool.acquire(timeout=5)
-        async with self.relay.transaction(self.conn) as conn:
-            yield conn
+        try:
+            async with self.relay.transaction(self.conn) as conn:
+                yield conn
+        except Exception as exc:
+            if unavailable(exc):  # a connection that failed so is not trusted again
+                await self._release(terminate=True)
+            raise
 
     async def run(self) -> None:
         await self.puller.start()
@@ -430,10 +435,12 @@ class Subscription:
             await self.puller.stop()
             await self._release()
 
-    async def _release(self) -> None:
+    async def _release(self, terminate: bool = False) -> None:
         conn, self.conn = self.conn, None
         if conn is not None:
             with contextlib.suppress(Exception):
+                if terminate:
+                    conn.terminate()
                 await self.pool.release(conn)  # a closed one is thrown away
 
     async def _apply(self, msgs: list[Msg]) -> None:

@@ -35,6 +35,10 @@ def unavailable(exc: BaseException) -> bool:
         return all(unavailable(e) for e in exc.exceptions)
     if isinstance(exc, asyncpg.PostgresError):
         return (exc.sqlstate or "")[:2] in _TRANSIENT_SQLSTATE_CLASSES
+    if isinstance(exc, asyncpg.exceptions.InternalClientError):
+        # the client's protocol state broke ("cannot switch to state 15; another operation
+        # is in progress"): what a connection does when the server dies in mid-query
+        return True
     if isinstance(exc, asyncpg.InterfaceError):
         # asyncpg says "connection is closed" / "pool is closing" with this class only; its
         # other InterfaceErrors (bad arguments, misuse) are not an outage

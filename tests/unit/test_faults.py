@@ -23,6 +23,9 @@ from services.runtime.faults import backoff_seconds, permanent, unavailable
         nats.errors.ConnectionClosedError(),
         nats.errors.NoRespondersError(),
         nats.errors.TimeoutError(),
+        asyncpg.exceptions.InternalClientError(
+            "cannot switch to state 15; another operation (2) is in progress"
+        ),
         ExceptionGroup("tasks", [OSError("reset"), nats.errors.ConnectionClosedError()]),
     ],
     ids=repr,
