@@ -12,6 +12,7 @@ import asyncpg
 from fastapi import APIRouter, Depends, HTTPException, Path, Query
 from pydantic import BaseModel, Field
 
+from contracts.events import Price
 from services.runtime.auth import CallerDep, OperatorDep
 from services.runtime.errors import ErrorResponse
 from services.runtime.service import Runtime, runtime_of
@@ -34,7 +35,7 @@ class Usage(BaseModel):
     dismissal_count: int
     prompt_tokens: int
     completion_tokens: int
-    cost_usd: Decimal = Field(description="The known cost (USD) of the calls.")
+    cost_usd: Price = Field(description="The known cost (USD) of the calls.")
     unpriced_calls: int = Field(description="Calls whose cost is unknown (not in cost_usd).")
     first_used_at: datetime | None
     last_used_at: datetime | None
@@ -155,7 +156,7 @@ class Spend(BaseModel):
     calls: int
     prompt_tokens: int
     completion_tokens: int
-    cost_usd: Decimal = Field(description="The known cost (USD).")
+    cost_usd: Price = Field(description="The known cost (USD).")
     unpriced_calls: int = Field(description="Calls whose cost is unknown, not in cost_usd.")
 
 
@@ -213,9 +214,9 @@ class CostLine(BaseModel):
     called_at: datetime
     prompt_tokens: int
     completion_tokens: int
-    prompt_price_per_1m: Decimal | None
-    completion_price_per_1m: Decimal | None
-    cost_usd: Decimal | None = Field(description="Null when the price is unknown.")
+    prompt_price_per_1m: Price | None
+    completion_price_per_1m: Price | None
+    cost_usd: Price | None = Field(description="Null when the price is unknown.")
     price_source: Literal["event", "catalog", "unknown"]
     unknown_reason: str | None
 

@@ -95,6 +95,7 @@ async def test_a_users_stats_are_theirs_alone(
         await eventually(both_counted, what="both users' records")
         alice = (await client.get(url, headers=ALICE)).json()
         assert (alice["user_id"], alice["prompt_tokens"]) == ("alice", 10)
+        assert "E" not in alice["cost_usd"]  # a plain decimal ("0"), never "0E-12"
         # asking for another user's record by query changes nothing
         again = (await client.get(url, params={"user_id": "bob"}, headers=ALICE)).json()
         assert (again["user_id"], again["prompt_tokens"]) == ("alice", 10)
