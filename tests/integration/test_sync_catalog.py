@@ -191,6 +191,18 @@ def settings(infra: Infra, database_url: str, base_url: str, **overrides: Any) -
     return SyncSettings(**{**values, **overrides})
 
 
+@asynccontextmanager
+async def synced_service(
+    infra: Infra, database_url: str, **overrides: Any
+) -> AsyncIterator[tuple[FakeOpenRouter, Runtime, httpx.AsyncClient]]:
+    """sync running against a fake OpenRouter of its own (serve a listing, then sync)."""
+    async with (
+        openrouter() as server,
+        running(build(settings(infra, database_url, server.url, **overrides))) as (rt, client),
+    ):
+        yield server, rt, client
+
+
 async def sync_once(client: httpx.AsyncClient) -> dict[str, Any]:
     """POST /v1/sync/run and wait for the run to end; returns the run."""
     r = await client.post("/v1/sync/run")
@@ -341,10 +353,7 @@ async def test_two_listings_publish_exactly_what_changed_between_them(
     expected = expected_changes(march, april)
     assert {c for _, c in expected} == {"added", "changed", "removed"}  # the data has all three
     fetched = [len(json.loads(listing(n))["data"]) for n in (first, second)]
-    async with (
-        openrouter() as server,
-        running(build(settings(infra, database_url, server.url))) as (runtime, client),
-    ):
+    async with synced_service(infra, database_url) as (server, runtime, client):
         stream = Catalog(js)
         server.serve(listing(first))
         run = await sync_once(client)
@@ -471,10 +480,7 @@ async def test_the_older_schema_loads(
 ) -> None:
     raw = listing("2025-07-29")
     expected = fixed_price_entries("2025-07-29")
-    async with (
-        openrouter() as server,
-        running(build(settings(infra, database_url, server.url))) as (_, client),
-    ):
+    async with synced_service(infra, database_url) as (server, _, client):
         server.serve(raw)
         run = await sync_once(client)
         assert run["status"] == "succeeded" and run["skipped"] == 0
@@ -494,10 +500,7 @@ async def test_the_older_schema_loads(
 async def test_an_unchanged_catalog_writes_no_row_and_publishes_no_model(
     infra: Infra, database_url: str, js: JetStreamContext
 ) -> None:
-    async with (
-        openrouter() as server,
-        running(build(settings(infra, database_url, server.url))) as (runtime, client),
-    ):
+    async with synced_service(infra, database_url) as (server, runtime, client):
         stream = Catalog(js)
         server.serve(small())  # no ETag: the body itself is compared
         first = await sync_once(client)
@@ -603,10 +606,7 @@ async def test_a_failed_run_leaves_the_catalog_as_it_was(
 async def test_a_transient_5xx_is_retried_and_the_run_succeeds(
     infra: Infra, database_url: str, js: JetStreamContext
 ) -> None:
-    async with (
-        openrouter() as server,
-        running(build(settings(infra, database_url, server.url))) as (_, client),
-    ):
+    async with synced_service(infra, database_url) as (server, _, client):
         server.serve(small())
         server.failure = lambda attempt: Reply(502) if attempt <= 2 else None
         run = await sync_once(client)
@@ -633,10 +633,7 @@ async def test_the_api_key_is_sent_and_never_logged(
 
 
 async def test_runs_never_overlap(infra: Infra, database_url: str, js: JetStreamContext) -> None:
-    async with (
-        openrouter() as server,
-        running(build(settings(infra, database_url, server.url))) as (_, client),
-    ):
+    async with synced_service(infra, database_url) as (server, _, client):
         server.serve(small())
         server.failure = lambda attempt: Reply(200, small(), delay=1.0)
         first = await client.post("/v1/sync/run")
@@ -661,10 +658,7 @@ async def _ended(client: httpx.AsyncClient, run_id: str) -> bool:
 async def test_a_run_cut_off_by_a_dead_process_is_failed_by_the_next(
     infra: Infra, database_url: str, js: JetStreamContext
 ) -> None:
-    async with (
-        openrouter() as server,
-        running(build(settings(infra, database_url, server.url))) as (runtime, client),
-    ):
+    async with synced_service(infra, database_url) as (server, runtime, client):
         stale = uuid.uuid4()
         async with runtime.pool.acquire() as conn:
             await conn.execute("INSERT INTO sync_runs (id, trigger) VALUES ($1, 'schedule')", stale)
@@ -771,10 +765,7 @@ async def test_models_api_filters_and_refuses_bad_input(
 async def test_prices_are_plain_decimal_strings_in_the_api_and_events(
     infra: Infra, database_url: str, js: JetStreamContext
 ) -> None:
-    async with (
-        openrouter() as server,
-        running(build(settings(infra, database_url, server.url))) as (runtime, client),
-    ):
+    async with synced_service(infra, database_url) as (server, runtime, client):
         server.serve(listing("catalog-a"))
         await sync_once(client)
         events = {e["model_id"]: e for e in await Catalog(js).new(runtime, "model.synced")}
@@ -808,10 +799,7 @@ async def test_output_that_is_not_text_is_left_out_by_default(
     infra: Infra, database_url: str, js: JetStreamContext
 ) -> None:
     cheapest = dict(openrouter_rank_by="cheapest")  # and every model within the cap kept
-    async with (
-        openrouter() as server,
-        running(build(settings(infra, database_url, server.url, **cheapest))) as (_, client),
-    ):
+    async with synced_service(infra, database_url, **cheapest) as (server, _, client):
         server.serve(listing("catalog-a"))
         await sync_once(client)
         listed = (await client.get("/v1/models")).json()
@@ -830,10 +818,7 @@ async def test_output_kept_by_choice_carries_its_unit_prices_and_is_never_free(
         openrouter_top_n=8,
         openrouter_max_price_per_1m=Decimal(0),
     )
-    async with (
-        openrouter() as server,
-        running(build(settings(infra, database_url, server.url, **config))) as (runtime, client),
-    ):
+    async with synced_service(infra, database_url, **config) as (server, runtime, client):
         server.serve(listing("catalog-a"))
         run = await sync_once(client)
         # a $0 cap: the two free text models, then models not priced per token, last by price
@@ -862,10 +847,7 @@ async def test_output_kept_by_choice_carries_its_unit_prices_and_is_never_free(
 async def test_the_price_filter_holds_for_prompt_completion_and_every_tier(
     infra: Infra, database_url: str, js: JetStreamContext
 ) -> None:
-    async with (
-        openrouter() as server,
-        running(build(settings(infra, database_url, server.url))) as (_, client),
-    ):
+    async with synced_service(infra, database_url) as (server, _, client):
         server.serve(listing("catalog-b"))
         await sync_once(client)
         stored = fixed_price_entries("catalog-b")
@@ -948,10 +930,7 @@ BAD_INPUT = [
 async def test_bad_input_is_a_clear_4xx_never_a_500(
     infra: Infra, database_url: str, js: JetStreamContext
 ) -> None:
-    async with (
-        openrouter() as server,
-        running(build(settings(infra, database_url, server.url))) as (_, client),
-    ):
+    async with synced_service(infra, database_url) as (server, _, client):
         server.serve(small())
         await sync_once(client)
         for path, params in BAD_INPUT:
