@@ -41,6 +41,7 @@ check: $(STAMP)
 	$(BIN)/ruff check contracts services tests benchmarks
 	$(BIN)/ruff format --check contracts services tests benchmarks
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m contracts.export --check
 
 test: check rules
