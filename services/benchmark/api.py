@@ -137,13 +137,7 @@ class ModelResults(BaseModel):
     )
 
 
-router = APIRouter(prefix="/v1/benchmarks", tags=["benchmark"])
-
-
-def settings_of(runtime: Annotated[Runtime, Depends(runtime_of)]) -> BenchmarkSettings:
-    settings = runtime.settings
-    assert isinstance(settings, BenchmarkSettings)
-    return settings
+RuntimeDep = Annotated[Runtime[BenchmarkSettings], Depends(runtime_of)]
 
 
 def owner_filter(who: Caller) -> str | None:
@@ -152,136 +146,137 @@ def owner_filter(who: Caller) -> str | None:
     return None if who.is_operator else who.user_id
 
 
-RuntimeDep = Annotated[Runtime, Depends(runtime_of)]
+def build_router() -> APIRouter:
+    router = APIRouter(prefix="/v1/benchmarks", tags=["benchmark"])
 
-
-@router.post(
-    "/run",
-    status_code=202,
-    response_model=RunAccepted,
-    summary="Start a benchmark job",
-    description="Checks the caller's quota (`BENCHMARK_MAX_ACTIVE_JOBS_PER_USER` queued and "
-    "running jobs, else 429 with `Retry-After`) and the price guard, stores the job and "
-    "publishes `benchmark.requested`; a worker runs it within `BENCHMARK_MAX_JOB_S`.\n\n"
-    "The price guard:\n\n" + PRICE_GUARD_RULE,
-    responses={
-        400: {
-            "description": "Refused by the price guard: `benchmark_blocked`, the message "
-            "names the price and the cap"
+    @router.post(
+        "/run",
+        status_code=202,
+        response_model=RunAccepted,
+        summary="Start a benchmark job",
+        description="Checks the caller's quota (`BENCHMARK_MAX_ACTIVE_JOBS_PER_USER` queued and "
+        "running jobs, else 429 with `Retry-After`) and the price guard, stores the job and "
+        "publishes `benchmark.requested`; a worker runs it within `BENCHMARK_MAX_JOB_S`.\n\n"
+        "The price guard:\n\n" + PRICE_GUARD_RULE,
+        responses={
+            400: {
+                "description": "Refused by the price guard: `benchmark_blocked`, the message "
+                "names the price and the cap"
+            },
+            429: {"description": "`quota_exceeded`: too many queued and running jobs"},
         },
-        429: {"description": "`quota_exceeded`: too many queued and running jobs"},
-    },
-)
-async def run(
-    body: RunRequest,
-    runtime: RuntimeDep,
-    who: CallerDep,
-    settings: Annotated[BenchmarkSettings, Depends(settings_of)],
-) -> Any:
-    async with runtime.pool.acquire() as conn:
-        verdict = await handlers.price_verdict(conn, settings, body.provider, body.model)
-        if not verdict.allowed:
-            raise ApiError(400, "benchmark_blocked", verdict.reason)
-        job = BenchmarkRequested(job_id=uuid.uuid4(), user_id=who.user_id, **body.model_dump())
-        async with conn.transaction():
-            active = await db.lock_user_quota(conn, who.user_id)
-            over = quota_refusal(active, settings.benchmark_max_active_jobs_per_user)
-            if over is None:
-                await db.insert_job(conn, job)
-                await outbox.add(conn, [job])
-    if over is not None:
-        retry_after = str(settings.benchmark_quota_retry_after_s)
-        raise ApiError(429, "quota_exceeded", over, headers={"Retry-After": retry_after})
-    return RunAccepted(job_id=job.job_id, url=f"{router.prefix}/{job.job_id}")
-
-
-@router.post(
-    "/{job_id}/cancel",
-    response_model=CancelAnswer,
-    summary="Cancel a job",
-    description="A queued job is cancelled at once (200, `cancelled`). A running one is "
-    "stopped by its worker between runs or mid-run, its streams closed, within "
-    "`BENCHMARK_HEARTBEAT_S` (202, `running`; then `cancelled`, keeping the runs it "
-    "finished). Either way `benchmark.failed` goes out with an error starting `cancelled`.",
-    responses={
-        202: {"model": CancelAnswer, "description": "The worker was asked to stop it"},
-        404: {"description": "No such job of the caller"},
-        409: {"description": "`job_finished`: the job has ended already"},
-    },
-)
-async def cancel(job_id: uuid.UUID, runtime: RuntimeDep, who: CallerDep) -> Any:
-    owner = owner_filter(who)
-    async with runtime.transaction() as conn:
-        row = await db.request_cancel(conn, job_id, owner, CANCELLED)
-        if row is not None and row["status"] == "cancelled":
-            fields = {k: v for k, v in dict(row).items() if k != "status"}
-            await outbox.add(conn, [cut_short(BenchmarkRequested(**fields), CANCELLED, [])])
-        existing = await db.job(conn, job_id, owner) if row is None else None
-    if row is not None:
-        answer = CancelAnswer(job_id=job_id, status=row["status"])
-        return JSONResponse(
-            answer.model_dump(mode="json"), status_code=200 if row["status"] == "cancelled" else 202
-        )
-    if existing is None:
-        raise HTTPException(404, f"no benchmark job {job_id}")
-    raise ApiError(409, "job_finished", f"job {job_id} has ended: {existing['status']}")
-
-
-@router.get(
-    "",
-    response_model=list[JobBrief],
-    summary="The caller's jobs (an operator's: all), newest first",
-)
-async def list_jobs(
-    runtime: RuntimeDep,
-    who: CallerDep,
-    model: Annotated[ModelId | None, Query(description="Only this model")] = None,
-    status: Annotated[
-        Literal["queued", "running", "completed", "failed", "cancelled"] | None,
-        Query(description="Only"),
-    ] = None,
-    limit: Annotated[int, Query(ge=1, le=500)] = 50,
-) -> list[JobBrief]:
-    async with runtime.pool.acquire() as conn:
-        rows = await db.list_jobs(conn, owner_filter(who), model, status, limit)
-    return [JobBrief(**dict(r)) for r in rows]
-
-
-@router.get(
-    "/models/{model:path}/summary",
-    response_model=ModelResults,
-    summary="The latest results of a model",
-    responses={404: {"description": "No completed job for this model"}},
-)
-async def model_results(model: Annotated[ModelId, Path()], runtime: RuntimeDep) -> ModelResults:
-    async with runtime.pool.acquire() as conn:
-        rows = await db.latest_results(conn, model)
-    if not rows:
-        raise HTTPException(404, f"no completed benchmark of model {model[:100]!r}")
-    return ModelResults(model=model, results=[LatestResult(**dict(r)) for r in rows])
-
-
-@router.get(
-    "/{job_id}",
-    response_model=JobView,
-    summary="A job: status, per-run results and aggregates",
-    description="While the job runs, `summary` covers the runs finished so far.",
-    responses={
-        404: {"description": "No such job of the caller (or deleted after the retention period)"}
-    },
-)
-async def get_job(job_id: uuid.UUID, runtime: RuntimeDep, who: CallerDep) -> JobView:
-    async with runtime.pool.acquire() as conn:
-        row = await db.job(conn, job_id, owner_filter(who))
-        if row is None:
-            raise HTTPException(404, f"no benchmark job {job_id}")
-        results = await db.job_runs(conn, job_id, row["attempt"])
-    fields = dict(row)
-    if fields["summary"] is None and results:
-        fields["summary"] = summarize(results)
-    return JobView(
-        **fields,
-        runs_done=len(results),
-        runs_failed=sum(not r.ok for r in results),
-        results=[RunView.model_validate(r) for r in results],
     )
+    async def run(
+        body: RunRequest,
+        runtime: RuntimeDep,
+        who: CallerDep,
+    ) -> Any:
+        settings = runtime.settings
+        async with runtime.pool.acquire() as conn:
+            verdict = await handlers.price_verdict(conn, settings, body.provider, body.model)
+            if not verdict.allowed:
+                raise ApiError(400, "benchmark_blocked", verdict.reason)
+            job = BenchmarkRequested(job_id=uuid.uuid4(), user_id=who.user_id, **body.model_dump())
+            async with conn.transaction():
+                active = await db.lock_user_quota(conn, who.user_id)
+                over = quota_refusal(active, settings.benchmark_max_active_jobs_per_user)
+                if over is None:
+                    await db.insert_job(conn, job)
+                    await outbox.add(conn, [job])
+        if over is not None:
+            retry_after = str(settings.benchmark_quota_retry_after_s)
+            raise ApiError(429, "quota_exceeded", over, headers={"Retry-After": retry_after})
+        return RunAccepted(job_id=job.job_id, url=f"{router.prefix}/{job.job_id}")
+
+    @router.post(
+        "/{job_id}/cancel",
+        response_model=CancelAnswer,
+        summary="Cancel a job",
+        description="A queued job is cancelled at once (200, `cancelled`). A running one is "
+        "stopped by its worker between runs or mid-run, its streams closed, within "
+        "`BENCHMARK_HEARTBEAT_S` (202, `running`; then `cancelled`, keeping the runs it "
+        "finished). Either way `benchmark.failed` goes out with an error starting `cancelled`.",
+        responses={
+            202: {"model": CancelAnswer, "description": "The worker was asked to stop it"},
+            404: {"description": "No such job of the caller"},
+            409: {"description": "`job_finished`: the job has ended already"},
+        },
+    )
+    async def cancel(job_id: uuid.UUID, runtime: RuntimeDep, who: CallerDep) -> Any:
+        owner = owner_filter(who)
+        async with runtime.transaction() as conn:
+            row = await db.request_cancel(conn, job_id, owner, CANCELLED)
+            if row is not None and row["status"] == "cancelled":
+                fields = {k: v for k, v in dict(row).items() if k != "status"}
+                await outbox.add(conn, [cut_short(BenchmarkRequested(**fields), CANCELLED, [])])
+            existing = await db.job(conn, job_id, owner) if row is None else None
+        if row is not None:
+            answer = CancelAnswer(job_id=job_id, status=row["status"])
+            return JSONResponse(
+                answer.model_dump(mode="json"),
+                status_code=200 if row["status"] == "cancelled" else 202,
+            )
+        if existing is None:
+            raise HTTPException(404, f"no benchmark job {job_id}")
+        raise ApiError(409, "job_finished", f"job {job_id} has ended: {existing['status']}")
+
+    @router.get(
+        "",
+        response_model=list[JobBrief],
+        summary="The caller's jobs (an operator's: all), newest first",
+    )
+    async def list_jobs(
+        runtime: RuntimeDep,
+        who: CallerDep,
+        model: Annotated[ModelId | None, Query(description="Only this model")] = None,
+        status: Annotated[
+            Literal["queued", "running", "completed", "failed", "cancelled"] | None,
+            Query(description="Only"),
+        ] = None,
+        limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    ) -> list[JobBrief]:
+        async with runtime.pool.acquire() as conn:
+            rows = await db.list_jobs(conn, owner_filter(who), model, status, limit)
+        return [JobBrief(**dict(r)) for r in rows]
+
+    @router.get(
+        "/models/{model:path}/summary",
+        response_model=ModelResults,
+        summary="The latest results of a model",
+        responses={404: {"description": "No completed job for this model"}},
+    )
+    async def model_results(model: Annotated[ModelId, Path()], runtime: RuntimeDep) -> ModelResults:
+        async with runtime.pool.acquire() as conn:
+            rows = await db.latest_results(conn, model)
+        if not rows:
+            raise HTTPException(404, f"no completed benchmark of model {model[:100]!r}")
+        return ModelResults(model=model, results=[LatestResult(**dict(r)) for r in rows])
+
+    @router.get(
+        "/{job_id}",
+        response_model=JobView,
+        summary="A job: status, per-run results and aggregates",
+        description="While the job runs, `summary` covers the runs finished so far.",
+        responses={
+            404: {
+                "description": "No such job of the caller (or deleted after the retention period)"
+            }
+        },
+    )
+    async def get_job(job_id: uuid.UUID, runtime: RuntimeDep, who: CallerDep) -> JobView:
+        async with runtime.pool.acquire() as conn:
+            row = await db.job(conn, job_id, owner_filter(who))
+            if row is None:
+                raise HTTPException(404, f"no benchmark job {job_id}")
+            results = await db.job_runs(conn, job_id, row["attempt"])
+        fields = dict(row)
+        if fields["summary"] is None and results:
+            fields["summary"] = summarize(results)
+        return JobView(
+            **fields,
+            runs_done=len(results),
+            runs_failed=sum(not r.ok for r in results),
+            results=[RunView.model_validate(r) for r in results],
+        )
+
+    return router

@@ -7,12 +7,12 @@ from pathlib import Path
 from contracts.events import BenchmarkRequested, ModelSynced
 from services.benchmark import api, handlers
 from services.benchmark.config import BenchmarkSettings
-from services.benchmark.worker import Worker, job_cleanup
+from services.benchmark.worker import Worker, cleanup_jobs
 from services.runtime.consumer import Consumer
 from services.runtime.service import ServiceSpec
 
 
-def build(settings: BenchmarkSettings | None = None) -> ServiceSpec:
+def build(settings: BenchmarkSettings | None = None) -> ServiceSpec[BenchmarkSettings]:
     settings = settings or BenchmarkSettings()
     worker = Worker(settings)
     return ServiceSpec(
@@ -33,7 +33,6 @@ def build(settings: BenchmarkSettings | None = None) -> ServiceSpec:
                 batch_size=1,
             ),
         ],
-        routers=[api.router],
-        tasks=[worker.scan, job_cleanup(settings)],
-        on_start=[worker.bind],
+        routers=[api.build_router()],
+        tasks=[worker.work, cleanup_jobs],
     )

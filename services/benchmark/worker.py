@@ -4,7 +4,8 @@ A job's life on a worker
 ------------------------
 1. **Claim** (short transactions). `benchmark.requested` is applied in the consumer's
    transaction: the job is stored if a client published it without the API, and, when
-   the worker has a free slot (`BENCHMARK_WORKER_CONCURRENCY`), claimed: queued (or
+   the worker has a free slot (`BENCHMARK_WORKER_CONCURRENCY`), claimed and handed to the
+   worker's loop (`Worker.work`), which starts it: queued (or
    running under a lease that ran out) -> running, attempt + 1, this worker's id, a lease
    until now + `BENCHMARK_LEASE_S`, and on its first start a deadline of now +
    `BENCHMARK_MAX_JOB_S`. The message is acknowledged when that transaction commits; a
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import uuid
 from dataclasses import dataclass
@@ -66,7 +68,7 @@ from services.benchmark.handlers import endpoint_of, price_verdict, secrets_of
 from services.benchmark.providers import Prompt, stream_runs
 from services.runtime import outbox
 from services.runtime.db import Connection
-from services.runtime.service import Runtime, Task
+from services.runtime.service import Runtime, instance_name
 
 log = logging.getLogger(__name__)
 
@@ -101,29 +103,26 @@ class Claim:
         return cls(job, attempt, seconds_left, cancel_requested)
 
 
+Service = Runtime[BenchmarkSettings]
+
+
 class Worker:
-    """Runs up to `BENCHMARK_WORKER_CONCURRENCY` jobs at once. `bind` (at start) hands it
-    the running service; `scan` is its loop, and stops its jobs when it is cancelled."""
+    """Runs up to `BENCHMARK_WORKER_CONCURRENCY` jobs at once. Its consumer handler claims
+    jobs in the consumer's transaction and hands them to its loop, `work`, which runs them,
+    claims more when slots free, and stops them when it is cancelled."""
 
     def __init__(self, settings: BenchmarkSettings) -> None:
         self.settings = settings
-        self._runtime: Runtime | None = None
-        self.worker_id = ""
+        self.worker_id = f"{instance_name()}-{uuid.uuid4().hex[:6]}"
         self.jobs: dict[uuid.UUID, asyncio.Task[None]] = {}
-        self._slot_freed = asyncio.Event()
+        # claimed by the handler, not started yet; each with the handler's context, so the
+        # job's log lines carry the trace of the message that asked for it
+        self._claimed: list[tuple[Claim, contextvars.Context]] = []
+        self._wake = asyncio.Event()  # a claim was handed over, or a slot freed
         self._secrets = secrets_of(settings)
 
-    def bind(self, runtime: Runtime) -> None:
-        self._runtime = runtime
-        self.worker_id = f"{runtime.instance}-{uuid.uuid4().hex[:6]}"
-
-    @property
-    def runtime(self) -> Runtime:
-        assert self._runtime is not None, "bind() is called before any job arrives"
-        return self._runtime
-
     def free_slots(self) -> int:
-        return self.settings.benchmark_worker_concurrency - len(self.jobs)
+        return self.settings.benchmark_worker_concurrency - len(self.jobs) - len(self._claimed)
 
     # --- claiming ------------------------------------------------------------------------
 
@@ -141,15 +140,22 @@ class Worker:
                 conn, event.job_id, self.worker_id, s.benchmark_lease_s, s.benchmark_max_job_s
             )
             if row is not None:
-                self._start(Claim.of(row))
+                # started by the loop; if this transaction rolls back, the job's first lease
+                # renewal finds it unclaimed and the job is not run
+                self._claimed.append((Claim.of(row), contextvars.copy_context()))
+                self._wake.set()
 
-    async def scan(self, runtime: Runtime) -> None:
-        """Claim what may be claimed while there are free slots; on the way out, stop the
-        running jobs and release their leases, so another worker takes them over at once."""
+    async def work(self, runtime: Service) -> None:
+        """Start the jobs the handler claimed, and claim what may be claimed while there are
+        free slots; on the way out, stop the running jobs and release their leases, so
+        another worker takes them over at once."""
         s = self.settings
         try:
             while True:
-                self._slot_freed.clear()
+                self._wake.clear()
+                claimed, self._claimed = self._claimed, []
+                for claim, context in claimed:
+                    self._start(runtime, claim, context)
                 if self.free_slots() > 0:
                     try:
                         async with runtime.pool.acquire() as conn:
@@ -167,13 +173,14 @@ class Worker:
                         claim = Claim.of(row)
                         if claim.attempt > 1:
                             JOBS_TAKEN_OVER.inc()
-                        self._start(claim)
+                        self._start(runtime, claim)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._slot_freed.wait(), s.benchmark_scan_interval_s)
+                    await asyncio.wait_for(self._wake.wait(), s.benchmark_scan_interval_s)
         finally:
             await self._stop_all(runtime)
 
-    async def _stop_all(self, runtime: Runtime) -> None:
+    async def _stop_all(self, runtime: Service) -> None:
+        self._claimed.clear()  # their leases are released below with the running ones'
         jobs = list(self.jobs.values())
         for task in jobs:
             task.cancel()
@@ -184,18 +191,22 @@ class Worker:
             if released:
                 log.info("released %d running jobs for another worker", released)
 
-    def _start(self, claim: Claim) -> None:
+    def _start(
+        self, runtime: Service, claim: Claim, context: contextvars.Context | None = None
+    ) -> None:
         job_id = claim.job.job_id
         if job_id in self.jobs:  # a claim of our own job: cannot happen while we renew it
             log.warning("job %s is running here already", job_id)
             return
-        task = asyncio.create_task(self._guarded(claim), name=f"benchmark-job-{job_id}")
+        task = asyncio.create_task(
+            self._guarded(runtime, claim), name=f"benchmark-job-{job_id}", context=context
+        )
         self.jobs[job_id] = task
         JOBS_RUNNING.set(len(self.jobs))
 
-    async def _guarded(self, claim: Claim) -> None:
+    async def _guarded(self, runtime: Service, claim: Claim) -> None:
         try:
-            await self.run_job(claim)
+            await self.run_job(runtime, claim)
         except asyncio.CancelledError:
             raise
         except Exception:  # a bug must not take the worker down; the lease will run out
@@ -203,15 +214,15 @@ class Worker:
         finally:
             self.jobs.pop(claim.job.job_id, None)
             JOBS_RUNNING.set(len(self.jobs))
-            self._slot_freed.set()
+            self._wake.set()
 
     # --- running -------------------------------------------------------------------------
 
-    async def run_job(self, claim: Claim) -> None:
+    async def run_job(self, runtime: Service, claim: Claim) -> None:
         job, attempt, s = claim.job, claim.attempt, self.settings
         loop = asyncio.get_running_loop()
         deadline = loop.time() + claim.seconds_left
-        async with self.runtime.pool.acquire() as conn:
+        async with runtime.pool.acquire() as conn:
             # waits for the claim's transaction; None: it rolled back, or was taken over
             held = await db.renew_lease(conn, job.job_id, attempt, s.benchmark_lease_s, first=True)
             if held is None:
@@ -222,11 +233,11 @@ class Worker:
             attempt, s.benchmark_max_attempts, verdict, claim.seconds_left, s.benchmark_max_job_s
         )
         if claim.cancel_requested:
-            await self.finish(job, attempt, "cancelled", cut_short(job, CANCELLED, []), [])
+            await self.finish(runtime, job, attempt, "cancelled", cut_short(job, CANCELLED, []), [])
             return
         if refusal is not None:
             log.warning("job %s not run: %s", job.job_id, refusal)
-            await self.finish(job, attempt, "failed", refused(job, refusal), [])
+            await self.finish(runtime, job, attempt, "failed", refused(job, refusal), [])
             return
         log.info(
             "job %s attempt %d: %d runs of %s via %s",
@@ -238,8 +249,8 @@ class Worker:
             extra={"worker": self.worker_id},
         )
         results: list[RunResult] = []
-        runs = asyncio.create_task(self.run_all(job, attempt, verdict.price, results))
-        ending = await self._watch(runs, job.job_id, attempt, deadline)
+        runs = asyncio.create_task(self.run_all(runtime, job, attempt, verdict.price, results))
+        ending = await self._watch(runtime, runs, job.job_id, attempt, deadline)
         results.sort(key=lambda r: r.run_index)
         if ending == "lost":
             log.warning(
@@ -250,21 +261,30 @@ class Worker:
             return
         if ending == "cancelled":
             await self.finish(
-                job, attempt, "cancelled", cut_short(job, CANCELLED, results), results
+                runtime, job, attempt, "cancelled", cut_short(job, CANCELLED, results), results
             )
         elif ending == "out of time":
             reason = time_limit_reason(s.benchmark_max_job_s)
-            await self.finish(job, attempt, "failed", cut_short(job, reason, results), results)
+            await self.finish(
+                runtime, job, attempt, "failed", cut_short(job, reason, results), results
+            )
         elif isinstance(ending, BaseException):
             reason = f"the worker failed: {type(ending).__name__}: {ending}"
-            await self.finish(job, attempt, "failed", cut_short(job, reason, results), results)
+            await self.finish(
+                runtime, job, attempt, "failed", cut_short(job, reason, results), results
+            )
         else:
             end = outcome(job, results)
             status = "failed" if isinstance(end, BenchmarkFailed) else "completed"
-            await self.finish(job, attempt, status, end, results)
+            await self.finish(runtime, job, attempt, status, end, results)
 
     async def _watch(
-        self, runs: asyncio.Task[None], job_id: uuid.UUID, attempt: int, deadline: float
+        self,
+        runtime: Service,
+        runs: asyncio.Task[None],
+        job_id: uuid.UUID,
+        attempt: int,
+        deadline: float,
     ) -> str | BaseException:
         """Renew the lease while the runs go on; stop them when the job is cancelled, taken
         over or out of time. Returns how they ended: "done", "cancelled", "lost",
@@ -281,7 +301,7 @@ class Worker:
                     ending = "out of time"
                     break
                 try:
-                    async with self.runtime.pool.acquire() as conn:
+                    async with runtime.pool.acquire() as conn:
                         held = await db.renew_lease(conn, job_id, attempt, s.benchmark_lease_s)
                 except DB_ERRORS as exc:  # keep running; the lease has some time left
                     log.warning("lease of job %s not renewed: %s", job_id, exc)
@@ -301,7 +321,12 @@ class Worker:
         return ending
 
     async def run_all(
-        self, job: BenchmarkRequested, attempt: int, price: Price | None, results: list[RunResult]
+        self,
+        runtime: Service,
+        job: BenchmarkRequested,
+        attempt: int,
+        price: Price | None,
+        results: list[RunResult],
     ) -> None:
         """The job's runs; each finished one goes into `results` and is recorded."""
 
@@ -311,7 +336,7 @@ class Worker:
                 result.error = scrub(result.error, self._secrets)
                 log.info("job %s run %d failed: %s", job.job_id, index, result.error)
             results.append(result)
-            await self.record(job.job_id, attempt, result)
+            await self.record(runtime, job.job_id, attempt, result)
 
         await stream_runs(
             endpoint_of(self.settings, job.provider),
@@ -322,11 +347,13 @@ class Worker:
             on_stream=measured,
         )
 
-    async def record(self, job_id: uuid.UUID, attempt: int, result: RunResult) -> None:
+    async def record(
+        self, runtime: Service, job_id: uuid.UUID, attempt: int, result: RunResult
+    ) -> None:
         """Progress only: the final transaction writes every run again, so a failure here
         loses nothing."""
         try:
-            async with self.runtime.pool.acquire() as conn:
+            async with runtime.pool.acquire() as conn:
                 await db.add_run(conn, job_id, attempt, result)
         except DB_ERRORS as exc:
             log.warning("progress of job %s not recorded: %s", job_id, exc)
@@ -335,6 +362,7 @@ class Worker:
 
     async def finish(
         self,
+        runtime: Service,
         job: BenchmarkRequested,
         attempt: int,
         status: str,
@@ -347,7 +375,7 @@ class Worker:
         error = end.error if isinstance(end, BenchmarkFailed) else None
         for delay in (0.2, 0.5, 1.0, 2.0, 4.0, None):
             try:
-                async with self.runtime.transaction() as conn:
+                async with runtime.transaction() as conn:
                     done = await db.finish_job(
                         conn, job.job_id, attempt, status, end.summary, error, results
                     )
@@ -369,21 +397,17 @@ class Worker:
             )
 
 
-def job_cleanup(settings: BenchmarkSettings) -> Task:
-    async def cleanup_jobs(runtime: Runtime) -> None:
-        """At start, then every JOB_CLEANUP_INTERVAL hours."""
-        while True:
-            async with runtime.pool.acquire() as conn:
-                deleted = await db.delete_jobs_created_before(
-                    conn, settings.job_cleanup_retention_days
-                )
-            JOBS_DELETED.inc(deleted)
-            log.info(
-                "job cleanup: deleted %d jobs older than %g days",
-                deleted,
-                settings.job_cleanup_retention_days,
-                extra={"deleted": deleted},
-            )
-            await asyncio.sleep(settings.job_cleanup_interval * 3600)
-
-    return cleanup_jobs
+async def cleanup_jobs(runtime: Service) -> None:
+    """At start, then every JOB_CLEANUP_INTERVAL hours."""
+    settings = runtime.settings
+    while True:
+        async with runtime.pool.acquire() as conn:
+            deleted = await db.delete_jobs_created_before(conn, settings.job_cleanup_retention_days)
+        JOBS_DELETED.inc(deleted)
+        log.info(
+            "job cleanup: deleted %d jobs older than %g days",
+            deleted,
+            settings.job_cleanup_retention_days,
+            extra={"deleted": deleted},
+        )
+        await asyncio.sleep(settings.job_cleanup_interval * 3600)

@@ -13,16 +13,20 @@ import uuid
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.templating import Jinja2Templates
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from pydantic import BaseModel, Field
 
 from services.guardian import db
+from services.guardian.config import GuardianSettings
 from services.guardian.domain import SMOKE
 from services.guardian.handlers import Guardian
 from services.runtime.auth import OperatorDep
+from services.runtime.service import Runtime, runtime_of
+
+RuntimeDep = Annotated[Runtime[GuardianSettings], Depends(runtime_of)]
 
 
 class Control(BaseModel):
@@ -36,20 +40,19 @@ class Control(BaseModel):
 TEMPLATES = Jinja2Templates(directory=Path(__file__).parent / "templates")
 
 
-async def page(guardian: Guardian) -> dict[str, Any]:
+async def page(guardian: Guardian, runtime: Runtime[GuardianSettings]) -> dict[str, Any]:
     """What the status page shows: states, instances, incidents, the last smoke run, links.
     No user's data: service names, guardian's own reasons and times."""
     incidents: list[dict[str, Any]] = []
     last_smoke = guardian.last_smoke
-    if guardian.runtime is not None:
-        try:
-            async with guardian.rt().pool.acquire() as conn:
-                incidents = await db.incidents(conn, 20)
-                if last_smoke is None:
-                    runs = await db.smoke_runs(conn, 1)
-                    last_smoke = runs[0] if runs else None
-        except Exception as exc:  # the page still shows what guardian sees
-            incidents = [{"service": "guardian", "reason": f"incidents unavailable: {exc}"[:200]}]
+    try:
+        async with runtime.pool.acquire() as conn:
+            incidents = await db.incidents(conn, 20)
+            if last_smoke is None:
+                runs = await db.smoke_runs(conn, 1)
+                last_smoke = runs[0] if runs else None
+    except Exception as exc:  # the page still shows what guardian sees
+        incidents = [{"service": "guardian", "reason": f"incidents unavailable: {exc}"[:200]}]
     services = []
     for name, s in guardian.watch.services.items():
         url = guardian.probe_url(name)
@@ -73,7 +76,7 @@ async def page(guardian: Guardian) -> dict[str, Any]:
         "smoke_service": SMOKE,
         "leader": guardian.leader,
         "paused": guardian.paused,
-        "instance": guardian.runtime.instance if guardian.runtime else None,
+        "instance": runtime.instance,
         "grafana": guardian.settings.guardian_grafana_url or None,
         "smoke_interval_s": guardian.settings.guardian_smoke_interval_s,
     }
@@ -85,16 +88,16 @@ def build_open_router(guardian: Guardian) -> APIRouter:
     router = APIRouter(tags=["guardian"])
 
     @router.get("/", summary="The status page (HTML)", response_class=HTMLResponse)
-    async def status_page(request: Request) -> HTMLResponse:
-        return TEMPLATES.TemplateResponse(request, "status.html", await page(guardian))
+    async def status_page(request: Request, runtime: RuntimeDep) -> HTMLResponse:
+        return TEMPLATES.TemplateResponse(request, "status.html", await page(guardian, runtime))
 
     @router.get(
         "/status/live",
         summary="The status page's live part (HTML), fetched by the page every second",
         response_class=HTMLResponse,
     )
-    async def status_live(request: Request) -> HTMLResponse:
-        return TEMPLATES.TemplateResponse(request, "live.html", await page(guardian))
+    async def status_live(request: Request, runtime: RuntimeDep) -> HTMLResponse:
+        return TEMPLATES.TemplateResponse(request, "live.html", await page(guardian, runtime))
 
     @router.get(
         "/api/health",
@@ -106,10 +109,8 @@ def build_open_router(guardian: Guardian) -> APIRouter:
             }
         },
     )
-    async def health() -> JSONResponse:
-        if guardian.runtime is None:
-            return JSONResponse({"status": "starting"}, status_code=503)
-        body = await guardian.health()
+    async def health(runtime: RuntimeDep) -> JSONResponse:
+        body = await guardian.health(runtime)
         return JSONResponse(body, status_code=503 if body["status"] == "unhealthy" else 200)
 
     @router.get(
@@ -128,13 +129,12 @@ def build_router(guardian: Guardian) -> APIRouter:
     router = APIRouter(tags=["guardian"])
 
     @router.get("/api/guardian/status", summary="This replica: leadership, mode, each service")
-    async def status() -> dict[str, Any]:
-        return await guardian.status()
+    async def status(runtime: RuntimeDep) -> dict[str, Any]:
+        return await guardian.status(runtime)
 
     @router.post("/api/guardian/control", summary="Pause or resume acting, reset a service")
-    async def control(request: Control, who: OperatorDep) -> dict[str, Any]:
+    async def control(request: Control, who: OperatorDep, runtime: RuntimeDep) -> dict[str, Any]:
         by = who.user_id
-        runtime = guardian.rt()
         async with runtime.pool.acquire() as conn:
             if request.action in ("pause", "resume"):
                 await db.set_paused(conn, request.action == "pause")
@@ -151,28 +151,30 @@ def build_router(guardian: Guardian) -> APIRouter:
         summary="Run the smoke canary now and answer its result (a failure opens the `smoke` "
         "incident, as a scheduled run's does)",
     )
-    async def run_smoke(who: OperatorDep) -> dict[str, Any]:
-        return await guardian.run_smoke("operator", who.user_id)
+    async def run_smoke(who: OperatorDep, runtime: RuntimeDep) -> dict[str, Any]:
+        return await guardian.run_smoke(runtime, "operator", who.user_id)
 
     @router.get("/api/guardian/smoke", summary="Smoke canary runs, newest first")
     async def smoke_runs(
+        runtime: RuntimeDep,
         limit: Annotated[int, Query(ge=1, le=500)] = 20,
     ) -> list[dict[str, Any]]:
-        async with guardian.rt().pool.acquire() as conn:
+        async with runtime.pool.acquire() as conn:
             return await db.smoke_runs(conn, limit)
 
     @router.get("/api/guardian/incidents", summary="Incidents, newest first")
     async def incidents(
+        runtime: RuntimeDep,
         service: Annotated[str | None, Query(max_length=100)] = None,
         open: bool = False,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
     ) -> list[dict[str, Any]]:
-        async with guardian.rt().pool.acquire() as conn:
+        async with runtime.pool.acquire() as conn:
             return await db.incidents(conn, limit, service, open)
 
     @router.get("/api/guardian/incidents/{incident_id}", summary="One incident's record")
-    async def incident(incident_id: uuid.UUID) -> dict[str, Any]:
-        async with guardian.rt().pool.acquire() as conn:
+    async def incident(incident_id: uuid.UUID, runtime: RuntimeDep) -> dict[str, Any]:
+        async with runtime.pool.acquire() as conn:
             found = await db.incident(conn, incident_id)
         if found is None:
             raise HTTPException(404, f"no incident {incident_id}")
@@ -184,8 +186,8 @@ def build_router(guardian: Guardian) -> APIRouter:
         summary="An escalated incident's report (markdown; it holds log lines: operators only)",
         response_class=PlainTextResponse,
     )
-    async def report(incident_id: uuid.UUID, _: OperatorDep) -> Response:
-        async with guardian.rt().pool.acquire() as conn:
+    async def report(incident_id: uuid.UUID, _: OperatorDep, runtime: RuntimeDep) -> Response:
+        async with runtime.pool.acquire() as conn:
             found = await db.incident(conn, incident_id)
         if found is None or not found.get("report"):
             raise HTTPException(404, f"no report for incident {incident_id}")

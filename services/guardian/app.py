@@ -10,7 +10,7 @@ from services.guardian.handlers import Guardian
 from services.runtime.service import ServiceSpec
 
 
-def build(settings: GuardianSettings | None = None) -> ServiceSpec:
+def build(settings: GuardianSettings | None = None) -> ServiceSpec[GuardianSettings]:
     settings = settings or GuardianSettings()
     guardian = Guardian(settings)
     return ServiceSpec(
@@ -31,5 +31,4 @@ def build(settings: GuardianSettings | None = None) -> ServiceSpec:
             guardian.leadership,
             guardian.smoke_schedule,
         ],
-        on_start=[guardian.attach],
     )

@@ -62,6 +62,8 @@ from services.runtime.service import Runtime
 
 log = logging.getLogger(__name__)
 
+Service = Runtime[GuardianSettings]
+
 RESTARTS = Counter("guardian_restarts_total", "Restarts guardian asked for or saw", ["service"])
 INCIDENTS = Counter("guardian_incidents_total", "Incidents opened (service.down)", ["service"])
 ESCALATIONS = Counter("guardian_escalations_total", "Escalations with a report", ["service"])
@@ -197,9 +199,9 @@ class Guardian:
         for name in settings.guardian_services:
             for result in ("ok", "failed"):
                 CHECKS.labels(name, result)
-        self.runtime: Runtime | None = None
         self.epoch: int | None = None  # set while this replica leads
         self.paused = False
+        self._ticking = False  # the ticker has started once
         self.replicas: dict[str, datetime] = {}  # guardian instances by their last heartbeat
         self.last_probe: dict[str, dict[str, Any]] = {}
         self._queue: asyncio.Queue[Action] = asyncio.Queue()
@@ -220,23 +222,13 @@ class Guardian:
     def leader(self) -> bool:
         return self.epoch is not None
 
-    def attach(self, runtime: Runtime) -> None:
-        """ServiceSpec.on_start: watching starts now (the start-up grace counts from here)."""
-        self.runtime = runtime
-        self.watch.started_at = utcnow()
-        logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per probe
-
-    def rt(self) -> Runtime:
-        assert self.runtime is not None, "guardian has not started"
-        return self.runtime
-
     def feed(self, actions: list[Action]) -> None:
         for action in actions:
             self._queue.put_nowait(action)
 
     # --- inputs --------------------------------------------------------------------------
 
-    async def heartbeats(self, runtime: Runtime) -> None:
+    async def heartbeats(self, runtime: Service) -> None:
         async def on_beat(msg: Msg) -> None:
             try:
                 beat = ServiceHeartbeat.model_validate_json(msg.data)
@@ -259,9 +251,10 @@ class Guardian:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
 
-    async def probes(self, runtime: Runtime) -> None:
+    async def probes(self, runtime: Service) -> None:
         """Each watched service's /health/ready, on its own cadence (a hung one does not slow
         the others); where no URL is known, the newest heartbeat's ready flag is the sample."""
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per probe
         async with httpx.AsyncClient(timeout=self.settings.guardian_probe_timeout_s) as client:
             await asyncio.gather(*(self._probe_loop(client, s) for s in self.watch.services))
 
@@ -306,7 +299,7 @@ class Guardian:
         self.last_probe[service] = {"ok": ok, "detail": detail, "seconds": round(took, 4)}
         self.feed(self.watch.sample(service, ok, detail, utcnow()))
 
-    async def exits(self, runtime: Runtime) -> None:
+    async def exits(self, runtime: Service) -> None:
         """fleet up tells of each process exit as it happens (a long poll); the first answer
         also says which processes are dead right now (guardian may start after a crash)."""
         if self.supervisor is None:
@@ -329,7 +322,12 @@ class Guardian:
                     self.feed(self.watch.exited(e["service"], e["code"], now))
             after = int(body["last"])
 
-    async def ticker(self, runtime: Runtime) -> None:
+    async def ticker(self, runtime: Service) -> None:
+        """The clock of the watch; its first tick starts the start-up grace (services started
+        with guardian are given time to come up from here, not from the spec's building)."""
+        if not self._ticking:
+            self._ticking = True
+            self.watch.started_at = utcnow()
         while True:
             trusted = runtime.nc.is_connected
             self.feed(self.watch.tick(utcnow(), heartbeats_trusted=trusted))
@@ -339,7 +337,7 @@ class Guardian:
 
     # --- leadership ----------------------------------------------------------------------
 
-    async def leadership(self, runtime: Runtime) -> None:
+    async def leadership(self, runtime: Service) -> None:
         """Try the leader lock every poll; once held, take over, then watch the lock's
         connection and the operator's requests (pause, reset) stored in the database."""
         poll = self.settings.guardian_leader_poll_s
@@ -416,18 +414,17 @@ class Guardian:
 
     # --- carrying out ------------------------------------------------------------------
 
-    async def executor(self, runtime: Runtime) -> None:
+    async def executor(self, runtime: Service) -> None:
         while True:
             action = await self._queue.get()
             if self.epoch is None or self.paused:
                 continue
-            await self.perform(action, self.epoch)
+            await self.perform(runtime, action, self.epoch)
 
-    async def perform(self, action: Action, epoch: int) -> None:
-        runtime = self.rt()
+    async def perform(self, runtime: Service, action: Action, epoch: int) -> None:
         try:
             if isinstance(action, Escalated):
-                await self.escalate(action, epoch)
+                await self.escalate(runtime, action, epoch)
                 return
             async with runtime.transaction() as conn:
                 await db.check_epoch(conn, epoch)
@@ -490,8 +487,7 @@ class Guardian:
         else:
             log.info("%s %s", action.service, action.kind, extra=extra)
 
-    async def escalate(self, action: Escalated, epoch: int) -> None:
-        runtime = self.rt()
+    async def escalate(self, runtime: Service, action: Escalated, epoch: int) -> None:
         assert action.incident_id is not None
         incident = action.incident_id
         logs = self.settings.fleet_home.resolve() / "logs" / f"{action.service}.log"
@@ -507,8 +503,8 @@ class Guardian:
             attempts=action.attempts,
             log_lines=lines,
             log_source=source,
-            health=await self.health(),
-            dead_letters=await self.dead_letters(),
+            health=await self.health(runtime),
+            dead_letters=await self.dead_letters(runtime),
         )
         async with runtime.transaction() as conn:
             await db.check_epoch(conn, epoch)
@@ -553,9 +549,9 @@ class Guardian:
                 continue
         raise FileExistsError(f"too many reports named {name} in {folder}")
 
-    async def dead_letters(self, count: int = 10) -> list[dict[str, Any]]:
+    async def dead_letters(self, runtime: Service, count: int = 10) -> list[dict[str, Any]]:
         """The newest messages of the DEADLETTER stream, with the reason from their headers."""
-        js = self.rt().js
+        js = runtime.js
         found: list[dict[str, Any]] = []
         try:
             info = await asyncio.wait_for(js.stream_info(DEAD_LETTER_STREAM.name), 2)
@@ -578,7 +574,7 @@ class Guardian:
 
     # --- the smoke canary --------------------------------------------------------------
 
-    async def smoke_schedule(self, runtime: Runtime) -> None:
+    async def smoke_schedule(self, runtime: Service) -> None:
         """The leader runs the canary every GUARDIAN_SMOKE_INTERVAL_S (standbys do not: one
         run per interval for the fleet)."""
         interval = self.settings.guardian_smoke_interval_s
@@ -587,12 +583,11 @@ class Guardian:
         while True:
             await asyncio.sleep(interval)
             if self.leader and not self.paused:
-                await self.run_smoke("schedule", None)
+                await self.run_smoke(runtime, "schedule", None)
 
-    async def run_smoke(self, trigger: str, by: str | None) -> dict[str, Any]:
+    async def run_smoke(self, runtime: Service, trigger: str, by: str | None) -> dict[str, Any]:
         """One canary run (one at a time per replica), stored; a failure opens the `smoke`
         incident and the next passing run closes it (the leader's to act on)."""
-        runtime = self.rt()
         async with self._smoke_lock:
             started_at, t0 = utcnow(), time.perf_counter()
             steps = await Canary(self.settings, runtime, self.probe_url).run()
@@ -635,9 +630,8 @@ class Guardian:
 
     # --- what users read ---------------------------------------------------------------
 
-    async def health(self) -> dict[str, Any]:
+    async def health(self, runtime: Service) -> dict[str, Any]:
         """The seed's /api/health body."""
-        runtime = self.rt()
         t0 = time.perf_counter()
         checks = await runtime.readiness()
         took = round(time.perf_counter() - t0, 4)
@@ -669,8 +663,7 @@ class Guardian:
             "system": system,
         }
 
-    async def status(self) -> dict[str, Any]:
-        runtime = self.rt()
+    async def status(self, runtime: Service) -> dict[str, Any]:
         leadership: dict[str, Any] = {}
         with contextlib.suppress(Exception):
             async with runtime.pool.acquire() as conn:

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from contracts.events import utcnow
 from services.planner import db, domain
+from services.planner.config import PlannerSettings
 from services.planner.domain import ApprovalStatus, PlanRequest, PlanStatus, SubtaskStatus
 from services.planner.handlers import Conflict, NotFound, Planner
 from services.runtime.auth import Caller, CallerDep
@@ -21,7 +22,7 @@ from services.runtime.db import Connection
 from services.runtime.errors import ApiError, ErrorResponse, FieldError, bounded_json
 from services.runtime.service import Runtime, runtime_of
 
-RuntimeDep = Annotated[Runtime, Depends(runtime_of)]
+RuntimeDep = Annotated[Runtime[PlannerSettings], Depends(runtime_of)]
 Id = Annotated[str, Path(min_length=1, max_length=512)]
 QueryId = Annotated[str | None, Query(min_length=1, max_length=512)]
 Limit = Annotated[int, Query(ge=1, le=1000)]
@@ -121,7 +122,7 @@ def invalid_plan(request: PlanRequest, problems: list[domain.Problem]) -> ApiErr
 
 
 @asynccontextmanager
-async def answering_errors(runtime: Runtime) -> AsyncIterator[Connection]:
+async def answering_errors(runtime: Runtime[PlannerSettings]) -> AsyncIterator[Connection]:
     """A transaction whose domain refusals answer as HTTP: unknown → 404, conflict → 409."""
     try:
         async with runtime.transaction() as conn:
@@ -150,7 +151,7 @@ async def owned_plan(conn: Connection, plan_id: str, who: Caller) -> domain.Plan
 def build_router(planner: Planner) -> APIRouter:
     router = APIRouter(prefix="/v1", tags=["planner"])
 
-    async def plan_view(runtime: Runtime, plan_id: str, who: Caller) -> PlanView:
+    async def plan_view(runtime: Runtime[PlannerSettings], plan_id: str, who: Caller) -> PlanView:
         async with runtime.pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
             plan = await owned_plan(conn, plan_id, who)
             subtasks = await db.plan_subtasks(conn, plan_id)

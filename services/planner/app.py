@@ -12,7 +12,7 @@ from services.runtime.consumer import Consumer
 from services.runtime.service import ServiceSpec
 
 
-def build(settings: PlannerSettings | None = None) -> ServiceSpec:
+def build(settings: PlannerSettings | None = None) -> ServiceSpec[PlannerSettings]:
     settings = settings or PlannerSettings()
     planner = Planner(settings)
     batch = settings.planner_batch_size

@@ -239,7 +239,7 @@ class Planner:
 
     # --- the timer loop -------------------------------------------------------------------
 
-    async def timers(self, runtime: Runtime) -> None:
+    async def timers(self, runtime: Runtime[PlannerSettings]) -> None:
         """Every tick: attempts past their deadline count as failed, due retries go out,
         expired approvals resolve as timeout."""
         while True:
@@ -249,7 +249,7 @@ class Planner:
                 log.warning("planner timers: %s", exc)
             await asyncio.sleep(self.settings.planner_tick_s)
 
-    async def tick(self, runtime: Runtime) -> None:
+    async def tick(self, runtime: Runtime[PlannerSettings]) -> None:
         async with runtime.pool.acquire() as conn:
             plan_ids = await db.plans_with_due_work(conn, utcnow(), limit=100)
         for plan_id in plan_ids:

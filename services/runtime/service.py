@@ -19,7 +19,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic
 
 import asyncpg
 import uvicorn
@@ -28,6 +28,7 @@ from fastapi.responses import JSONResponse
 from nats.aio.client import Client as Nats
 from nats.js import JetStreamContext
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Gauge, generate_latest
+from typing_extensions import TypeVar
 
 from contracts.events import ServiceHeartbeat, utcnow
 from services.runtime import auth, errors, outbox
@@ -56,13 +57,24 @@ READY = Gauge("fleet_ready", "1 when NATS and PostgreSQL answer")
 DEAD_LETTER_REASONS = ("invalid", "rejected", "max_deliver")  # consumer.py's reasons
 VERSION = "0.1.0"
 
+# A service's settings class. A bare `Runtime` is one whose settings are only known to be
+# RuntimeSettings; a bare `ServiceSpec` is any service's.
+S = TypeVar("S", bound=RuntimeSettings, default=RuntimeSettings, covariant=True)
+SpecSettings = TypeVar("SpecSettings", bound=RuntimeSettings, default=Any)
 
-@dataclass
-class Runtime:
-    """What a running service holds; handlers and routes reach it as `app.state.runtime`."""
+
+def instance_name() -> str:
+    """This process, as heartbeats and leases name it."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class Runtime(Generic[S]):
+    """The running service: the one thing its loops and routes are given (loops as their
+    argument, routes through their service's `RuntimeDep`), typed by its settings class."""
 
     name: str
-    settings: RuntimeSettings
+    settings: S
     pool: asyncpg.Pool
     nc: Nats
     js: JetStreamContext
@@ -70,7 +82,7 @@ class Runtime:
     login: Login
     subscriptions: list[Subscription] = field(default_factory=list)
     started_at: datetime = field(default_factory=utcnow)
-    instance: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    instance: str = field(default_factory=instance_name)
 
     def as_user(self, who: Caller) -> AbstractAsyncContextManager[Connection]:
         """A transaction acting for the caller, as row-level security policies see it."""
@@ -107,21 +119,20 @@ class Runtime:
         return checks
 
 
-Task = Callable[[Runtime], Awaitable[None]]
+Task = Callable[[Runtime[S]], Awaitable[None]]
 
 
 @dataclass
-class ServiceSpec:
+class ServiceSpec(Generic[SpecSettings]):
     """Everything that makes one service; built in its `app.py`."""
 
     name: str
-    settings: RuntimeSettings
+    settings: SpecSettings
     migrations: Path | None = None
     consumers: Sequence[Consumer[Any]] = ()
     routers: Sequence[APIRouter] = ()  # every route needs a verified token (auth.caller)
     open_routers: Sequence[APIRouter] = ()  # routes for anyone: they show no user's data
-    tasks: Sequence[Task] = ()  # long-running loops, restarted if they crash
-    on_start: Sequence[Callable[[Runtime], None]] = ()  # given the runtime before consuming
+    tasks: Sequence[Task[SpecSettings]] = ()  # long-running loops, restarted if they crash
     description: str = ""
 
 
@@ -132,7 +143,7 @@ def _runner(subscription: Subscription) -> Task:
     return run
 
 
-async def _supervise(name: str, task: Task, runtime: Runtime) -> None:
+async def _supervise(name: str, task: Task[Any], runtime: Runtime[Any]) -> None:
     """Run a loop for the life of the service; one that crashes is restarted with backoff
     (a full traceback the first time, one line for each further crash in a row)."""
     crashes = 0
@@ -206,7 +217,9 @@ def health_router() -> APIRouter:
     return router
 
 
-async def start_runtime(spec: ServiceSpec) -> tuple[Runtime, list[asyncio.Task[None]]]:
+async def start_runtime(
+    spec: ServiceSpec[SpecSettings],
+) -> tuple[Runtime[SpecSettings], list[asyncio.Task[None]]]:
     s = spec.settings
     t0 = time.monotonic()
     dirs = [RUNTIME_MIGRATIONS] + ([spec.migrations] if spec.migrations else [])
@@ -226,9 +239,7 @@ async def start_runtime(spec: ServiceSpec) -> tuple[Runtime, list[asyncio.Task[N
         ack_timeout_s=s.outbox_ack_timeout_s,
     )
     runtime = Runtime(spec.name, s, pool, nc, js, relay, login)
-    for hook in spec.on_start:
-        hook(runtime)
-    loops: list[tuple[str, Task]] = [
+    loops: list[tuple[str, Task[Any]]] = [
         ("outbox-relay", lambda _: relay.run()),
         ("heartbeat", _heartbeat),
         ("housekeeping", _housekeeping),
@@ -264,7 +275,7 @@ async def start_runtime(spec: ServiceSpec) -> tuple[Runtime, list[asyncio.Task[N
 
 
 async def stop_runtime(
-    runtime: Runtime, tasks: list[asyncio.Task[None]], grace_s: float = 5.0
+    runtime: Runtime[Any], tasks: list[asyncio.Task[None]], grace_s: float = 5.0
 ) -> None:
     """Stop the loops, NATS and the pool; whatever does not stop within `grace_s` is left
     behind or cut off and logged, so a stop never hangs (a SIGTERM must end the process)."""
@@ -292,7 +303,7 @@ def login_of(service: str, settings: RuntimeSettings) -> Login:
     return Login(settings.database_url, service, settings.db_user or login_role(service), password)
 
 
-def create_app(spec: ServiceSpec) -> FastAPI:
+def create_app(spec: ServiceSpec[Any]) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime, tasks = await start_runtime(spec)
@@ -320,13 +331,14 @@ def create_app(spec: ServiceSpec) -> FastAPI:
     return app
 
 
-def runtime_of(request: Request) -> Runtime:
-    """FastAPI dependency: the running service's runtime."""
-    runtime: Runtime = request.app.state.runtime
+def runtime_of(request: Request) -> Runtime[Any]:
+    """FastAPI dependency: the running service's runtime. Each service names it with its
+    settings' type, `RuntimeDep = Annotated[Runtime[Settings], Depends(runtime_of)]`."""
+    runtime: Runtime[Any] = request.app.state.runtime
     return runtime
 
 
-def serve(spec: ServiceSpec) -> None:
+def serve(spec: ServiceSpec[Any]) -> None:
     """Run one service until SIGINT/SIGTERM."""
     setup_logging(spec.name, spec.settings.log_level)
     setup_tracing(spec.name)

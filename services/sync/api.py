@@ -17,10 +17,11 @@ from services.runtime.errors import ApiError
 from services.runtime.service import Runtime, runtime_of
 from services.sync import db
 from services.sync.catalog import CatalogSync, SyncInProgress
+from services.sync.config import SyncSettings
 from services.sync.discovery import DeviceDiscovery
 
 Provider = Literal["openrouter", "ollama"]
-RuntimeDep = Annotated[Runtime, Depends(runtime_of)]
+RuntimeDep = Annotated[Runtime[SyncSettings], Depends(runtime_of)]
 # What a model id or device name may be: printable text of sane length. NUL and other control
 # characters can name nothing in the catalog (PostgreSQL text cannot even hold NUL).
 NO_CONTROL = r"^[^\x00-\x1f\x7f]+$"

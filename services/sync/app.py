@@ -11,7 +11,7 @@ from services.sync.config import SyncSettings
 from services.sync.discovery import DeviceDiscovery
 
 
-def build(settings: SyncSettings | None = None) -> ServiceSpec:
+def build(settings: SyncSettings | None = None) -> ServiceSpec[SyncSettings]:
     settings = settings or SyncSettings()
     catalog = CatalogSync(settings)
     discovery = DeviceDiscovery(settings)

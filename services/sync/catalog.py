@@ -234,7 +234,7 @@ class CatalogSync:
         except Exception:  # the next run fails this record as interrupted
             log.exception("could not record the failure of run %s", active.run_id)
 
-    async def openrouter_loop(self, runtime: Runtime) -> None:
+    async def openrouter_loop(self, runtime: Runtime[SyncSettings]) -> None:
         """Runs every OPENROUTER_SYNC_INTERVAL hours (and at start when asked), and every
         run requested through the API."""
         s = self.settings

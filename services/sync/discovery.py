@@ -30,7 +30,7 @@ class DeviceDiscovery:
         self.settings = settings
         self._lock = asyncio.Lock()
 
-    async def discovery_loop(self, runtime: Runtime) -> None:
+    async def discovery_loop(self, runtime: Runtime[SyncSettings]) -> None:
         log.info(
             "Ollama discovery started (%d devices, interval=%gs)",
             len(self.settings.ollama_devices),

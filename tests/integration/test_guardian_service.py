@@ -123,7 +123,8 @@ async def guardian(
     s: GuardianSettings,
 ) -> AsyncIterator[tuple[Guardian, Runtime, httpx.AsyncClient]]:
     spec = build(s)
-    g: Guardian = spec.on_start[0].__self__  # type: ignore[attr-defined]
+    g = getattr(spec.tasks[0], "__self__", None)  # the Guardian whose loops the spec runs
+    assert isinstance(g, Guardian)
     async with running(spec) as (runtime, client):
         yield g, runtime, client
 
@@ -379,7 +380,7 @@ async def test_the_standby_takes_over_and_the_old_leaders_epoch_is_refused(
 
                 await eventually(restarted_once, what="the leader's restart")
                 # the leader dies; its lock goes with its connection
-                await _kill_leader(a)
+                await _kill_leader(a_runtime)
                 await eventually(lambda: _leads(b), timeout=5, what="b takes over")
                 assert b.epoch == old_epoch + 1
                 # b carries on a's incident: its restart is in progress, not done again
@@ -446,15 +447,16 @@ async def _adopted(g: Guardian) -> bool:
     return g.watch.services["stats"].incident is not None
 
 
-async def _kill_leader(g: Guardian) -> None:
+async def _kill_leader(runtime: Runtime) -> None:
     """What a SIGKILL does to the leader's lock: its connection ends. Its other loops stop."""
     for task in asyncio.all_tasks():
-        if task.get_name() in ("leadership", "executor", "ticker", "exits") and _owned(task, g):
+        if task.get_name() in ("leadership", "executor", "ticker", "exits") and _owned(
+            task, runtime
+        ):
             task.cancel()
 
 
-def _owned(task: asyncio.Task[Any], g: Guardian) -> bool:
+def _owned(task: asyncio.Task[Any], runtime: Runtime) -> bool:
     coro = task.get_coro()
     frame = getattr(coro, "cr_frame", None)
-    runtime = frame.f_locals.get("runtime") if frame else None
-    return runtime is g.runtime
+    return frame is not None and frame.f_locals.get("runtime") is runtime

@@ -127,8 +127,8 @@ def guardian_settings(
 
 
 def guardian_of(spec: ServiceSpec) -> Guardian:
-    (hook,) = spec.on_start
-    owner = getattr(hook, "__self__", None)
+    """The Guardian whose loops the spec runs."""
+    owner = getattr(spec.tasks[0], "__self__", None)
     assert isinstance(owner, Guardian)
     return owner
 
