@@ -82,12 +82,26 @@ STREAMS: tuple[StreamSpec, ...] = (
     DEAD_LETTER_STREAM,
 )
 
-# Orchestrators, agents and UIs outside the fleet are named "agents", "orchestrator", "ui".
+# The fleet's own services; orchestrators, agents and UIs outside it are named "agents",
+# "orchestrator", "ui", and whatever alerts on the fleet's health "alerting".
+FLEET_SERVICES = ("sync", "benchmark", "planner", "guardian", "stats")
+
+
+def durable_name(service: str, subject: str) -> str:
+    """The durable consumer through which a fleet service consumes a stored subject."""
+    return f"{service}-{subject.replace('.', '-')}"
+
+
+# A fleet service listed as a consumer of a stored subject runs the durable consumer
+# `durable_name(service, subject)`, and runs no other (tests/unit/test_contracts_consumers.py
+# builds every service and compares).
 CHANNELS: tuple[Channel, ...] = (
     Channel(ev.ModelSynced, CATALOG_STREAM, ("sync",), ("benchmark", "stats")),
-    Channel(ev.SyncCompleted, CATALOG_STREAM, ("sync",), ("guardian", "benchmark")),
-    Channel(ev.DeviceOffline, CATALOG_STREAM, ("sync",), ("guardian", "benchmark")),
-    Channel(ev.DeviceOnline, CATALOG_STREAM, ("sync",), ("guardian", "benchmark")),
+    # sync's run and device reports: for operators' dashboards and clients; no fleet
+    # service consumes them
+    Channel(ev.SyncCompleted, CATALOG_STREAM, ("sync",), ("ui",)),
+    Channel(ev.DeviceOffline, CATALOG_STREAM, ("sync",), ("ui",)),
+    Channel(ev.DeviceOnline, CATALOG_STREAM, ("sync",), ("ui",)),
     Channel(ev.BenchmarkRequested, BENCHMARK_STREAM, ("benchmark", "orchestrator"), ("benchmark",)),
     Channel(ev.BenchmarkCompleted, BENCHMARK_STREAM, ("benchmark",), ("ui",)),
     Channel(ev.BenchmarkFailed, BENCHMARK_STREAM, ("benchmark",), ("ui",)),
@@ -109,12 +123,8 @@ CHANNELS: tuple[Channel, ...] = (
     Channel(ev.ServiceDown, SERVICES_STREAM, ("guardian",), ("alerting",)),
     Channel(ev.ServiceRecovered, SERVICES_STREAM, ("guardian",), ("alerting",)),
     Channel(ev.ServiceEscalated, SERVICES_STREAM, ("guardian",), ("alerting",)),
-    Channel(
-        ev.ServiceHeartbeat,
-        None,
-        ("sync", "benchmark", "planner", "guardian", "stats"),
-        ("guardian",),
-    ),
+    # core NATS: guardian subscribes to it, no durable consumer
+    Channel(ev.ServiceHeartbeat, None, FLEET_SERVICES, ("guardian",)),
 )
 
 BY_SUBJECT: dict[str, Channel] = {c.subject: c for c in CHANNELS}

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from contracts.catalog import CHANNELS, STREAMS
+from contracts.catalog import CHANNELS, FLEET_SERVICES, STREAMS, durable_name
 
 SCHEMA_DIR = Path(__file__).parent / "schema"
 
@@ -56,10 +56,12 @@ def asyncapi() -> dict[str, Any]:
                 "summary": f"{producer} publishes {c.subject}",
             }
         for consumer in c.consumers:
+            durable = consumer in FLEET_SERVICES and c.stream is not None
+            how = f" (durable consumer {durable_name(consumer, c.subject)})" if durable else ""
             operations[f"{consumer}_receives_{key}"] = {
                 "action": "receive",
                 "channel": {"$ref": f"#/channels/{key}"},
-                "summary": f"{consumer} consumes {c.subject}",
+                "summary": f"{consumer} consumes {c.subject}{how}",
             }
     return {
         "asyncapi": "3.0.0",
