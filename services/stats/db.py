@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Sequence
 from datetime import date, datetime
 from typing import Any, Literal
@@ -152,19 +153,25 @@ _WIDENED = (
     " last_used_at = GREATEST(a.last_used_at, EXCLUDED.last_used_at)"
 )
 
-# A batch's contributions, folded and written in one statement: the per-session records
-# and roster, then each user's days (the main INSERT), then each user's totals, the global
+# A batch's contributions, folded and written in one statement, which also records the
+# events in the inbox and counts only those recorded there now (an event applied before
+# adds nothing): the statement is the batch's whole transaction. Then the per-session
+# records and roster, then each user's days (the main INSERT), then each user's totals, the global
 # days' pending rows and the calls' rows of the cost ledger (insert only). The same
 # statement for every consumer, so every transaction locks the tables in the same order,
 # and the rows of each in key order: none deadlocks another. A roster change (a model newly
 # on a session's panel, or dismissed there for the first time) counts on the day it
 # happened, as returned by the records' upsert.
 APPLY = f"""
-WITH c AS (
-    SELECT * FROM json_to_recordset($1::text::json) AS x(n int, user_id text, model_id text,
-        session_id text, at timestamptz, responses bigint, brains bigint, dismissals bigint,
-        prompt_tokens bigint, completion_tokens bigint, cost_usd numeric,
+WITH claimed AS (
+    INSERT INTO inbox (consumer, event_id) SELECT $4, unnest($5::uuid[])
+    ON CONFLICT DO NOTHING RETURNING event_id
+), c AS (
+    SELECT * FROM json_to_recordset($1::text::json) AS x(n int, event_id uuid, user_id text,
+        model_id text, session_id text, at timestamptz, responses bigint, brains bigint,
+        dismissals bigint, prompt_tokens bigint, completion_tokens bigint, cost_usd numeric,
         unpriced_calls bigint, dismissal_reason text)
+    WHERE event_id IN (SELECT event_id FROM claimed)
 ), sessions AS (
     INSERT INTO model_statistics AS s (user_id, model_id, session_id, response_count,
         total_brains, dismissal_count, prompt_tokens, completion_tokens, cost_usd,
@@ -229,25 +236,34 @@ WITH c AS (
 ), costs AS (
     INSERT INTO llm_costs ({", ".join(COST_COLUMNS)})
     SELECT * FROM {_recordset(COST_COLUMNS, param=3)}
+    WHERE event_id IN (SELECT event_id FROM claimed)
+), user_days AS (
+    INSERT INTO user_model_daily AS a (user_id, day, model_id, {", ".join(COUNTERS)})
+    SELECT user_id, day, model_id, {", ".join(COUNTERS)} FROM days
+    ORDER BY user_id, day, model_id
+    ON CONFLICT (user_id, day, model_id) DO UPDATE SET {_ADDED}
 )
-INSERT INTO user_model_daily AS a (user_id, day, model_id, {", ".join(COUNTERS)})
-SELECT user_id, day, model_id, {", ".join(COUNTERS)} FROM days
-ORDER BY user_id, day, model_id
-ON CONFLICT (user_id, day, model_id) DO UPDATE SET {_ADDED}
+SELECT count(*) FROM claimed
 """
 
 
 async def apply(
-    conn: Connection, contributions: Sequence[Contribution], costs: Sequence[CostEntry] = ()
-) -> None:
-    """Add a batch to the records, the roster and every aggregate, and its calls (`costs`)
-    to the cost ledger (APPLY)."""
-    await conn.execute(
+    conn: Connection,
+    consumer: str,
+    event_ids: Sequence[uuid.UUID],
+    contributions: Sequence[Contribution],
+    costs: Sequence[CostEntry] = (),
+) -> int:
+    """Record the batch's events (`event_ids`, one per contribution) in `consumer`'s inbox
+    and add those not applied before to the records, the roster and every aggregate, and
+    their calls (`costs`) to the cost ledger, in one statement (APPLY); how many it added."""
+    applied: int = await conn.fetchval(
         APPLY,
         _json_rows(
             [
                 {
                     "n": n,
+                    "event_id": event_id,
                     "user_id": c.user_id,
                     "model_id": c.model_id,
                     "session_id": c.session_id,
@@ -261,12 +277,15 @@ async def apply(
                     "unpriced_calls": c.unpriced_calls,
                     "dismissal_reason": c.dismissal_reason,
                 }
-                for n, c in enumerate(contributions)
+                for n, (event_id, c) in enumerate(zip(event_ids, contributions, strict=True))
             ]
         ),
         CANARY_USER_PREFIX,
         _json_rows(_cost_rows(costs)),
+        consumer,
+        event_ids,
     )
+    return applied
 
 
 _COUNTER_SUMS = ", ".join(f"sum({c})" for c in COUNTERS)

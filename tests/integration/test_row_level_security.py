@@ -35,7 +35,7 @@ async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
         for u in USERS
         for m in ("m1", "m2")
     ]
-    async with one.acquire() as conn, conn.transaction():
+    async with one.acquire() as conn:
         await handlers.on_subtask_completed(conn, completed)  # as the consumer writes them
     yield one
     await one.close()

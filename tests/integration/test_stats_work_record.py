@@ -393,9 +393,9 @@ async def test_a_batch_folds_into_records_days_totals_and_global_days_in_one_sta
         done("s1", 24 * 60, cost="2"),  # the next day
         from_call(price_call(call("canary:guardian", "a", "s9", at(0), cost_usd=Decimal(4)), None)),
     ]
+    ids = [uuid.uuid4() for _ in batch]
     async with runtime.pool.acquire() as conn:
-        async with conn.transaction():
-            await db.apply(conn, batch)
+        assert await db.apply(conn, "stats-test", ids, batch) == len(batch)
         s1 = await conn.fetchrow(
             "SELECT * FROM model_statistics WHERE user_id = 'u' AND session_id = 's1'"
         )
@@ -407,11 +407,14 @@ async def test_a_batch_folds_into_records_days_totals_and_global_days_in_one_sta
         everyone = await conn.fetch(
             "SELECT day, response_count, cost_usd FROM model_daily_pending ORDER BY day"
         )
-        # the same batch's events again in another batch add up, and change no roster
-        async with conn.transaction():
-            await db.apply(conn, batch[:1])
+        # the same events again add nothing (the inbox has them), whatever else is new
+        assert await db.apply(conn, "stats-test", ids, batch) == 0
+        unchanged = await conn.fetchrow("SELECT * FROM user_model_totals WHERE user_id = 'u'")
+        # another event alike adds up, and changes no roster
+        assert await db.apply(conn, "stats-test", [uuid.uuid4(), ids[0]], batch[:2]) == 1
         again = await conn.fetchrow("SELECT * FROM user_model_totals WHERE user_id = 'u'")
     assert s1 is not None and totals is not None and again is not None
+    assert unchanged == totals
     assert (s1["response_count"], s1["prompt_tokens"], s1["completion_tokens"]) == (3, 5, 10)
     assert (s1["total_brains"], s1["dismissal_count"], s1["cost_usd"]) == (3, 2, Decimal("2.3"))
     assert s1["appeared_at"] == at(0)  # the reward, the earliest event, put it on the panel
