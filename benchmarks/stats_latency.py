@@ -2,7 +2,8 @@
 (`subtask.completed`, `model.rewarded`, `model.dismissed`), for the stats service (visible
 in its HTTP API: the session's roster, read as the event's user) and, in the same run on
 the same messages, for a bare consumer (nats-py fetch + a plain INSERT, no inbox, no
-aggregates; visible: its row can be selected).
+aggregates, a push consumer inserting whatever has arrived; visible: its row can be
+selected).
 
     python -m benchmarks.stats_latency [--rate 1000] [--seconds 30] [--probe-every 50] [--rounds 3]
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -27,9 +29,11 @@ from pathlib import Path
 import asyncpg
 import httpx
 import nats
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from nats.js.api import ConsumerConfig
 
-from benchmarks.harness import bench_headers, fresh_database, service_env
+from benchmarks.harness import bench_headers, cpu_seconds, fresh_database, service_env
 from benchmarks.stats_ingest import spawn
 from contracts.catalog import FEEDBACK_STREAM, PLANS_STREAM
 from contracts.events import ModelDismissed, ModelRewarded, SubtaskCompleted
@@ -76,21 +80,37 @@ async def bare_consumer(nats_url: str, db_url: str) -> None:
     js = nc.jetstream()
 
     async def consume(subject: str, stream: str) -> None:
-        sub = await js.pull_subscribe(
-            subject, durable=f"bare-{subject.replace('.', '-')}", stream=stream
+        # a push consumer: each message is handed over as it arrives (nats-py's fetch() would
+        # hold a message back until its batch is full or its timeout passes), and whatever
+        # arrived while the last INSERT ran is the next batch
+        arrived: list[Msg] = []
+        wake = asyncio.Event()
+
+        async def on_message(msg: Msg) -> None:
+            arrived.append(msg)
+            wake.set()
+
+        await js.subscribe(
+            subject,
+            durable=f"bare-{subject.replace('.', '-')}",
+            stream=stream,
+            cb=on_message,
+            manual_ack=True,
+            config=ConsumerConfig(max_ack_pending=10_000),
         )
         while True:
-            try:
-                msgs = await sub.fetch(100, timeout=0.05)
-            except TimeoutError:
-                continue
+            await wake.wait()
+            wake.clear()
+            msgs = arrived[:]
+            del arrived[:]
             await pool.execute(
                 "INSERT INTO bare_events"
                 " SELECT (convert_from(b, 'UTF8')::jsonb ->> 'event_id')::uuid, b"
                 " FROM unnest($1::bytea[]) b ON CONFLICT DO NOTHING",
                 [m.data for m in msgs],
             )
-            await asyncio.gather(*(m.ack() for m in msgs))
+            for m in msgs:
+                await m.ack()
 
     tasks = [asyncio.create_task(consume(s, st)) for s, st in SUBJECTS]
     print("ready", flush=True)
@@ -131,17 +151,26 @@ async def run_round(
                         [e.user_id for e, _ in waiting_stats.values()],
                     )
                     users = {r["user_id"] for r in seen}
-                    for key, (e, sent) in list(waiting_stats.items()):
-                        if e.user_id in users:
-                            # and the API shows it: the time its answer arrives counts
-                            r = await api.get(
-                                f"/v1/sessions/{e.session_id}/roster",
-                                headers=bench_headers(e.user_id, "user"),
-                            )
-                            if r.status_code == 200:
-                                stats_ms.append((time.perf_counter() - sent) * 1000)
-                                del waiting_stats[key]
+                    # and the API shows it: the time its answer arrives counts (all such
+                    # probes read at once, so one probe's read does not delay another's)
+                    await asyncio.gather(
+                        *(
+                            read_roster(key, e, sent)
+                            for key, (e, sent) in list(waiting_stats.items())
+                            if e.user_id in users
+                        )
+                    )
                 await asyncio.sleep(0.002)
+
+        async def read_roster(key: uuid.UUID, e: Mixed, sent: float) -> None:
+            r = await api.get(
+                f"/v1/sessions/{e.session_id}/roster", headers=bench_headers(e.user_id, "user")
+            )
+            if r.status_code == 200 and any(
+                m["model_id"] == e.model_id for m in r.json()["models"]
+            ):
+                stats_ms.append((time.perf_counter() - sent) * 1000)
+                del waiting_stats[key]
 
         async def poll_bare() -> None:
             while publishing or waiting_bare:
@@ -184,6 +213,10 @@ async def run_round(
         publishing = False
         await asyncio.wait_for(pollers, 120)
         print(f"    published {total} at {achieved:.0f}/s, {len(stats_ms)} probes", flush=True)
+        print(
+            f"    stats: {await consumer_figures(api)}; CPU {cpu_seconds(stats.pid):.1f} s",
+            flush=True,
+        )
         await api.aclose()
         await db_pool.close()
     finally:
@@ -192,6 +225,36 @@ async def run_round(
         bare.terminate()
         bare.wait(30)
     return stats_ms, bare_ms
+
+
+async def consumer_figures(api: httpx.AsyncClient) -> str:
+    """Batches applied, events per batch and time per batch of each stats consumer, from
+    its own metrics (what explains a latency; the latency itself is measured outside)."""
+    metrics = (await api.get("/metrics")).text
+    values: dict[tuple[str, str], float] = {}
+    for line in metrics.splitlines():
+        for name in (
+            "fleet_consumer_batch_seconds_count",
+            "fleet_consumer_batch_seconds_sum",
+            "fleet_events_applied_total",
+            "fleet_events_duplicate_total",
+        ):
+            if line.startswith(name + "{"):
+                consumer = line.split('consumer="', 1)[1].split('"', 1)[0]
+                values[(name, consumer)] = float(line.rsplit(" ", 1)[1])
+    parts = []
+    for consumer in sorted({c for _, c in values}):
+        batches = values.get(("fleet_consumer_batch_seconds_count", consumer), 0)
+        if not batches:
+            continue
+        seconds = values.get(("fleet_consumer_batch_seconds_sum", consumer), 0)
+        applied = values.get(("fleet_events_applied_total", consumer), 0)
+        dup = values.get(("fleet_events_duplicate_total", consumer), 0)
+        parts.append(
+            f"{consumer.removeprefix('stats-')} {batches:.0f} batches of {applied / batches:.1f}"
+            f" in {seconds / batches * 1000:.1f} ms ({dup:.0f} duplicates)"
+        )
+    return ", ".join(parts)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -214,13 +277,15 @@ async def main(args: argparse.Namespace) -> None:
             rows.append((pct(s, 0.5), pct(s, 0.99), pct(b, 0.5), pct(b, 0.99)))
             print(
                 f"round {r}: stats p50 {rows[-1][0]:.1f} p99 {rows[-1][1]:.1f} ms;"
-                f" bare p50 {rows[-1][2]:.1f} p99 {rows[-1][3]:.1f} ms",
+                f" bare p50 {rows[-1][2]:.1f} p99 {rows[-1][3]:.1f} ms;"
+                f" load average {os.getloadavg()[0]:.1f}",
                 flush=True,
             )
         await nc.close()
     finally:
         pg.stop()
         nats_server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
     med = [statistics.median(r[k] for r in rows) for k in range(4)]
     print(
         f"\n{args.rate} events/s for {args.seconds} s, every {args.probe_every}th a probe, "
