@@ -9,6 +9,7 @@ travel as JSON strings, so no float ever rounds them.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, Any, ClassVar, Literal, Self
@@ -110,6 +111,28 @@ class PriceTier(BaseModel):
     )
     prompt_price_per_1m: Price = Field(description="USD per 1M prompt tokens in this tier.")
     completion_price_per_1m: Price = Field(description="USD per 1M completion tokens in this tier.")
+
+
+def highest_prices(
+    prompt: Decimal | None,
+    completion: Decimal | None,
+    tiers: Iterable[tuple[Decimal, Decimal]] = (),
+) -> tuple[Decimal, Decimal] | None:
+    """(prompt, completion) USD per 1M at their highest over the base prices and every
+    tier's (prompt, completion); None when a base price is null (it varies per request, or
+    the model is not priced per token): the price is unknown."""
+    if prompt is None or completion is None:
+        return None
+    for tier_prompt, tier_completion in tiers:
+        prompt, completion = max(prompt, tier_prompt), max(completion, tier_completion)
+    return prompt, completion
+
+
+def within_price_cap(prices: tuple[Decimal, Decimal] | None, cap: Decimal) -> bool:
+    """The price cap's one rule, for every cap of the fleet (sync's selection and its API's
+    filter, benchmark's price guard): the prompt and the completion price, at their highest
+    tier (`highest_prices`), are both at most `cap`; an unknown price never is."""
+    return prices is not None and prices[0] <= cap and prices[1] <= cap
 
 
 class ModelSynced(Event):

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
+from services.runtime.faults import backoff_seconds
+
 Mode = Literal["supervise", "observe"]
 """supervise: guardian asks `fleet up` to restart processes; observe: an orchestrator
 (compose, Kubernetes) restarts them and guardian counts, escalates and reports."""
@@ -47,8 +49,9 @@ def restart_delay(policy: Policy, restarts_recently: int) -> float:
     then the cooldown doubling per recent restart up to the cap (Kubernetes' back-off)."""
     if restarts_recently <= 0:
         return 0.0
-    exponent = min(restarts_recently - 1, 30)  # 2**30 cooldowns are past any cap
-    return float(min(policy.restart_cooldown_s * 2**exponent, policy.restart_backoff_max_s))
+    return backoff_seconds(
+        restarts_recently, policy.restart_cooldown_s, policy.restart_backoff_max_s
+    )
 
 
 # --- state -------------------------------------------------------------------------------

@@ -63,5 +63,8 @@ def describe(exc: BaseException) -> str:
 
 
 def backoff_seconds(failures: int, base: float = 0.5, cap: float = 30.0) -> float:
-    """Capped exponential backoff: `base` after the first failure, doubling, at most `cap`."""
-    return float(min(cap, base * 2 ** max(0, failures - 1)))
+    """Capped exponential backoff: `base` after the first failure, doubling, at most `cap`
+    (the project's one formula: consumers, crashed loops, planner retries, guardian's
+    restarts, sync's fetches)."""
+    doublings = min(max(0, failures - 1), 64)  # 2**64 bases are past any cap; no overflow
+    return float(min(cap, base * 2**doublings))

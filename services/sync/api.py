@@ -11,7 +11,7 @@ import asyncpg
 from fastapi import APIRouter, Depends, Path, Query, Response
 from pydantic import BaseModel
 
-from contracts.events import Price, PriceTier
+from contracts.events import Price, PriceTier, highest_prices, within_price_cap
 from services.runtime.auth import OperatorDep
 from services.runtime.errors import ApiError
 from services.runtime.service import Runtime, runtime_of
@@ -109,6 +109,11 @@ def _model(r: asyncpg.Record) -> CatalogModel:
     )
 
 
+def highest_prices_of(m: CatalogModel) -> tuple[Decimal, Decimal] | None:
+    tiers = [(t.prompt_price_per_1m, t.completion_price_per_1m) for t in m.price_tiers]
+    return highest_prices(m.prompt_price_per_1m, m.completion_price_per_1m, tiers)
+
+
 def _price_point(r: asyncpg.Record) -> PricePoint:
     return PricePoint(**{k: r[k] for k in PricePoint.model_fields})
 
@@ -143,8 +148,13 @@ def build_router(catalog: CatalogSync, discovery: DeviceDiscovery) -> APIRouter:
         ] = None,
     ) -> list[CatalogModel]:
         async with runtime.pool.acquire() as conn:
-            rows = await db.models(conn, provider, max_price_per_1m, available)
-        return [_model(r) for r in rows]
+            rows = await db.models(conn, provider, available)
+        found = [_model(r) for r in rows]
+        if max_price_per_1m is None:
+            return found
+        # the catalog is small (the top N and the devices' models): the fleet's one price
+        # rule, in Python, rather than a second one in SQL
+        return [m for m in found if within_price_cap(highest_prices_of(m), max_price_per_1m)]
 
     @router.get(
         "/models/{model_id:path}",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from dataclasses import dataclass
 
@@ -14,9 +15,9 @@ from tenacity import (
     RetryCallState,
     retry_if_exception,
     stop_after_attempt,
-    wait_random_exponential,
 )
 
+from services.runtime.faults import backoff_seconds
 from services.sync.config import SyncSettings
 from services.sync.domain import DeviceCheck, parse_tags, parse_version
 
@@ -94,9 +95,13 @@ async def fetch_catalog(settings: SyncSettings, etag: str | None) -> CatalogResp
         headers["If-None-Match"] = etag
     retrying = AsyncRetrying(
         stop=stop_after_attempt(settings.openrouter_retry_attempts),
-        wait=wait_random_exponential(
-            multiplier=settings.openrouter_retry_backoff_s,
-            max=settings.openrouter_retry_max_backoff_s,
+        wait=lambda state: random.uniform(  # full jitter over the project's backoff
+            0,
+            backoff_seconds(
+                state.attempt_number,
+                settings.openrouter_retry_backoff_s,
+                settings.openrouter_retry_max_backoff_s,
+            ),
         ),
         retry=retry_if_exception(_transient),
         before_sleep=_log_retry,

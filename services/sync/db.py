@@ -290,27 +290,16 @@ MODEL_VIEW = f"""
 async def models(
     conn: Connection,
     provider: str | None,
-    max_price_per_1m: Decimal | None,
     available: bool | None,
 ) -> list[asyncpg.Record]:
     return await conn.fetch(
         MODEL_VIEW
         + """
         WHERE ($1::text IS NULL OR m.provider = $1)
-          -- the cap holds for prompt and completion in every tier; a NULL price (variable,
-          -- or not priced per token) is unknown and never within a cap
-          AND ($2::numeric IS NULL OR (NOT m.variable_price
-                                       AND m.prompt_price_per_1m <= $2
-                                       AND m.completion_price_per_1m <= $2
-                                       AND NOT EXISTS (
-                                           SELECT FROM jsonb_array_elements(m.price_tiers) t
-                                           WHERE (t->>'prompt_price_per_1m')::numeric > $2
-                                              OR (t->>'completion_price_per_1m')::numeric > $2)))
-          AND ($3::boolean IS NULL OR (m.status = 'active') = $3)
+          AND ($2::boolean IS NULL OR (m.status = 'active') = $2)
         ORDER BY m.provider, m.model_id, m.device NULLS FIRST
         """,
         provider,
-        max_price_per_1m,
         available,
     )
 

@@ -42,7 +42,13 @@ from decimal import Decimal, InvalidOperation
 from typing import Any, Literal
 
 from contracts import Event
-from contracts.events import DeviceOffline, DeviceOnline, ModelSynced
+from contracts.events import (
+    DeviceOffline,
+    DeviceOnline,
+    ModelSynced,
+    highest_prices,
+    within_price_cap,
+)
 from contracts.events import PriceTier as TierMessage
 
 OPENROUTER = "openrouter"
@@ -118,16 +124,10 @@ class Model:
     def highest_prices(self) -> tuple[Decimal, Decimal] | None:
         """(prompt, completion) USD per 1M at their highest over the base and every tier;
         None when the model has no per-token price (variable, or not priced per token)."""
-        if self.prompt_price_per_1m is None or self.completion_price_per_1m is None:
-            return None
-        return (
-            max([self.prompt_price_per_1m, *(t.prompt_price_per_1m for t in self.price_tiers)]),
-            max(
-                [
-                    self.completion_price_per_1m,
-                    *(t.completion_price_per_1m for t in self.price_tiers),
-                ]
-            ),
+        return highest_prices(
+            self.prompt_price_per_1m,
+            self.completion_price_per_1m,
+            [(t.prompt_price_per_1m, t.completion_price_per_1m) for t in self.price_tiers],
         )
 
 
@@ -368,7 +368,7 @@ def within_price(model: Model, rules: SelectionRules) -> bool:
     highest = model.highest_prices()
     if highest is None:
         return not model.priced_per_token
-    return all(price <= rules.max_price_per_1m for price in highest)
+    return within_price_cap(highest, rules.max_price_per_1m)
 
 
 def _total_price(model: Model) -> Decimal:
