@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -122,8 +123,27 @@ async def round_ceiling(nats_url: str, admin_url: str, js: JetStreamContext, n: 
     return n / (t1 - t0)
 
 
+STATS_TABLES_WITH_RLS = """
+    SELECT c.oid::regclass FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE n.nspname = 'stats' AND c.relkind = 'r' AND c.relrowsecurity
+"""
+
+
+async def without_row_level_security(db: str) -> None:
+    """Turn row-level security off on every stats table (as the administrator): what the
+    same service costs without it."""
+    conn = await asyncpg.connect(db)
+    try:
+        for r in await conn.fetch(STATS_TABLES_WITH_RLS):
+            await conn.execute(f"ALTER TABLE {r[0]} NO FORCE ROW LEVEL SECURITY")
+            await conn.execute(f"ALTER TABLE {r[0]} DISABLE ROW LEVEL SECURITY")
+        assert not await conn.fetch(STATS_TABLES_WITH_RLS)
+    finally:
+        await conn.close()
+
+
 async def round_fleet(
-    nats_url: str, admin_url: str, js: JetStreamContext, n: int, db_dir: Path
+    nats_url: str, admin_url: str, js: JetStreamContext, n: int, db_dir: Path, rls: bool = True
 ) -> float:
     await fresh_stream(js)
     db = await fresh_database(admin_url)
@@ -131,6 +151,8 @@ async def round_fleet(
     proc = spawn_service("stats", service_env(nats_url, db, port), db_dir / "stats.log")
     try:
         await wait_until_up(f"http://127.0.0.1:{port}", proc)
+        if not rls:
+            await without_row_level_security(db)
         t0 = await publish_all(js, payloads(n))
         t1 = await wait_rows(db, "SELECT sum(response_count) FROM stats.model_statistics", n)
         print(f"    service log: {db_dir / 'stats.log'}", flush=True)
@@ -149,39 +171,65 @@ async def round_fleet(
         proc.wait(30)
 
 
-async def main(n: int, rounds: int) -> None:
+async def main(n: int, rounds: int, rls_off: bool) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="fleet-bench-"))
     nats_server, pg = EmbeddedNats(tmp / "nats"), EmbeddedPostgres(tmp / "pg")
     nats_server.start()
     pg.start()
+    ceiling: list[float] = []
+    fleet: list[float] = []
+    bare: list[float] = []  # stats without row-level security
+    loads: list[float] = []
     try:
         nc = await nats.connect(nats_server.url)
         js = nc.jetstream()
         await ensure_streams(js)
-        ceiling: list[float] = []
-        fleet: list[float] = []
         for r in range(1, rounds + 1):
             ceiling.append(await round_ceiling(nats_server.url, pg.url, js, n))
             print(f"round {r}: ceiling {ceiling[-1]:8.0f} events/s", flush=True)
             fleet.append(await round_fleet(nats_server.url, pg.url, js, n, tmp))
             print(f"round {r}: stats   {fleet[-1]:8.0f} events/s", flush=True)
+            if rls_off:
+                bare.append(await round_fleet(nats_server.url, pg.url, js, n, tmp, rls=False))
+                print(f"round {r}: stats without row-level security {bare[-1]:8.0f} events/s")
+            loads.append(os.getloadavg()[0])
+            print(
+                f"round {r}: ratio {fleet[-1] / ceiling[-1]:.2f}, load {loads[-1]:.1f}", flush=True
+            )
         await nc.drain()
     finally:
         pg.stop()
         nats_server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
     c, f = statistics.median(ceiling), statistics.median(fleet)
     print(f"\n{n} events, {rounds} rounds, {os.cpu_count()} cores, {platform.processor() or '?'}")
+    print(f"load average (1 min) after each round: {', '.join(f'{x:.1f}' for x in loads)}")
     print(f"ceiling (fetch 100 + plain INSERT): median {c:.0f} events/s")
     print(f"stats service (exactly once):       median {f:.0f} events/s  = {f / c:.2f}x ceiling")
+    print(
+        "median of the rounds' ratios:       "
+        f"{statistics.median(x / y for x, y in zip(fleet, ceiling, strict=True)):.2f}x"
+    )
+    if bare:
+        b = statistics.median(bare)
+        print(
+            f"stats without row-level security:   median {b:.0f} events/s  = {b / c:.2f}x"
+            f" ceiling (with it: {f / b:.2f}x of without)"
+        )
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--events", type=int, default=50_000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--rls-off",
+        action="store_true",
+        help="also a round of stats with row-level security off on its tables, each round",
+    )
     parser.add_argument("--ceiling", nargs=3, metavar=("NATS_URL", "DB_URL", "N"))
     args = parser.parse_args()
     if args.ceiling:
         asyncio.run(ceiling_consumer(args.ceiling[0], args.ceiling[1], int(args.ceiling[2])))
     else:
-        asyncio.run(main(args.events, args.rounds))
+        asyncio.run(main(args.events, args.rounds, args.rls_off))

@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import os
 import random
+import shutil
 import statistics
 import tempfile
 import time
@@ -23,8 +24,10 @@ from pathlib import Path
 import asyncpg
 import httpx
 
-from benchmarks.harness import bench_headers, fresh_database, service_env
+from benchmarks.harness import BENCH_JWT_SECRET, bench_headers, fresh_database, service_env
 from services.embedded import EmbeddedNats, EmbeddedPostgres, free_port
+from services.runtime.auth import Verifier
+from services.runtime.db import Login, acting_for, create_pool
 from services.stack import spawn_service, wait_until_up
 
 COUNTERS = (
@@ -138,6 +141,56 @@ async def measure(base: str, users: int, models: int, requests: int) -> dict[str
     return results
 
 
+async def row_level_security(db: str, on: bool) -> None:
+    """Row-level security on (enabled and forced, as the migrations leave it) or off on
+    every stats table that has policies, as the administrator."""
+    conn = await asyncpg.connect(db)
+    try:
+        tables = await conn.fetch(
+            "SELECT DISTINCT format('%I.%I', schemaname, tablename) FROM pg_policies"
+            " WHERE schemaname = 'stats'"
+        )
+        for (table,) in tables:
+            if on:
+                await conn.execute(f"ALTER TABLE {table} ENABLE ROW LEVEL SECURITY")
+                await conn.execute(f"ALTER TABLE {table} FORCE ROW LEVEL SECURITY")
+            else:
+                await conn.execute(f"ALTER TABLE {table} NO FORCE ROW LEVEL SECURITY")
+                await conn.execute(f"ALTER TABLE {table} DISABLE ROW LEVEL SECURITY")
+    finally:
+        await conn.close()
+
+
+async def request_security_overhead(db: str, users: int, n: int = 2000) -> tuple[float, float]:
+    """What a read pays for authentication and for acting as the user, apart from its
+    query, in microseconds per request (median): verifying its bearer token (HS256, as
+    the service does), and the statement that sets the role and claims of the request's
+    transaction (Runtime.as_user), against a plain transaction on the same pool."""
+    verifier = Verifier(secret=BENCH_JWT_SECRET)
+    tokens = [bench_headers(f"user-{i % users + 1}", "user")["Authorization"][7:] for i in range(n)]
+    verify_us = []
+    for token in tokens:
+        t0 = time.perf_counter()
+        await verifier.verify(token)
+        verify_us.append((time.perf_counter() - t0) * 1e6)
+    pool = await create_pool(Login(db, "stats", "stats_app"), 2, "bench")
+    plain_us, acting_us = [], []
+    try:
+        for i in range(n // 4):
+            t0 = time.perf_counter()
+            async with pool.acquire() as conn, conn.transaction():
+                await conn.fetchval("SELECT 1")
+            t1 = time.perf_counter()
+            async with acting_for(pool, "stats", {"sub": f"user-{i}", "role": "user"}) as acting:
+                await acting.fetchval("SELECT 1")
+            t2 = time.perf_counter()
+            plain_us.append((t1 - t0) * 1e6)
+            acting_us.append((t2 - t1) * 1e6)
+    finally:
+        await pool.close()
+    return statistics.median(verify_us), statistics.median(acting_us) - statistics.median(plain_us)
+
+
 async def main(args: argparse.Namespace) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="fleet-bench-"))
     nats_server, pg = EmbeddedNats(tmp / "nats"), EmbeddedPostgres(tmp / "pg")
@@ -152,29 +205,49 @@ async def main(args: argparse.Namespace) -> None:
         await wait_until_up(base, proc)  # migrated
         await load_history(db, args.users, args.models, args.sessions, args.days)
         rounds: list[dict[str, list[float]]] = []
+        without: list[dict[str, list[float]]] = []  # row-level security off
         for r in range(1, args.rounds + 1):
-            rounds.append(await measure(base, args.users, args.models, args.requests))
-            print(
-                f"round {r}: "
-                + ", ".join(f"{k} p99 {pct(v, 0.99):.1f}" for k, v in rounds[-1].items()),
-                flush=True,
-            )
+            # alternate which goes first, so both see the same weather
+            for rls in (True, False) if r % 2 or not args.security_cost else (False, True):
+                if not rls and not args.security_cost:
+                    continue
+                await row_level_security(db, rls)
+                results = await measure(base, args.users, args.models, args.requests)
+                (rounds if rls else without).append(results)
+                print(
+                    f"round {r}{'' if rls else ' (row-level security off)'}: "
+                    + ", ".join(f"{k} p99 {pct(v, 0.99):.1f}" for k, v in results.items())
+                    + f"; load {os.getloadavg()[0]:.1f}",
+                    flush=True,
+                )
+            await row_level_security(db, True)
+        overhead = await request_security_overhead(db, args.users)
     finally:
         if proc:
             proc.terminate()
             proc.wait(30)
         pg.stop()
         nats_server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
     print(
         f"\n{args.users} users x {args.models} models x {args.sessions} sessions over "
         f"{args.days} days, {args.rounds} rounds of {args.requests} requests per read, "
         f"one at a time, {os.cpu_count()} cores; milliseconds, median over rounds:"
     )
-    print(f"{'read':24} {'p50':>7} {'p99':>7}")
+    print(f"{'read':24} {'p50':>7} {'p99':>7}" + ("  RLS off: p50 / p99" if without else ""))
     for name in rounds[0]:
         p50 = statistics.median(pct(r[name], 0.5) for r in rounds)
         p99 = statistics.median(pct(r[name], 0.99) for r in rounds)
-        print(f"{name:24} {p50:7.1f} {p99:7.1f}")
+        line = f"{name:24} {p50:7.1f} {p99:7.1f}"
+        if without:
+            off50 = statistics.median(pct(r[name], 0.5) for r in without)
+            off99 = statistics.median(pct(r[name], 0.99) for r in without)
+            line += f"  {off50:7.1f} / {off99:7.1f}"
+        print(line)
+    print(
+        f"per request, medians: verifying the token {overhead[0]:.0f} us; acting as the user"
+        f" (role and claims of the transaction) {overhead[1]:.0f} us more than a plain one"
+    )
 
 
 if __name__ == "__main__":
@@ -185,4 +258,9 @@ if __name__ == "__main__":
     parser.add_argument("--days", type=int, default=10)
     parser.add_argument("--requests", type=int, default=400)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--security-cost",
+        action="store_true",
+        help="each round also with row-level security off on the stats tables (issue 12)",
+    )
     asyncio.run(main(parser.parse_args()))
