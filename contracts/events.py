@@ -180,7 +180,23 @@ class ModelSynced(Event):
     )
 
 
-class SyncCompleted(Event):
+class SyncCounts(BaseModel):
+    """What one catalog sync run counted (sync stores the same counts with its run)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    fetched: int = Field(0, ge=0, description="Entries in the source's answer.")
+    filtered: int = Field(
+        0, ge=0, description="Entries eligible: their output and price within the rules."
+    )
+    selected: int = Field(0, ge=0, description="Entries kept: the top N of the eligible.")
+    added: int = Field(0, ge=0, description="Kept entries new to the catalog.")
+    changed: int = Field(0, ge=0, description="Kept entries whose tracked fields changed.")
+    removed: int = Field(0, ge=0, description="Catalog entries no longer kept.")
+    skipped: int = Field(0, ge=0, description="Entries that could not be read.")
+
+
+class SyncCompleted(Event, SyncCounts):
     """One catalog sync run ended."""
 
     subject: ClassVar[str] = "sync.completed"
@@ -188,12 +204,6 @@ class SyncCompleted(Event):
     run_id: uuid.UUID
     source: str = "openrouter"
     status: Literal["succeeded", "not_modified", "failed"]
-    fetched: int = 0
-    filtered: int = 0
-    selected: int = 0
-    added: int = 0
-    changed: int = 0
-    removed: int = 0
     error: str | None = None
 
 

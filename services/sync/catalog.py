@@ -14,14 +14,13 @@ from dataclasses import dataclass
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from contracts.events import SyncCompleted, plain_decimal
+from contracts.events import SyncCompleted, SyncCounts, plain_decimal
 from services.runtime import outbox
 from services.runtime.db import Connection
 from services.runtime.service import Runtime
 from services.sync import db
 from services.sync.clients import describe, fetch_catalog
 from services.sync.config import SyncSettings
-from services.sync.db import RunCounts
 from services.sync.domain import (
     OPENROUTER,
     SelectionRules,
@@ -47,19 +46,14 @@ def selection_rules(settings: SyncSettings) -> SelectionRules:
 
 
 def _completed(
-    run_id: uuid.UUID, status: str, counts: RunCounts, error: str | None = None
+    run_id: uuid.UUID, status: str, counts: SyncCounts, error: str | None = None
 ) -> SyncCompleted:
     return SyncCompleted.model_validate(
         dict(
+            counts.model_dump(),
             event_id=uuid.uuid5(run_id, "sync.completed"),
             run_id=run_id,
             status=status,
-            fetched=counts.fetched,
-            filtered=counts.filtered,
-            selected=counts.selected,
-            added=counts.added,
-            changed=counts.changed,
-            removed=counts.removed,
             error=error,
         )
     )
@@ -71,7 +65,7 @@ async def apply_catalog(
     body: bytes,
     rules: SelectionRules,
     etag: str | None = None,
-) -> RunCounts:
+) -> SyncCounts:
     """Parse, filter, rank, and write what changed with its events and the finished run, in
     one transaction. A body that is not the catalog raises before anything is written."""
     parsed = parse_catalog(body)
@@ -94,7 +88,7 @@ async def apply_catalog(
         current = (await db.stored_models(conn, OPENROUTER)).get(None, {})
         changes = diff(current, selected)
         told = change_counts(changes)
-        counts = RunCounts(
+        counts = SyncCounts(
             fetched=parsed.fetched,
             filtered=len(filtered),
             selected=len(selected),
@@ -167,7 +161,7 @@ class CatalogSync:
             async with active.conn.transaction():
                 stale = await db.interrupt_running_runs(active.conn, INTERRUPTED)
                 await outbox.add(
-                    active.conn, [_completed(r, "failed", RunCounts(), INTERRUPTED) for r in stale]
+                    active.conn, [_completed(r, "failed", SyncCounts(), INTERRUPTED) for r in stale]
                 )
                 await db.insert_run(active.conn, active.run_id, trigger)
         except BaseException:
@@ -207,9 +201,9 @@ class CatalogSync:
             log.info("OpenRouter catalog not modified since the last run", extra={"etag": etag})
             async with conn.transaction():
                 await db.finish_run(
-                    conn, run_id, "not_modified", RunCounts(), etag=etag, selection=self.rules.key
+                    conn, run_id, "not_modified", SyncCounts(), etag=etag, selection=self.rules.key
                 )
-                await outbox.add(conn, [_completed(run_id, "not_modified", RunCounts())])
+                await outbox.add(conn, [_completed(run_id, "not_modified", SyncCounts())])
             status = "not_modified"
         else:
             await apply_catalog(conn, run_id, response.body, self.rules, response.etag)
@@ -227,9 +221,9 @@ class CatalogSync:
         )
         try:
             async with active.conn.transaction():
-                await db.finish_run(active.conn, active.run_id, "failed", RunCounts(), error=error)
+                await db.finish_run(active.conn, active.run_id, "failed", SyncCounts(), error=error)
                 await outbox.add(
-                    active.conn, [_completed(active.run_id, "failed", RunCounts(), error)]
+                    active.conn, [_completed(active.run_id, "failed", SyncCounts(), error)]
                 )
         except Exception:  # the next run fails this record as interrupted
             log.exception("could not record the failure of run %s", active.run_id)

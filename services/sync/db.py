@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
 import asyncpg
 
-from contracts.events import plain_decimal
+from contracts.events import SyncCounts, plain_decimal
 from services.runtime.db import Connection
 from services.sync.domain import DeviceCheck, Model, ModelChange, PriceTier, StoredModel
 
@@ -21,17 +20,6 @@ from services.sync.domain import DeviceCheck, Model, ModelChange, PriceTier, Sto
 RUN_LOCK = "fleet-sync:openrouter-run"
 DISCOVERY_LOCK = "fleet-sync:discovery"
 GOOD_RUN = "status IN ('succeeded', 'not_modified')"
-
-
-@dataclass(frozen=True)
-class RunCounts:
-    fetched: int = 0
-    filtered: int = 0
-    selected: int = 0
-    added: int = 0
-    changed: int = 0
-    removed: int = 0
-    skipped: int = 0
 
 
 # --- runs ---------------------------------------------------------------------------------
@@ -75,7 +63,7 @@ async def finish_run(
     conn: Connection,
     run_id: uuid.UUID,
     status: str,
-    counts: RunCounts,
+    counts: SyncCounts,
     *,
     etag: str | None = None,
     selection: str | None = None,
