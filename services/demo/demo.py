@@ -523,7 +523,7 @@ def report(demo: Demo, records: list[dict[str, Any]]) -> list[str]:
     lines = [
         "",
         f"What happened (run {tally.run}):",
-        f"  planner    {len(tally.plans)} plans: {dict(Counter(tally.plans.values()))}; "
+        f"  planner    plans {dict(Counter(tally.plans.values()))}; "
         f"{tally.failed_attempts} failed attempts; approvals {dict(tally.approvals)}",
         f"  stats      {USER} (every run so far): {total['response_count']} responses, "
         f"{total['total_brains']} brains, {total['dismissal_count']} dismissals, "
@@ -565,7 +565,10 @@ async def main(command: str, minutes: float, json_path: Path | None) -> int:
     if command != "run":
         print(f"\nTokens (valid 12 h):\n  {USER:<18} user      {demo.fleet.token(USER)}")
         print(f"  {OPERATOR:<18} operator  {demo.fleet.token(OPERATOR, 'operator')}")
-        print(f"The demo's servers run only while `fleet demo run` does; {DEVICE} goes offline.")
+        print(
+            f"The demo's servers run only while `fleet demo` does: sync will find {DEVICE} "
+            "offline until the next `fleet demo run`."
+        )
     if json_path:
         text = json.dumps(vars(demo.tally), indent=2, default=str)
         await asyncio.to_thread(json_path.write_text, text)
