@@ -135,6 +135,10 @@ def within_price_cap(prices: tuple[Decimal, Decimal] | None, cap: Decimal) -> bo
     return prices is not None and prices[0] <= cap and prices[1] <= cap
 
 
+ModelStatus = Literal["active", "removed", "unavailable"]
+ModelChange = Literal["added", "changed", "removed"]
+
+
 class ModelSynced(Event):
     """A catalog entry was added, changed (price, context length, name, or availability: its
     Ollama device went offline or came back) or removed (no longer in the kept set)."""
@@ -147,8 +151,8 @@ class ModelSynced(Event):
         None, description="The Ollama device serving the model; null for hosted providers."
     )
     name: str
-    change: Literal["added", "changed", "removed"]
-    status: Literal["active", "removed", "unavailable"]
+    change: ModelChange
+    status: ModelStatus
     context_length: int | None = None
     prompt_price_per_1m: Price | None = Field(
         None,

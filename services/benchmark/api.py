@@ -27,6 +27,8 @@ from services.runtime.errors import ApiError
 from services.runtime.service import Runtime, runtime_of
 
 ModelId = Annotated[str, StringConstraints(min_length=1, max_length=512)]
+# what the jobs table's status may be (its CHECK constraint: tests/integration/test_status_lists.py)
+JobStatus = Literal["queued", "running", "completed", "failed", "cancelled"]
 
 
 class RunRequest(BenchmarkSpec):
@@ -99,7 +101,7 @@ class JobBrief(BaseModel):
     model: str
     task_type: str
     runs: int
-    status: Literal["queued", "running", "completed", "failed", "cancelled"]
+    status: JobStatus
     attempt: int = Field(description="Workers that started the job so far.")
     error: str | None
     summary: BenchmarkSummary | None
@@ -230,7 +232,7 @@ def build_router() -> APIRouter:
         who: CallerDep,
         model: Annotated[ModelId | None, Query(description="Only this model")] = None,
         status: Annotated[
-            Literal["queued", "running", "completed", "failed", "cancelled"] | None,
+            JobStatus | None,
             Query(description="Only"),
         ] = None,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,

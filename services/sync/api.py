@@ -19,6 +19,7 @@ from services.sync import db
 from services.sync.catalog import CatalogSync, SyncInProgress
 from services.sync.config import SyncSettings
 from services.sync.discovery import DeviceDiscovery
+from services.sync.domain import DeviceStatus, RunStatus, Status
 
 Provider = Literal["openrouter", "ollama"]
 RuntimeDep = Annotated[Runtime[SyncSettings], Depends(runtime_of)]
@@ -43,7 +44,7 @@ class CatalogModel(BaseModel):
     price_tiers: list[PriceTier]
     output_modalities: list[str]
     unit_prices: dict[str, Price]
-    status: Literal["active", "removed", "unavailable"]
+    status: Status
     available: bool
     first_seen_at: datetime
     last_seen_at: datetime
@@ -77,7 +78,7 @@ class RunAccepted(BaseModel):
 class SyncRun(BaseModel):
     run_id: uuid.UUID
     trigger: str
-    status: Literal["running", "succeeded", "not_modified", "failed"]
+    status: RunStatus
     started_at: datetime
     finished_at: datetime | None
     fetched: int
@@ -93,7 +94,7 @@ class SyncRun(BaseModel):
 class Device(BaseModel):
     name: str
     base_url: str
-    status: Literal["online", "offline"]
+    status: DeviceStatus
     version: str | None
     model_count: int | None
     last_error: str | None

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any, Literal
 
-from contracts import Event
+from contracts import Event, events
 from contracts.events import (
     DeviceOffline,
     DeviceOnline,
@@ -55,8 +55,10 @@ OPENROUTER = "openrouter"
 OLLAMA = "ollama"
 VARIABLE_PRICE = Decimal(-1)
 
-Status = Literal["active", "removed", "unavailable"]
-Change = Literal["added", "changed", "removed"]
+Status = events.ModelStatus  # of a catalog entry
+Change = events.ModelChange
+RunStatus = Literal["running", "succeeded", "not_modified", "failed"]
+DeviceStatus = Literal["online", "offline"]
 RankKey = Literal["context_length", "cheapest", "newest"]
 
 
@@ -535,7 +537,7 @@ class DeviceCheck:
     error: str | None = None  # set: the device is offline
 
     @property
-    def status(self) -> Literal["online", "offline"]:
+    def status(self) -> DeviceStatus:
         return "offline" if self.error else "online"
 
 
