@@ -5,8 +5,11 @@ raw-socket asyncio client measuring the same streams in the same run.
 
 The truth: the fake model server (tests/fakes.py) runs in a process of its own (uvloop when
 installed) and records, on the machine's monotonic clock (`perf_counter`, the same in every
-process on Linux), when it finished reading each request and when it wrote each output
-chunk. Its TTFT is first write - request read; its gaps are between consecutive writes.
+process on Linux), when each request's last bytes reached its socket (the kernel's receive
+time) and when it handed each output chunk to the kernel. Its TTFT is first write - request
+read; its gaps are between consecutive writes. Because it is one clock, the error is also
+split into where it arose: the request's way (client start -> server read) and each chunk's
+(server write -> client stamp).
 
 The clients, one after the other in every round, on the same server and the same script:
 - service: `providers.stream_runs`, what the workers run (one kept-alive connection per
@@ -14,6 +17,8 @@ The clients, one after the other in every round, on the same server and the same
 - raw: asyncio streams, connections opened first; per stream: stamp, write the request,
   `readline`/`readexactly` the chunked body and stamp each chunk as the read returns,
   parse after the stream.
+Each round runs at least `--min-runs` streams (a lane runs its share one after the other),
+so at 1 stream a round's TTFT p50 is not one run's.
 
 Errors, per stream: |client's TTFT (its request start -> first output chunk) - server's
 TTFT| and, for each gap, |client's gap - server's gap|. A cell is a format (Ollama NDJSON,
@@ -136,13 +141,13 @@ class Server:
 Seen = dict[str, tuple[float, list[float]]]  # prompt -> (request start, output chunk arrivals)
 
 
-async def service_round(url: str, fmt: str, prompts: Sequence[Prompt]) -> Seen:
+async def service_round(url: str, fmt: str, prompts: Sequence[Prompt], lanes: int) -> Seen:
     provider, prefix = FORMATS[fmt]
     streams = await stream_runs(
         Endpoint(provider, url + prefix),
         prompts,
-        concurrency=len(prompts),
-        warmup_runs=len(prompts),  # every connection open before the measured runs
+        concurrency=lanes,
+        warmup_runs=lanes,  # every connection open before the measured runs
         timeout_s=60,
     )
     out: Seen = {}
@@ -152,11 +157,11 @@ async def service_round(url: str, fmt: str, prompts: Sequence[Prompt]) -> Seen:
     return out
 
 
-async def raw_round(url: str, fmt: str, prompts: Sequence[Prompt]) -> Seen:
+async def raw_round(url: str, fmt: str, prompts: Sequence[Prompt], lanes: int) -> Seen:
     provider, prefix = FORMATS[fmt]
     parse: Callable[[str], Chunk | None] = parse_sse_line if fmt == "sse" else parse_ollama_line
     host, port = url.removeprefix("http://").split(":")
-    connections = [await asyncio.open_connection(host, int(port)) for _ in prompts]
+    connections = [await asyncio.open_connection(host, int(port)) for _ in range(lanes)]
 
     async def one(prompt: Prompt, reader: asyncio.StreamReader, writer: Any) -> Any:
         target, body, _ = request_of(Endpoint(provider, url + prefix), prompt)
@@ -177,7 +182,6 @@ async def raw_round(url: str, fmt: str, prompts: Sequence[Prompt]) -> Seen:
                 break
             piece = await reader.readexactly(size + 2)
             pieces.append((time.perf_counter(), piece))
-        writer.close()
         arrivals = []
         for at, piece in pieces:
             for line in piece.decode().splitlines():
@@ -186,10 +190,15 @@ async def raw_round(url: str, fmt: str, prompts: Sequence[Prompt]) -> Seen:
                     arrivals.append(at)
         return prompt.prompt, (started, arrivals)
 
-    done = await asyncio.gather(
-        *(one(p, r, w) for p, (r, w) in zip(prompts, connections, strict=True))
-    )
-    return dict(done)
+    pending = iter(prompts)
+
+    async def lane(reader: asyncio.StreamReader, writer: Any) -> list[Any]:
+        done = [await one(prompt, reader, writer) for prompt in pending]  # shared: next one
+        writer.close()
+        return done
+
+    lanes_done = await asyncio.gather(*(lane(r, w) for r, w in connections))
+    return dict(item for done in lanes_done for item in done)
 
 
 # --- errors ------------------------------------------------------------------------------
@@ -199,30 +208,49 @@ async def raw_round(url: str, fmt: str, prompts: Sequence[Prompt]) -> Seen:
 class Errors:
     ttft: list[float]
     itl: list[float]
+    request: list[float]  # server's request read - client's request start
+    delivery: list[float]  # client's arrival stamp - server's write, per chunk
 
-    def figures(self) -> tuple[float, float, float, float]:
+    def figures(self) -> tuple[float, ...]:
         return (
             percentile(self.ttft, 50),
             percentile(self.ttft, 99),
             percentile(self.itl, 50) if self.itl else 0.0,
             percentile(self.itl, 99) if self.itl else 0.0,
+            percentile(self.request, 50),
+            percentile(self.delivery, 50),
+            percentile(self.delivery, 99),
         )
 
 
 def errors_of(seen: Seen, truth: dict[str, tuple[float, list[float]]]) -> Errors:
-    ttft, itl = [], []
+    """The errors against the server's own times, and where they come from: every time is
+    `perf_counter()` (CLOCK_MONOTONIC, one clock for every process of the machine), so a
+    client's stamp and the server's can be compared directly. A TTFT error is the request's
+    way (client start -> server read) plus the first chunk's (server write -> client
+    stamp); an ITL error is the difference of two consecutive chunks' ways."""
+    ttft, itl, request, delivery = [], [], [], []
     for prompt, (started, arrivals) in seen.items():
         read, writes = truth[prompt]
         assert len(arrivals) == len(writes), (len(arrivals), len(writes))
         ttft.append(abs((arrivals[0] - started) - (writes[0] - read)) * 1000)
+        request.append((read - started) * 1000)
+        delivery += [(a - w) * 1000 for a, w in zip(arrivals, writes, strict=True)]
         for i in range(1, len(writes)):
             measured = arrivals[i] - arrivals[i - 1]
             itl.append(abs(measured - (writes[i] - writes[i - 1])) * 1000)
-    return Errors(ttft, itl)
+    return Errors(ttft, itl, request, delivery)
 
 
 async def cell(
-    server: Server, fmt: str, streams: int, tokens: int, gap_ms: float, chunks: int, rounds: int
+    server: Server,
+    fmt: str,
+    streams: int,
+    tokens: int,
+    gap_ms: float,
+    chunks: int,
+    rounds: int,
+    min_runs: int,
 ) -> tuple[list[tuple[float, ...]], list[tuple[float, ...]]]:
     words = " ".join(["w"] * tokens)
     server.script(
@@ -235,22 +263,21 @@ async def cell(
     )
     service: list[tuple[float, ...]] = []
     raw: list[tuple[float, ...]] = []
+    runs = max(streams, min_runs)  # a lane runs its share one after the other
     for r in range(rounds):
-        prompts = [
-            Prompt("m", "chat", f"r{r}-{i}-{time.perf_counter_ns()}") for i in range(streams)
-        ]
+        prompts = [Prompt("m", "chat", f"r{r}-{i}-{time.perf_counter_ns()}") for i in range(runs)]
         order = [("service", service_round), ("raw", raw_round)]
         if r % 2:
             order.reverse()  # neither client always goes first
         for name, client in order:
-            seen = await client(server.url, fmt, prompts)
+            seen = await client(server.url, fmt, prompts, streams)
             figures = errors_of(seen, server.served()).figures()
             (service if name == "service" else raw).append(figures)
     return service, raw
 
 
 def medians(rounds: list[tuple[float, ...]]) -> list[float]:
-    return [statistics.median(r[i] for r in rounds) for i in range(4)]
+    return [statistics.median(r[i] for r in rounds) for i in range(len(rounds[0]))]
 
 
 async def main() -> None:
@@ -258,6 +285,13 @@ async def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--chunks", type=int, default=40, help="output chunks per stream")
     parser.add_argument("--streams", default="1,16,64")
+    parser.add_argument(
+        "--min-runs",
+        type=int,
+        default=8,
+        help="runs per round at least (1 stream: one after the other), so a round's TTFT "
+        "p50 is not a single run's",
+    )
     parser.add_argument("--formats", default="ollama,sse")
     parser.add_argument("--loop", default="asyncio", help="asyncio or uvloop (this process)")
     parser.add_argument(
@@ -285,7 +319,8 @@ async def main() -> None:
     header = (
         f"{'format':<7}{'streams':>8}{'tok/ch':>7}{'gap':>6} | "
         f"{'TTFT |error| ms: service p50/p99':>33} {'raw p50/p99':>15} | "
-        f"{'ITL |error| ms: service p50/p99':>32} {'raw p50/p99':>15} | worst ratio"
+        f"{'ITL |error| ms: service p50/p99':>32} {'raw p50/p99':>15} | worst ratio | "
+        "request way p50 service raw | chunk way p50/p99 service raw"
     )
     print(header)
     print("-" * len(header))
@@ -295,17 +330,20 @@ async def main() -> None:
             for tokens in (1, 3):
                 for gap in (5, 20):
                     svc, raw = await cell(
-                        server, fmt, streams, tokens, gap, args.chunks, args.rounds
+                        server, fmt, streams, tokens, gap, args.chunks, args.rounds, args.min_runs
                     )
                     s, r = medians(svc), medians(raw)
-                    ratio = max(a / b if b > 0 else float("inf") for a, b in zip(s, r, strict=True))
+                    ratio = max(
+                        a / b if b > 0 else float("inf") for a, b in zip(s[:4], r[:4], strict=True)
+                    )
                     met = ratio <= 1.5 and (streams != 64 or s[0] <= 2.0)
                     met_all &= met
                     print(
                         f"{fmt:<7}{streams:>8}{tokens:>7}{gap:>4}ms | "
                         f"{s[0]:>24.3f} / {s[1]:.3f} {r[0]:>7.3f} / {r[1]:.3f} | "
                         f"{s[2]:>23.3f} / {s[3]:.3f} {r[2]:>7.3f} / {r[3]:.3f} | "
-                        f"{ratio:>5.2f} {'met' if met else 'MISSED'}",
+                        f"{ratio:>5.2f} {'met' if met else 'MISSED'} | "
+                        f"{s[4]:.3f} {r[4]:.3f} | {s[5]:.3f}/{s[6]:.3f} {r[5]:.3f}/{r[6]:.3f}",
                         flush=True,
                     )
     server.stop()

@@ -19,10 +19,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from services.benchmark.providers import StampedSocket
 
 
 @dataclass(frozen=True)
@@ -62,14 +66,43 @@ class Served:
 Scripting = Script | Callable[[int, dict[str, Any]], Script]
 
 
-class ArrivalStamping(asyncio.StreamReaderProtocol):
-    """A stream protocol that notes when each read came off the socket, before the
-    coroutine reading it runs (which, with many connections busy, can be much later)."""
+class StampedListener(socket.socket):
+    """A listening socket whose connections are `StampedSocket`s: each read notes when its
+    last packet reached the kernel (not when the event loop got round to the socket)."""
 
-    arrival = 0.0
+    __slots__ = ("accepted",)
+
+    def __init__(self) -> None:
+        super().__init__(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        self.accepted: weakref.WeakValueDictionary[int, StampedSocket] = (
+            weakref.WeakValueDictionary()
+        )
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        fd, address = self._accept()  # type: ignore[attr-defined]
+        conn = StampedSocket(self.family, self.type, self.proto, fileno=fd)
+        self.accepted[fd] = conn
+        return conn, address
+
+
+class ArrivalStamping(asyncio.StreamReaderProtocol):
+    """A stream protocol that notes when each read arrived (the kernel's receive time of its
+    socket when known, else now), before the coroutine reading it runs (which, with many
+    connections busy, can be much later)."""
+
+    def __init__(self, listener: StampedListener, *args: Any) -> None:
+        super().__init__(*args)
+        self.listener = listener
+        self.sock: StampedSocket | None = None
+        self.arrival = 0.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.sock = self.listener.accepted.get(transport.get_extra_info("socket").fileno())
+        super().connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
-        self.arrival = time.perf_counter()
+        arrival = self.sock.arrival if self.sock is not None else None
+        self.arrival = arrival if arrival is not None else time.perf_counter()
         super().data_received(data)
 
 
@@ -92,11 +125,15 @@ class FakeModelServer:
     async def __aenter__(self) -> FakeModelServer:
         loop = asyncio.get_running_loop()
 
+        listener = StampedListener()
+        listener.bind(("127.0.0.1", 0))
+        listener.setblocking(False)
+
         def protocol() -> ArrivalStamping:
             reader = asyncio.StreamReader(limit=2**16)
-            return ArrivalStamping(reader, self._connection)
+            return ArrivalStamping(listener, reader, self._connection)
 
-        self._server = await loop.create_server(protocol, "127.0.0.1", 0, backlog=512)
+        self._server = await loop.create_server(protocol, sock=listener, backlog=512)
         port = self._server.sockets[0].getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
         return self
@@ -193,8 +230,11 @@ class FakeModelServer:
 
     @staticmethod
     async def _send(writer: asyncio.StreamWriter, data: bytes) -> float:
-        writer.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+        framed = f"{len(data):x}\r\n".encode() + data + b"\r\n"
+        # stamped as the bytes are handed to the kernel: over loopback they reach the
+        # client's socket within this very call
         written = time.perf_counter()
+        writer.write(framed)
         await writer.drain()
         return written
 

@@ -11,7 +11,7 @@ from typing import Any
 import asyncpg
 
 from contracts.events import BenchmarkRequested, BenchmarkSummary, ModelSynced
-from services.benchmark.domain import CatalogPrice, RunResult
+from services.benchmark.domain import CatalogPrice, RunResult, Tier
 from services.runtime.db import Connection
 
 RUN_COLUMNS = tuple(f.name for f in fields(RunResult))
@@ -35,8 +35,8 @@ async def upsert_prices(conn: Connection, events: Sequence[ModelSynced]) -> None
         """
         INSERT INTO model_prices AS m (provider, model_id, name, status, prompt_price_per_1m,
             completion_price_per_1m, variable_price, synced_at, highest_prompt_price_per_1m,
-            highest_completion_price_per_1m, priced_per_token)
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $10, $11, $12)
+            highest_completion_price_per_1m, priced_per_token, price_tiers)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $10, $11, $12, $13::jsonb)
         ON CONFLICT (provider, model_id) DO UPDATE SET
             name = EXCLUDED.name,
             status = EXCLUDED.status,
@@ -53,6 +53,7 @@ async def upsert_prices(conn: Connection, events: Sequence[ModelSynced]) -> None
                                    ELSE EXCLUDED.highest_completion_price_per_1m END,
             priced_per_token = CASE WHEN $9 THEN m.priced_per_token
                                     ELSE EXCLUDED.priced_per_token END,
+            price_tiers = CASE WHEN $9 THEN m.price_tiers ELSE EXCLUDED.price_tiers END,
             synced_at = EXCLUDED.synced_at,
             updated_at = now()
         WHERE m.synced_at <= EXCLUDED.synced_at
@@ -73,6 +74,14 @@ async def upsert_prices(conn: Connection, events: Sequence[ModelSynced]) -> None
                     e.completion_price_per_1m, [t.completion_price_per_1m for t in e.price_tiers]
                 ),
                 not e.unit_prices and "text" in e.output_modalities,
+                [  # jsonb (the pool's codec), prices as plain decimal strings
+                    {
+                        "min_prompt_tokens": t.min_prompt_tokens,
+                        "prompt_price_per_1m": f"{t.prompt_price_per_1m:f}",
+                        "completion_price_per_1m": f"{t.completion_price_per_1m:f}",
+                    }
+                    for t in e.price_tiers
+                ],
             )
             for e in sorted(events, key=lambda e: e.occurred_at)
         ],
@@ -82,11 +91,36 @@ async def upsert_prices(conn: Connection, events: Sequence[ModelSynced]) -> None
 async def catalog_prices(conn: Connection, model_ids: Sequence[str]) -> list[CatalogPrice]:
     rows = await conn.fetch(
         "SELECT provider, model_id, prompt_price_per_1m, completion_price_per_1m, variable_price,"
-        " highest_prompt_price_per_1m, highest_completion_price_per_1m, priced_per_token"
+        " highest_prompt_price_per_1m, highest_completion_price_per_1m, priced_per_token,"
+        " price_tiers"
         " FROM model_prices WHERE model_id = ANY($1::text[])",
         list(model_ids),
     )
-    return [CatalogPrice(*r) for r in rows]
+    return [
+        CatalogPrice(
+            r["provider"],
+            r["model_id"],
+            r["prompt_price_per_1m"],
+            r["completion_price_per_1m"],
+            r["variable_price"],
+            r["highest_prompt_price_per_1m"],
+            r["highest_completion_price_per_1m"],
+            r["priced_per_token"],
+            _tiers(r["price_tiers"]),
+        )
+        for r in rows
+    ]
+
+
+def _tiers(value: list[dict[str, Any]]) -> tuple[Tier, ...]:
+    return tuple(
+        Tier(
+            t["min_prompt_tokens"],
+            Decimal(t["prompt_price_per_1m"]),
+            Decimal(t["completion_price_per_1m"]),
+        )
+        for t in value
+    )
 
 
 # --- jobs --------------------------------------------------------------------------------

@@ -64,6 +64,17 @@ class Policy:
 
 
 @dataclass(frozen=True)
+class Tier:
+    """Prices that replace the base ones from `min_prompt_tokens` prompt tokens up
+    (OpenRouter's `pricing.overrides`). None: under another condition (a time window, say),
+    which a run cannot tell; such a tier counts for the cap, never for a run's cost."""
+
+    min_prompt_tokens: int | None
+    prompt_per_1m: Decimal
+    completion_per_1m: Decimal
+
+
+@dataclass(frozen=True)
 class CatalogPrice:
     """One entry of the service's price table (from `model.synced`)."""
 
@@ -76,6 +87,7 @@ class CatalogPrice:
     highest_prompt_per_1m: Decimal | None = None
     highest_completion_per_1m: Decimal | None = None
     priced_per_token: bool = True  # False: its output is not text (per image, second, ...)
+    tiers: tuple[Tier, ...] = ()
 
     @property
     def is_local(self) -> bool:
@@ -112,10 +124,25 @@ class CatalogPrice:
 
 @dataclass(frozen=True)
 class Price:
-    """USD per 1M tokens, as used for the cost of a run."""
+    """USD per 1M tokens, as used for the cost of a run: the base prices, replaced by those
+    of the tier in force for the run's prompt (the one with the highest threshold the
+    prompt reaches)."""
 
     prompt_per_1m: Decimal
     completion_per_1m: Decimal
+    tiers: tuple[Tier, ...] = ()
+
+    def in_force(self, prompt_tokens: int) -> tuple[Decimal, Decimal]:
+        """(prompt, completion) USD per 1M for a request of `prompt_tokens` prompt tokens."""
+        reached = [
+            t
+            for t in self.tiers
+            if t.min_prompt_tokens is not None and prompt_tokens >= t.min_prompt_tokens
+        ]
+        if not reached:
+            return self.prompt_per_1m, self.completion_per_1m
+        tier = max(reached, key=lambda t: t.min_prompt_tokens or 0)
+        return tier.prompt_per_1m, tier.completion_per_1m
 
 
 FREE = Price(Decimal(0), Decimal(0))
@@ -186,7 +213,7 @@ def check_price(
         return Verdict(
             True,
             f"catalog price {_usd(dearest.highest)} per 1M tokens is within the cap {cap}",
-            Price(dearest.prompt_per_1m, dearest.completion_per_1m),
+            Price(dearest.prompt_per_1m, dearest.completion_per_1m, dearest.tiers),
         )
     if entries:
         return Verdict(True, "a local Ollama model is free", FREE)
@@ -258,15 +285,16 @@ def run_cost(
     output_tokens: int | None,
     server_cost_usd: Decimal | None,
 ) -> tuple[Decimal | None, str | None]:
-    """The server's reported cost when it sends one, else the catalog price times the
-    server's token counts; unknown when neither is there."""
+    """The server's reported cost when it sends one, else the catalog price in force for
+    the prompt's size (its tier) times the server's token counts; unknown when neither is
+    there."""
     if server_cost_usd is not None:
         return server_cost_usd, "server"
     if price is None or output_tokens is None:
         return None, None
+    prompt_per_1m, completion_per_1m = price.in_force(prompt_tokens or 0)
     cost = (
-        Decimal(prompt_tokens or 0) * price.prompt_per_1m
-        + Decimal(output_tokens) * price.completion_per_1m
+        Decimal(prompt_tokens or 0) * prompt_per_1m + Decimal(output_tokens) * completion_per_1m
     ) / MILLION
     return cost, "catalog"
 

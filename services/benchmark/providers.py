@@ -31,16 +31,21 @@ The clocks (all `time.perf_counter()`, one monotonic clock for the whole machine
                 answer is complete (Ollama's `done: true`, SSE's `[DONE]`), else the line
                 with the final usage
 
-An arrival is stamped in the protocol's `data_received`, the first Python code that runs
-when the event loop sees the socket readable, and before anything else is done with the
-bytes: HTTP framing is undone there by `httptools` (C), and every line is split, decoded
-and parsed only once the response has ended, `PARSE_SLICE` lines at a time with the loop
-given back in between (concurrent streams tend to end together). So a busy stream costs
-the others a few microseconds per read, not a JSON parse per line, and gaps between
-chunks are not collapsed by a loop that gets round to reading late. Requests are encoded
-once per distinct prompt, before any clock starts. `benchmarks/benchmark_accuracy.py`
-measures the remaining error against a server's own write times, beside a minimal
-raw-socket client.
+An arrival is the time the kernel received the last packet of the read (Linux's
+`SO_TIMESTAMPNS` receive timestamp, taken as the packet comes off the network, and turned
+into `perf_counter()` time by how long the bytes waited in the socket's queue; see
+`StampedSocket`), so it does not depend on when the event loop gets round to the socket:
+a loop busy with other streams, other jobs, a parse or a garbage collection delays the
+read, not its stamp. Where the kernel gives no stamp (another OS, a loop that does not
+read through the socket object) the stamp is taken in the protocol's `data_received`, the
+first Python code that runs when the loop sees the socket readable. Only when the loop
+lags by more than the gap between two chunks do they come in one read, and share the
+later one's stamp. HTTP framing is undone in `data_received` by `httptools` (C), and every
+line is split, decoded and parsed only once the response has ended, `PARSE_SLICE` lines at
+a time with the loop given back in between (concurrent streams tend to end together), so
+a busy stream costs the others a few microseconds per read. Requests are encoded once per
+distinct prompt, before any clock starts. `benchmarks/benchmark_accuracy.py` measures the
+remaining error against a server's own write times, beside a minimal raw-socket client.
 
 Connections: each concurrent lane keeps one HTTP/1.1 connection open (keep-alive) and
 reopens it when the server closes it. TLS is verified with certifi's roots. Proxies from
@@ -54,7 +59,9 @@ import contextlib
 import functools
 import json
 import logging
+import socket
 import ssl
+import struct
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Sequence
@@ -337,10 +344,92 @@ class Reply:
         return b"".join(data for _, data in self.pieces).decode(errors="replace")
 
 
-class Wire(asyncio.Protocol):
-    """The socket side of a lane: stamps every read the moment the loop delivers it."""
+# Linux's SO_TIMESTAMPNS, which Python's socket module does not name (35 on every
+# architecture but a few that nobody serves models from; a wrong value only fails setsockopt)
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
+_TIMESPEC = struct.Struct("@qq")
+_ANCILLARY_SIZE = socket.CMSG_SPACE(_TIMESPEC.size)
+_MAX_QUEUED_S = 60.0  # a kernel stamp older than this (or in the future) is not believed
 
-    def __init__(self) -> None:
+
+class StampedSocket(socket.socket):
+    """A TCP socket that asks the kernel for each packet's receive time (`SO_TIMESTAMPNS`,
+    the wall clock) and notes, at each read, when the read's last packet arrived on the
+    `perf_counter()` clock: the read's time minus how long the bytes sat in the receive
+    queue. So a stamp does not wait for the event loop to get round to the socket.
+
+    asyncio's selector transports read with `recv` (plain) and `recv_into` (TLS), which
+    are overridden here; a loop that reads the descriptor by other means (uvloop) leaves
+    `arrival` None and the reader stamps the read itself."""
+
+    __slots__ = ("arrival", "stamped")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.arrival: float | None = None
+        self.stamped = False
+        with contextlib.suppress(OSError):  # not Linux: the reader's own stamps
+            self.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+            self.stamped = True
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        if not self.stamped:
+            return super().recv(bufsize, flags)
+        data, ancillary, _, _ = self.recvmsg(bufsize, _ANCILLARY_SIZE, flags)
+        self.arrival = _arrival(ancillary)
+        return data
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        if not self.stamped:
+            return super().recv_into(buffer, nbytes, flags)
+        view = memoryview(buffer)
+        size, ancillary, _, _ = self.recvmsg_into(
+            [view[:nbytes] if nbytes else view], _ANCILLARY_SIZE, flags
+        )
+        self.arrival = _arrival(ancillary)
+        return size
+
+
+def _arrival(ancillary: list[tuple[int, int, bytes]]) -> float:
+    """When the packet a read ended with reached the kernel, on the `perf_counter()` clock;
+    the read's own time when the kernel gave no (believable) stamp."""
+    now, wall_ns = time.perf_counter(), time.time_ns()
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(data) >= 16:
+            seconds, nanoseconds = cast(tuple[int, int], _TIMESPEC.unpack_from(data))
+            queued = (wall_ns - seconds * 1_000_000_000 - nanoseconds) / 1e9
+            if 0.0 <= queued < _MAX_QUEUED_S:
+                return now - queued
+    return now
+
+
+async def stamped_connection(host: str, port: int) -> StampedSocket:
+    """A connected, non-blocking `StampedSocket` to (host, port), trying each address."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    error: OSError = OSError(f"no address for {host}")
+    for family, kind, proto, _, address in infos:
+        sock = StampedSocket(family, kind, proto)
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            await loop.sock_connect(sock, address)
+            return sock
+        except OSError as exc:
+            sock.close()
+            error = exc
+        except BaseException:
+            sock.close()
+            raise
+    raise error
+
+
+class Wire(asyncio.Protocol):
+    """The socket side of a lane: stamps every read with its arrival as the socket noted
+    it (the kernel's receive time), else the moment the loop delivers it."""
+
+    def __init__(self, sock: StampedSocket) -> None:
+        self.sock = sock
         self.transport: asyncio.Transport | None = None
         self.reply: Reply | None = None
 
@@ -349,9 +438,9 @@ class Wire(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
-        now = time.perf_counter()
+        arrival = self.sock.arrival
         if self.reply is not None:
-            self.reply.feed(now, data)
+            self.reply.feed(arrival if arrival is not None else time.perf_counter(), data)
 
     def eof_received(self) -> bool | None:
         return None  # close the transport; connection_lost ends the reply
@@ -384,13 +473,17 @@ class Lane:
         ):
             self.close()
             loop = asyncio.get_running_loop()
-            _, wire = await loop.create_connection(
-                Wire,
-                target.host,
-                target.port,
-                ssl=self._tls() if target.tls else None,
-                server_hostname=target.host if target.tls else None,
-            )
+            sock = await stamped_connection(target.host, target.port)
+            try:
+                _, wire = await loop.create_connection(
+                    functools.partial(Wire, sock),
+                    sock=sock,
+                    ssl=self._tls() if target.tls else None,
+                    server_hostname=target.host if target.tls else None,
+                )
+            except BaseException:
+                sock.close()
+                raise
             self._wire, self._to = wire, target
         assert wire.transport is not None
         reply = wire.reply = Reply()

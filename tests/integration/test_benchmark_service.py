@@ -339,6 +339,43 @@ async def test_the_price_guard_follows_the_catalog(
     }
 
 
+async def test_a_run_is_priced_by_the_catalog_tier_its_prompt_reaches(
+    infra: Infra, database_url: str, js: JetStreamContext
+) -> None:
+    def by_prompt(_: int, body: dict[str, Any]) -> Script:
+        # the prompt says how many prompt tokens the server reports for it
+        tokens = int(body["messages"][0]["content"])
+        return Script(ttft_s=0.01, gap_s=0.005, prompt_tokens=tokens)  # 7 output tokens
+
+    async with (
+        FakeModelServer(by_prompt) as fake,
+        running(build(settings(infra, database_url, fake))) as (_, client),
+    ):
+        tier = PriceTier(
+            min_prompt_tokens=200_000,
+            prompt_price_per_1m=Decimal("2.5"),
+            completion_price_per_1m=Decimal("10"),
+        )
+        await publish_applied(
+            js, "benchmark-model-synced", synced("g/long", "1.25", "5", price_tiers=[tier])
+        )
+        jobs = {
+            tokens: await submit(client, provider="openrouter", model="g/long", prompt=str(tokens))
+            for tokens in (199_999, 200_000, 250_000)
+        }
+        costs = {
+            tokens: {r["cost_usd"] for r in (await finished(client, job_id))["results"]}
+            for tokens, job_id in jobs.items()
+        }
+
+    # tokens x USD per 1M / 1,000,000, worked out by hand (7 output tokens)
+    assert costs == {
+        199_999: {"0.25003375"},  # base: 249,998.75 + 35
+        200_000: {"0.50007"},  # the tier from its threshold: 500,000 + 70
+        250_000: {"0.62507"},  # 625,000 + 70
+    }
+
+
 async def test_a_request_published_by_any_client_meets_the_guard_in_the_worker(
     infra: Infra, database_url: str, js: JetStreamContext
 ) -> None:

@@ -5,6 +5,7 @@ measurements must match the script, and token counts must be the server's."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from decimal import Decimal
 
@@ -56,7 +57,10 @@ async def test_a_stream_is_measured_as_scripted(provider: str, task: str, prefix
     for seen, written in zip(stream.token_times, served.written_at, strict=True):
         assert 0 <= (seen - written) * 1000 <= SLACK_MS
     assert stream.sent is not None and stream.first_byte is not None
-    assert stream.started <= stream.sent <= served.received_at <= stream.first_byte
+    # the request reaches the server's socket within the client's write, so the server's
+    # (kernel) stamp of its arrival may come before the client's stamp of the write's return
+    assert stream.started <= served.received_at <= stream.first_byte
+    assert stream.started <= stream.sent <= stream.first_byte
     assert stream.first_byte <= stream.token_times[0] and stream.finished is not None
     assert stream.token_times[-1] <= stream.finished
     assert run.itl_per_token_ms == []  # the server did not say how many tokens each chunk held
@@ -96,6 +100,54 @@ async def test_failures_are_recorded_per_run_with_their_reason() -> None:
 
 def lane() -> Lane:
     return Lane(tls_context)
+
+
+class ServerThread:
+    """A fake model server on an event loop of its own, in a thread: it keeps writing on
+    schedule while the client's loop is blocked."""
+
+    def __init__(self, script: Script) -> None:
+        self.script = script
+        self.ready = threading.Event()
+        self.server: FakeModelServer | None = None
+        self.thread = threading.Thread(target=asyncio.run, args=(self._serve(),), daemon=True)
+
+    async def _serve(self) -> None:
+        self.stop = asyncio.Event()
+        self.loop = asyncio.get_running_loop()
+        async with FakeModelServer(self.script) as self.server:
+            self.ready.set()
+            await self.stop.wait()
+
+    def __enter__(self) -> FakeModelServer:
+        self.thread.start()
+        assert self.ready.wait(10)
+        assert self.server is not None
+        return self.server
+
+    def __exit__(self, *_: object) -> None:
+        self.loop.call_soon_threadsafe(self.stop.set)
+        self.thread.join(10)
+
+
+async def test_a_chunk_is_stamped_when_it_arrived_not_when_a_busy_loop_read_it() -> None:
+    # chunks at 0.1, 0.4 and 0.7 s; the client's loop is blocked from 0.25 to 0.55 s, over
+    # the second chunk's arrival only
+    script = Script(ttft_s=0.1, gap_s=0.3, chunks=(("a", 1), ("b", 1), ("c", 1)))
+
+    async def block_the_loop() -> None:
+        await asyncio.sleep(0.25)
+        time.sleep(0.3)  # noqa: ASYNC251 - a loop kept from reading is what is tested
+
+    with ServerThread(script) as server:
+        endpoint = Endpoint("ollama", server.url)
+        blocker = asyncio.create_task(block_the_loop())
+        stream = await stream_once(lane(), endpoint, Prompt("m", "chat", "p"), timeout_s=5)
+        await blocker
+    written = server.served[0].written_at
+    late_ms = [(seen - at) * 1000 for seen, at in zip(stream.token_times, written, strict=True)]
+    # read up to 150 ms after it arrived, stamped as it arrived (the kernel's receive time)
+    assert all(0 <= late < 50 for late in late_ms), late_ms
 
 
 CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"

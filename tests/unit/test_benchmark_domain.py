@@ -16,6 +16,7 @@ from services.benchmark.domain import (
     Price,
     RunResult,
     Stream,
+    Tier,
     check_price,
     cut_short,
     final_event_id,
@@ -279,3 +280,53 @@ def test_a_model_not_priced_per_token_is_never_free() -> None:
     image = CatalogPrice("openrouter", "v/image", None, None, priced_per_token=False)
     verdict = check_price("openrouter", "v/image", [image], Policy(Decimal(10), True, True))
     assert not verdict.allowed and verdict.reason.startswith("model not priced per token")
+
+
+# Gemini-like tiers: base $1.25 / $10, from 200,000 prompt tokens $2.50 / $15, and a
+# tier under another condition (a time window) that a run cannot tell and never applies
+LONG = CatalogPrice(
+    "openrouter",
+    "g/long",
+    Decimal("1.25"),
+    Decimal("10"),
+    highest_prompt_per_1m=Decimal("2.50"),
+    highest_completion_per_1m=Decimal("15"),
+    tiers=(
+        Tier(200_000, Decimal("2.50"), Decimal("15")),
+        Tier(None, Decimal("0.5"), Decimal("1")),
+    ),
+)
+
+
+@pytest.mark.parametrize(
+    ("prompt_tokens", "output_tokens", "expected"),
+    [
+        # worked out by hand: tokens x USD per 1M / 1,000,000
+        (1_000, 500, "0.00625"),  # 1,000 x 1.25 + 500 x 10 = 6,250
+        (199_999, 500, "0.25499875"),  # 199,999 x 1.25 + 5,000 = 254,998.75
+        (200_000, 500, "0.5075"),  # the tier from its threshold: 500,000 + 7,500
+        (250_000, 1_000, "0.64"),  # 625,000 + 15,000
+    ],
+)
+def test_a_run_is_priced_by_the_tier_in_force_for_its_prompt(
+    prompt_tokens: int, output_tokens: int, expected: str
+) -> None:
+    verdict = check_price("openrouter", "g/long", [LONG], Policy(Decimal(15)))
+    assert verdict.allowed and verdict.price is not None
+    s = stream([1.0, 1.1], prompt_tokens=prompt_tokens, output_tokens=output_tokens)
+    r = measure(0, s, verdict.price)
+    assert r.cost_usd == Decimal(expected) and r.cost_source == "catalog"
+
+
+def test_the_highest_threshold_reached_wins_whatever_the_order_of_the_tiers() -> None:
+    price = Price(
+        Decimal(1),
+        Decimal(2),
+        (Tier(1_000_000, Decimal(5), Decimal(9)), Tier(128_000, Decimal(3), Decimal(4))),
+    )
+    assert price.in_force(127_999) == (Decimal(1), Decimal(2))
+    assert price.in_force(128_000) == (Decimal(3), Decimal(4))
+    assert price.in_force(999_999) == (Decimal(3), Decimal(4))
+    assert price.in_force(2_000_000) == (Decimal(5), Decimal(9))
+    # no prompt count from the server: the base price (0 prompt tokens)
+    assert run_cost(price, None, 1_000_000, None) == (Decimal(2), "catalog")

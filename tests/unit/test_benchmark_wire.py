@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import socket
+import time
 from decimal import Decimal
 
 import pytest
@@ -11,6 +13,7 @@ from services.benchmark.providers import (
     Endpoint,
     Prompt,
     ProtocolError,
+    StampedSocket,
     parse_ollama_line,
     parse_sse_line,
     request_of,
@@ -127,3 +130,26 @@ def test_a_chunk_with_running_usage_tells_its_token_count() -> None:
         '"usage":{"prompt_tokens":3,"completion_tokens":6}}'
     )
     assert chunk is not None and chunk.output and chunk.output_tokens == 6
+
+
+@pytest.mark.parametrize("read", ["recv", "recv_into"])
+def test_a_read_is_stamped_when_its_bytes_reached_the_kernel(read: str) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = StampedSocket(socket.AF_INET, socket.SOCK_STREAM)
+        with client:
+            client.connect(listener.getsockname())
+            server, _ = listener.accept()
+            with server:
+                server.sendall(b"first")
+                sent = time.perf_counter()
+                time.sleep(0.1)  # the bytes wait in the receive queue
+                if read == "recv":
+                    data = client.recv(100)
+                else:
+                    buffer = bytearray(100)
+                    data = bytes(buffer[: client.recv_into(buffer)])
+                read_at = time.perf_counter()
+    assert data == b"first"
+    assert client.arrival is not None
+    # stamped when they arrived (within the send, on loopback), not when they were read
+    assert client.arrival < sent + 0.01 < read_at - 0.08
