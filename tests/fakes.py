@@ -10,8 +10,9 @@ One raw asyncio HTTP/1.1 server (keep-alive, chunked transfer encoding) answers:
   scripted, as OpenRouter sends) when `stream_options.include_usage` is set, `data: [DONE]`.
 
 A `Script` says when each chunk goes out and how many tokens it holds; the server records
-(`perf_counter()`, the same clock as the client when both run in one process) when it
-actually wrote each chunk, which is the truth a measurement is compared with.
+(`perf_counter()`: CLOCK_MONOTONIC, one clock for every process of the machine) when each
+request's last bytes reached its socket (the kernel's receive time) and when it handed each
+chunk to the kernel, which is the truth a measurement is compared with.
 """
 
 from __future__ import annotations
@@ -20,13 +21,12 @@ import asyncio
 import contextlib
 import json
 import socket
+import struct
 import time
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-
-from services.benchmark.providers import StampedSocket
 
 
 @dataclass(frozen=True)
@@ -66,21 +66,49 @@ class Served:
 Scripting = Script | Callable[[int, dict[str, Any]], Script]
 
 
+# Linux's SO_TIMESTAMP (a struct timeval per read); written apart from the client's own
+# stamping (`providers.StampedSocket`, SO_TIMESTAMPNS), so the truth does not share its code
+SO_TIMESTAMP = getattr(socket, "SO_TIMESTAMP", 29)
+_TIMEVAL = struct.Struct("@ll")
+
+
+class KernelStampedSocket(socket.socket):
+    """An accepted connection whose reads note when their last packet reached the kernel
+    (`arrival`, on the `perf_counter()` clock; None when the kernel gave no stamp).
+    asyncio's transports read with `recv`."""
+
+    __slots__ = ("arrival",)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.arrival: float | None = None
+        self.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMP, 1)
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        data, ancillary, _, _ = self.recvmsg(bufsize, socket.CMSG_SPACE(_TIMEVAL.size), flags)
+        read_at, wall = time.perf_counter(), time.time()
+        self.arrival = None
+        for level, kind, value in ancillary:
+            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMP:
+                seconds, microseconds = _TIMEVAL.unpack_from(value)
+                self.arrival = read_at - (wall - seconds - microseconds / 1e6)
+        return data
+
+
 class StampedListener(socket.socket):
-    """A listening socket whose connections are `StampedSocket`s: each read notes when its
-    last packet reached the kernel (not when the event loop got round to the socket)."""
+    """A listening socket whose connections are `KernelStampedSocket`s."""
 
     __slots__ = ("accepted",)
 
     def __init__(self) -> None:
         super().__init__(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        self.accepted: weakref.WeakValueDictionary[int, StampedSocket] = (
+        self.accepted: weakref.WeakValueDictionary[int, KernelStampedSocket] = (
             weakref.WeakValueDictionary()
         )
 
     def accept(self) -> tuple[socket.socket, Any]:
         fd, address = self._accept()  # type: ignore[attr-defined]
-        conn = StampedSocket(self.family, self.type, self.proto, fileno=fd)
+        conn = KernelStampedSocket(self.family, self.type, self.proto, fileno=fd)
         self.accepted[fd] = conn
         return conn, address
 
@@ -93,7 +121,7 @@ class ArrivalStamping(asyncio.StreamReaderProtocol):
     def __init__(self, listener: StampedListener, *args: Any) -> None:
         super().__init__(*args)
         self.listener = listener
-        self.sock: StampedSocket | None = None
+        self.sock: KernelStampedSocket | None = None
         self.arrival = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
