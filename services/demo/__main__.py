@@ -8,8 +8,6 @@ import sys
 from pathlib import Path
 
 from services.demo.demo import main
-from services.demo.fleet import NotRunning
-from services.demo.servers import PortTaken
 
 
 def cli(argv: list[str] | None = None) -> int:
@@ -33,7 +31,7 @@ def cli(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return asyncio.run(main(args.command, max(args.minutes, 0.0), args.json))
-    except (NotRunning, PortTaken) as exc:
+    except RuntimeError as exc:  # not running, not ready, a port taken
         print(exc, file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -17,8 +17,10 @@ Read it as an example of integrating with LLM Fleet:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
+import signal
 import time
 import uuid
 from collections import Counter
@@ -375,7 +377,10 @@ async def connected(say: Say, run: str) -> AsyncIterator[Demo]:
     fleet = Fleet.find()
     async with httpx.AsyncClient(timeout=5) as anyone:
         for name, url in fleet.urls.items():
-            ready = (await anyone.get(url + "/health/ready")).status_code
+            try:
+                ready = (await anyone.get(url + "/health/ready")).status_code
+            except httpx.HTTPError as exc:
+                raise RuntimeError(f"{name} does not answer at {url}: {exc!r}") from None
             if ready != 200:
                 raise RuntimeError(f"{name} is not ready ({url}/health/ready answers {ready})")
     say("stack", f"{len(fleet.urls)} services ready: {', '.join(fleet.urls)}")
@@ -449,10 +454,25 @@ async def run(demo: Demo, minutes: float) -> None:
         )
         await reprice(demo)
         await device_outage(demo)
+    await keep_coming(demo, deadline)
+
+
+async def keep_coming(demo: Demo, deadline: float) -> None:
+    """Small plans every few seconds until the deadline, or until Ctrl-C: then the plans
+    under way finish and the summary follows."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    if time.monotonic() < deadline:
+        demo.say("planner", "more plans every few seconds (Ctrl-C: finish and sum up)")
     more: list[asyncio.Task[None]] = []
-    while time.monotonic() < deadline:
-        more.append(asyncio.create_task(demo.plan(random.choice(BACKGROUND))))
-        await asyncio.sleep(random.uniform(3, 6))
+    try:
+        while time.monotonic() < deadline and not stop.is_set():
+            more.append(asyncio.create_task(demo.plan(random.choice(BACKGROUND))))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), random.uniform(3, 6))
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
     await asyncio.gather(*more)
 
 
