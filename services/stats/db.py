@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Sequence
 from datetime import date, datetime
 from typing import Any, Literal
@@ -13,7 +12,7 @@ from pydantic_core import to_json
 
 from contracts.events import CANARY_USER_PREFIX, ModelSynced, PriceTier
 from services.runtime.db import Connection
-from services.stats.domain import Contribution, CostEntry, ModelCounts, PriceInForce
+from services.stats.domain import Batch, CostEntry, ModelCounts, PriceInForce
 
 # --- writes: one statement per table per batch, rows in key order ------------------------
 #
@@ -164,14 +163,14 @@ _WIDENED = (
 # happened, as returned by the records' upsert.
 APPLY = f"""
 WITH claimed AS (
-    INSERT INTO inbox (consumer, event_id) SELECT $4, unnest($5::uuid[])
-    ON CONFLICT DO NOTHING RETURNING event_id
+    INSERT INTO inbox (consumer, event_id) SELECT * FROM unnest($4::text[], $5::uuid[])
+    ON CONFLICT DO NOTHING RETURNING consumer, event_id
 ), c AS (
-    SELECT * FROM json_to_recordset($1::text::json) AS x(n int, event_id uuid, user_id text,
-        model_id text, session_id text, at timestamptz, responses bigint, brains bigint,
-        dismissals bigint, prompt_tokens bigint, completion_tokens bigint, cost_usd numeric,
-        unpriced_calls bigint, dismissal_reason text)
-    WHERE event_id IN (SELECT event_id FROM claimed)
+    SELECT * FROM json_to_recordset($1::text::json) AS x(n int, consumer text, event_id uuid,
+        user_id text, model_id text, session_id text, at timestamptz, responses bigint,
+        brains bigint, dismissals bigint, prompt_tokens bigint, completion_tokens bigint,
+        cost_usd numeric, unpriced_calls bigint, dismissal_reason text)
+    WHERE (consumer, event_id) IN (SELECT consumer, event_id FROM claimed)
 ), sessions AS (
     INSERT INTO model_statistics AS s (user_id, model_id, session_id, response_count,
         total_brains, dismissal_count, prompt_tokens, completion_tokens, cost_usd,
@@ -243,26 +242,26 @@ WITH claimed AS (
     ORDER BY user_id, day, model_id
     ON CONFLICT (user_id, day, model_id) DO UPDATE SET {_ADDED}
 )
-SELECT count(*) FROM claimed
+SELECT consumer, count(*) AS applied FROM claimed GROUP BY consumer
 """
 
 
-async def apply(
-    conn: Connection,
-    consumer: str,
-    event_ids: Sequence[uuid.UUID],
-    contributions: Sequence[Contribution],
-    costs: Sequence[CostEntry] = (),
-) -> int:
-    """Record the batch's events (`event_ids`, one per contribution) in `consumer`'s inbox
-    and add those not applied before to the records, the roster and every aggregate, and
-    their calls (`costs`) to the cost ledger, in one statement (APPLY); how many it added."""
-    applied: int = await conn.fetchval(
+async def apply(conn: Connection, batches: Sequence[Batch]) -> dict[str, int]:
+    """Record the batches' events in their consumers' inboxes and add those not applied
+    before to the records, the roster and every aggregate, and their calls to the cost
+    ledger, in one statement (APPLY); how many each consumer's batches added."""
+    rows = [
+        (b.consumer, event_id, c)
+        for b in batches
+        for event_id, c in zip(b.event_ids, b.contributions, strict=True)
+    ]
+    applied = await conn.fetch(
         APPLY,
         _json_rows(
             [
                 {
                     "n": n,
+                    "consumer": consumer,
                     "event_id": event_id,
                     "user_id": c.user_id,
                     "model_id": c.model_id,
@@ -277,15 +276,15 @@ async def apply(
                     "unpriced_calls": c.unpriced_calls,
                     "dismissal_reason": c.dismissal_reason,
                 }
-                for n, (event_id, c) in enumerate(zip(event_ids, contributions, strict=True))
+                for n, (consumer, event_id, c) in enumerate(rows)
             ]
         ),
         CANARY_USER_PREFIX,
-        _json_rows(_cost_rows(costs)),
-        consumer,
-        event_ids,
+        _json_rows(_cost_rows([cost for b in batches for cost in b.costs])),
+        [consumer for consumer, _, _ in rows],
+        [event_id for _, event_id, _ in rows],
     )
-    return applied
+    return {r["consumer"]: r["applied"] for r in applied}
 
 
 _COUNTER_SUMS = ", ".join(f"sum({c})" for c in COUNTERS)

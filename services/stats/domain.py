@@ -4,6 +4,7 @@ how a leaderboard is ranked with honest uncertainty."""
 from __future__ import annotations
 
 import math
+import uuid
 from bisect import bisect_right
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -169,6 +170,17 @@ class Contribution:
     cost_usd: Decimal = Decimal(0)
     unpriced_calls: int = 0
     dismissal_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Batch:
+    """What one consumer's batch adds: each event's contribution (`event_ids[i]` is the
+    event of `contributions[i]`), and the calls of the cost ledger among them."""
+
+    consumer: str
+    event_ids: Sequence[uuid.UUID]
+    contributions: Sequence[Contribution]
+    costs: Sequence[CostEntry] = ()
 
 
 def from_call(entry: CostEntry) -> Contribution:

@@ -1,13 +1,17 @@
 """Subscribers of stats: read → decide → write, and its own loop (the global fold).
 
-The consumers of completions, rewards and dismissals claim their inbox themselves: each
-batch is one statement (db.apply) that records the events in the inbox and adds only those
-recorded now, so it needs no transaction of its own (see `Consumer.claims_inbox`)."""
+The consumers of completions, rewards and dismissals claim their inbox themselves: a batch
+is one statement (db.apply) that records the events in the inbox and adds only those
+recorded now, so it needs no transaction of its own (see `Consumer.claims_inbox`). Their
+batches go through one `Writer`, which writes together those that arrive while a write is
+under way: one statement and one commit instead of three, and no consumer waiting for
+another's row locks (the three add to the same users' rows)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 
 from contracts.events import ModelDismissed, ModelRewarded, ModelSynced, SubtaskCompleted
 from services.runtime.consumer import DeadLetter
@@ -17,6 +21,7 @@ from services.runtime.service import Runtime
 from services.stats import db
 from services.stats.config import StatsSettings
 from services.stats.domain import (
+    Batch,
     Unacceptable,
     calls_to_price,
     from_call,
@@ -35,6 +40,72 @@ MODEL_DISMISSED = "stats-model-dismissed"
 MODEL_SYNCED = "stats-model-synced"
 
 
+@dataclass
+class _Queued:
+    batch: Batch
+    applied: asyncio.Future[int]
+
+
+class Writer:
+    """Group commit for the consumers' batches, never a wait for company: a batch is written
+    at once when no write is under way; otherwise it is written with every batch queued
+    meanwhile, by the first of their consumers to get its turn, on its connection. When a
+    write of several fails for a reason other than PostgreSQL being away, each batch is
+    written again alone, so only the one at fault fails (and only its consumer retries)."""
+
+    def __init__(self) -> None:
+        self._queue: list[_Queued] = []
+        self._turn = asyncio.Lock()  # first come, first served
+
+    async def apply(self, conn: Connection, batch: Batch) -> int:
+        if conn.is_in_transaction():  # a retried event: alone, in its consumer's transaction
+            return (await db.apply(conn, [batch])).get(batch.consumer, 0)
+        mine = _Queued(batch, asyncio.get_running_loop().create_future())
+        self._queue.append(mine)
+        async with self._turn:
+            if not mine.applied.done():  # not written by the previous turn: write the queue
+                queued, self._queue = self._queue, []
+                try:
+                    await self._write(conn, queued)
+                except BaseException:  # cancelled mid-write (stopping): the others try again
+                    lost = ConnectionAbortedError("written with a consumer that was stopped")
+                    for q in queued:
+                        _settle(q.applied, lost)
+                    raise
+        return mine.applied.result()
+
+    async def _write(self, conn: Connection, queued: list[_Queued]) -> None:
+        try:
+            applied = await db.apply(conn, [q.batch for q in queued])
+        except Exception as exc:
+            if len(queued) == 1 or unavailable(exc):
+                for q in queued:
+                    _settle(q.applied, exc)
+                return
+            for q in queued:
+                try:
+                    alone = await db.apply(conn, [q.batch])
+                except Exception as one:
+                    _settle(q.applied, one)
+                else:
+                    _settle(q.applied, alone.get(q.batch.consumer, 0))
+            return
+        for q in queued:
+            _settle(q.applied, applied.get(q.batch.consumer, 0))
+
+
+def _settle(future: asyncio.Future[int], outcome: int | Exception) -> None:
+    if future.done():  # its consumer was cancelled (stopping): its messages come again
+        return
+    if isinstance(outcome, Exception):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
+
+
+writer = Writer()  # one per process: the three consumers share it
+
+
 async def on_subtask_completed(conn: Connection, events: list[SubtaskCompleted]) -> int:
     """Each completed subtask is one response and one call in the cost ledger, priced by
     the event's cost, else by the catalog price in force when it completed."""
@@ -46,12 +117,9 @@ async def on_subtask_completed(conn: Connection, events: list[SubtaskCompleted])
         ]
     except Unacceptable as exc:
         raise DeadLetter(str(exc)) from exc
-    return await db.apply(
-        conn,
-        SUBTASK_COMPLETED,
-        [e.event_id for e in events],
-        [from_call(e) for e in entries],
-        entries,
+    ids = [e.event_id for e in events]
+    return await writer.apply(
+        conn, Batch(SUBTASK_COMPLETED, ids, [from_call(e) for e in entries], entries)
     )
 
 
@@ -60,12 +128,15 @@ async def on_model_rewarded(conn: Connection, events: list[ModelRewarded]) -> in
         contributions = [from_reward(e) for e in events]
     except Unacceptable as exc:
         raise DeadLetter(str(exc)) from exc
-    return await db.apply(conn, MODEL_REWARDED, [e.event_id for e in events], contributions)
+    return await writer.apply(
+        conn, Batch(MODEL_REWARDED, [e.event_id for e in events], contributions)
+    )
 
 
 async def on_model_dismissed(conn: Connection, events: list[ModelDismissed]) -> int:
-    return await db.apply(
-        conn, MODEL_DISMISSED, [e.event_id for e in events], [from_dismissal(e) for e in events]
+    contributions = [from_dismissal(e) for e in events]
+    return await writer.apply(
+        conn, Batch(MODEL_DISMISSED, [e.event_id for e in events], contributions)
     )
 
 

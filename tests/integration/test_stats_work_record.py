@@ -28,7 +28,15 @@ from services.runtime.service import Runtime
 from services.stats import db
 from services.stats.app import build
 from services.stats.config import StatsSettings
-from services.stats.domain import from_call, from_dismissal, from_reward, price_call
+from services.stats.domain import (
+    Batch,
+    Contribution,
+    from_call,
+    from_dismissal,
+    from_reward,
+    price_call,
+)
+from services.stats.handlers import Writer
 from tests.conftest import Infra, bearer, eventually, running
 
 ALICE, BOB = bearer("alice", "user"), bearer("bob", "user")
@@ -395,7 +403,7 @@ async def test_a_batch_folds_into_records_days_totals_and_global_days_in_one_sta
     ]
     ids = [uuid.uuid4() for _ in batch]
     async with runtime.pool.acquire() as conn:
-        assert await db.apply(conn, "stats-test", ids, batch) == len(batch)
+        assert await db.apply(conn, [Batch("stats-test", ids, batch)]) == {"stats-test": 8}
         s1 = await conn.fetchrow(
             "SELECT * FROM model_statistics WHERE user_id = 'u' AND session_id = 's1'"
         )
@@ -408,10 +416,13 @@ async def test_a_batch_folds_into_records_days_totals_and_global_days_in_one_sta
             "SELECT day, response_count, cost_usd FROM model_daily_pending ORDER BY day"
         )
         # the same events again add nothing (the inbox has them), whatever else is new
-        assert await db.apply(conn, "stats-test", ids, batch) == 0
+        assert await db.apply(conn, [Batch("stats-test", ids, batch)]) == {}
         unchanged = await conn.fetchrow("SELECT * FROM user_model_totals WHERE user_id = 'u'")
         # another event alike adds up, and changes no roster
-        assert await db.apply(conn, "stats-test", [uuid.uuid4(), ids[0]], batch[:2]) == 1
+        again_ids = [uuid.uuid4(), ids[0]]
+        assert await db.apply(conn, [Batch("stats-test", again_ids, batch[:2])]) == {
+            "stats-test": 1
+        }
         again = await conn.fetchrow("SELECT * FROM user_model_totals WHERE user_id = 'u'")
     assert s1 is not None and totals is not None and again is not None
     assert unchanged == totals
@@ -438,3 +449,52 @@ async def test_a_batch_folds_into_records_days_totals_and_global_days_in_one_sta
     assert [tuple(r) for r in everyone] == [(day1, 3, Decimal("0.3")), (day2, 1, Decimal(2))]
     assert (again["response_count"], again["sessions_appeared"]) == (5, 2)
     assert again["cost_usd"] == Decimal("2.4")
+
+
+async def test_the_writer_writes_batches_that_wait_together_and_fails_only_the_one_at_fault(
+    stats: tuple[Runtime, httpx.AsyncClient],
+) -> None:
+    """Four consumers' batches at once, each on its own connection: the first is written at
+    once, the three that waited meanwhile in one statement; one of those is refused by
+    PostgreSQL (a NUL byte in a text), and only its consumer hears of it."""
+    runtime, _ = stats
+    writer = Writer()
+
+    def reward(consumer: str, user: str, brains: int) -> Batch:
+        c = Contribution(user, "m/w", "w", NOW, brains=brains)
+        return Batch(consumer, [uuid.uuid4()], [c])
+
+    batches = [
+        reward("c1", "writer-1", 1),
+        reward("c2", "writer-2", 2),
+        reward("c3", "bad\x00user", 3),
+        reward("c4", "writer-4", 4),
+    ]
+
+    async def write(batch: Batch) -> int:
+        async with runtime.pool.acquire() as conn:
+            return await writer.apply(conn, batch)
+
+    conns = [await runtime.pool.acquire() for _ in batches]  # all ready before any write
+    try:
+        outcomes = await asyncio.gather(
+            *(writer.apply(c, b) for c, b in zip(conns, batches, strict=True)),
+            return_exceptions=True,
+        )
+    finally:
+        for c in conns:
+            await runtime.pool.release(c)
+    assert outcomes[:2] == [1, 1] and outcomes[3] == 1, outcomes
+    assert isinstance(outcomes[2], asyncpg.PostgresError), outcomes[2]
+    async with runtime.pool.acquire() as conn:
+        rows = await conn.fetch(
+            "SELECT user_id, total_brains FROM model_statistics WHERE session_id = 'w'"
+            " ORDER BY user_id"
+        )
+        claimed = await conn.fetchval(
+            "SELECT count(*) FROM inbox WHERE consumer = ANY($1)", ["c1", "c2", "c3", "c4"]
+        )
+    assert [tuple(r) for r in rows] == [("writer-1", 1), ("writer-2", 2), ("writer-4", 4)]
+    assert claimed == 3  # the refused batch is not recorded as applied either
+    # written again (a redelivery), nothing is added twice
+    assert await write(batches[1]) == 0
