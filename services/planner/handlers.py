@@ -20,10 +20,12 @@ from collections import OrderedDict, defaultdict
 from collections.abc import Sequence
 
 import asyncpg
+from opentelemetry import trace
 from prometheus_client import Counter, Histogram
 
 from contracts.events import (
     ModelDismissed,
+    PlanCreated,
     SubtaskCompleted,
     SubtaskFailed,
     SubtaskStarted,
@@ -31,7 +33,15 @@ from contracts.events import (
 )
 from services.planner import db, domain
 from services.planner.config import PlannerSettings
-from services.planner.domain import Approval, ApprovalStatus, Plan, PlanRequest, PlanStatus, Subtask
+from services.planner.domain import (
+    Approval,
+    ApprovalStatus,
+    Plan,
+    PlanRequest,
+    PlanStatus,
+    Subtask,
+    SubtaskStatus,
+)
 from services.planner.plan import (
     AgentReport,
     Changes,
@@ -48,6 +58,7 @@ from services.runtime.service import Runtime
 __all__ = ["Conflict", "NotFound", "Planner"]
 
 log = logging.getLogger(__name__)
+tracer = trace.get_tracer(__name__)
 
 PLANS = Counter("planner_plans_total", "Plans that entered a status", ["status"])
 SUBTASKS = Counter("planner_subtasks_total", "Subtasks that entered a status", ["status"])
@@ -107,6 +118,7 @@ class Planner:
             state.saved(revision)
         await outbox.add(conn, changes.events)
         _count(changes)
+        _log(state.plan, changes)
         if not state.plan.is_complete:
             self.states[state.plan.plan_id] = state
             while len(self.states) > self.settings.planner_cached_plans:
@@ -253,13 +265,75 @@ class Planner:
         async with runtime.pool.acquire() as conn:
             plan_ids = await db.plans_with_due_work(conn, utcnow(), limit=100)
         for plan_id in plan_ids:
-            async with runtime.transaction() as conn:
-                # a plan locked by a consumer right now is looked at again next tick
-                state = await self._lock(conn, plan_id, skip_locked=True)
-                if state is not None:
-                    now = utcnow()
-                    expired = await db.expired_approvals(conn, plan_id, now)
-                    await self._save(conn, state, state.due_work(expired, now))
+            # a trace of its own: the log lines and the events of what the clock decided
+            with tracer.start_as_current_span("planner due work", attributes={"plan_id": plan_id}):
+                async with runtime.transaction() as conn:
+                    # a plan locked by a consumer right now is looked at again next tick
+                    state = await self._lock(conn, plan_id, skip_locked=True)
+                    if state is not None:
+                        now = utcnow()
+                        expired = await db.expired_approvals(conn, plan_id, now)
+                        await self._save(conn, state, state.due_work(expired, now))
+
+
+# what an operator reads of a subtask's step, by the status it entered
+_STEP = {
+    SubtaskStatus.READY: "dispatched",
+    SubtaskStatus.RUNNING: "started",
+    SubtaskStatus.RETRYING: "failed; retry due",
+    SubtaskStatus.COMPLETED: "completed",
+    SubtaskStatus.FAILED: "failed",
+    SubtaskStatus.SKIPPED: "skipped",
+    SubtaskStatus.REJECTED: "rejected",
+    SubtaskStatus.HELD: "held",
+    SubtaskStatus.AWAITING_APPROVAL: "awaiting approval",
+    SubtaskStatus.PENDING: "pending",
+}
+
+
+def _log(plan: Plan, changes: Changes) -> None:
+    """A line per step of the plan's life, in the transaction that writes it (one that rolls
+    back is tried again and says so again); in a consumer or request, with its trace id."""
+    ids = {"plan_id": plan.plan_id, "task_id": plan.task_id}
+    if any(isinstance(e, PlanCreated) for e in changes.events):
+        log.info(
+            "plan %s created with %d subtasks: %s",
+            plan.plan_id,
+            plan.subtask_count,
+            changes.plans_entered[0],
+            extra={**ids, "status": str(changes.plans_entered[0])},
+        )
+        plans_entered = changes.plans_entered[1:]
+    else:
+        plans_entered = changes.plans_entered
+    for s in changes.entered:
+        step = _STEP.get(s.status, str(s.status))
+        if s.status == SubtaskStatus.RETRYING and s.next_attempt_at is not None:
+            step += f" at {s.next_attempt_at.isoformat(timespec='seconds')}"
+        log.info(
+            "plan %s subtask %s %s (attempt %d of %d, agent %s)%s",
+            plan.plan_id,
+            s.subtask_id,
+            step,
+            s.attempt,
+            s.max_attempts,
+            s.agent,
+            f": {s.error}" if s.error and s.status in _FAILING else "",
+            extra={**ids, "subtask_id": s.subtask_id, "status": str(s.status)},
+        )
+    for status in plans_entered:
+        what = f"finished: {status}" if status in _PLAN_ENDS else str(status)
+        log.info("plan %s %s", plan.plan_id, what, extra={**ids, "status": str(status)})
+
+
+_FAILING = {
+    SubtaskStatus.RETRYING,
+    SubtaskStatus.FAILED,
+    SubtaskStatus.SKIPPED,
+    SubtaskStatus.REJECTED,
+    SubtaskStatus.HELD,
+}
+_PLAN_ENDS = {PlanStatus.COMPLETED, PlanStatus.FAILED, PlanStatus.CANCELLED}
 
 
 def _count(changes: Changes) -> None:

@@ -90,6 +90,7 @@ class Changes:
     resolved: list[Approval] = field(default_factory=list)  # answered: to update
     events: list[Event] = field(default_factory=list)  # to publish, in this order
     subtasks_entered: Counter[str] = field(default_factory=Counter)  # by status
+    entered: list[Subtask] = field(default_factory=list)  # each subtask that changed status
     plans_entered: list[PlanStatus] = field(default_factory=list)
     retries: int = 0  # attempts dispatched after a failed one
     timeouts: Counter[str] = field(default_factory=Counter)  # "subtask", "approval"
@@ -315,6 +316,7 @@ class PlanState:
             before = self.subtasks[s.subtask_id]
             if s.status != before.status:
                 c.subtasks_entered[s.status] += 1
+                c.entered.append(s)
                 self.open += (before.status in TERMINAL) - (s.status in TERMINAL)
             self.subtasks[s.subtask_id] = s
             c.subtasks[s.subtask_id] = s
