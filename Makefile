@@ -17,8 +17,10 @@ install: $(STAMP)
 
 # What the tests use beyond the venv, from Debian (bookworm) packages: promtool (the
 # `prometheus` package) for the alert rules, Chromium and its driver for the status page's
-# browser test. Installed when missing, as root (CI is a fresh machine of the same kind).
-DEBIAN_TOOLS := promtool:prometheus chromium:chromium chromedriver:chromium-driver
+# browser test, kubectl (`kubectl kustomize` renders deploy/k8s; the package of Google's
+# Kubernetes apt repository, as Debian's kubernetes-client is too old for its kustomize).
+# Installed when missing, as root (CI is a fresh machine of the same kind).
+DEBIAN_TOOLS := promtool:prometheus chromium:chromium chromedriver:chromium-driver kubectl:kubectl
 tools:
 	@missing=""; for pair in $(DEBIAN_TOOLS); do \
 		command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; \
@@ -33,6 +35,10 @@ tools:
 rules: tools
 	promtool check rules deploy/prometheus/alerts.yml
 	cd deploy/prometheus && promtool test rules alerts.test.yml
+
+# deploy/.env: the passwords of compose and Kubernetes (deploy/README.md), random, made once.
+deploy-env:
+	deploy/gen-env.sh
 
 up: $(STAMP)
 	$(BIN)/fleet up

@@ -45,7 +45,11 @@ def load_all(path: Path) -> list[Any]:
 def test_dockerfile_installs_the_lock_then_the_project_without_deps() -> None:
     text = (DEPLOY / "Dockerfile").read_text()
     lines = [line.strip() for line in text.splitlines()]
-    assert re.search(r"^ARG PYTHON_IMAGE=python:3\.11-slim$", text, re.M)
+    # pinned by digest: a rebuild gets the same base image, not whatever the tag is now
+    assert re.search(
+        r"^ARG PYTHON_IMAGE=python:3\.11\.\d+-slim-bookworm@sha256:[0-9a-f]{64}$", text, re.M
+    )
+    assert re.findall(r"^FROM (\S+)", text, re.M) == ["${PYTHON_IMAGE}", "${PYTHON_IMAGE}"]
     for source in ("requirements.lock", "pyproject.toml", "contracts", "services"):
         assert any(line.startswith(f"COPY {source}") for line in lines), source
     lock = text.index("pip install -r requirements.lock")
@@ -179,6 +183,13 @@ def test_kustomizations_list_only_files_that_exist_and_every_manifest() -> None:
             path = directory / resource
             assert path.exists(), f"{directory / 'kustomization.yaml'} lists missing {resource}"
             listed.add(path.resolve())
+        for generator in kustomization.get("configMapGenerator", []) + kustomization.get(
+            "secretGenerator", []
+        ):
+            for file in generator.get("files", []):
+                path = directory / file.split("=")[-1]
+                assert path.is_file(), f"{directory / 'kustomization.yaml'}: missing {file}"
+                listed.add(path.resolve())
     on_disk = {p.resolve() for p in K8S.rglob("*.yaml") if p.name != "kustomization.yaml"}
     assert on_disk - listed == set(), "manifests no kustomization applies"
     assert load(K8S / "kustomization.yaml")["namespace"] == "llm-fleet"
@@ -255,7 +266,9 @@ def test_k8s_runs_each_service_with_probes_on_its_port(name: str, port: int) -> 
 
 
 def test_k8s_migration_job_runs_fleet_migrate() -> None:
-    (job,) = [d for d in manifests() if d["kind"] == "Job"]
+    (job,) = [
+        d for d in manifests() if d["kind"] == "Job" and d["metadata"]["name"] == "fleet-migrate"
+    ]
     (container,) = job["spec"]["template"]["spec"]["containers"]
     assert container["args"] == ["migrate"]
     assert (
@@ -263,20 +276,36 @@ def test_k8s_migration_job_runs_fleet_migrate() -> None:
         == deployment("stats")["spec"]["template"]["spec"]["containers"][0]["image"]
     )
     assert job["spec"]["template"]["spec"]["restartPolicy"] in ("OnFailure", "Never")
-    refs = {s.get("secretRef", {}).get("name") for s in container["envFrom"]}
-    assert refs & generated("Secret"), "the Job needs DATABASE_URL"
+    env = {e["name"]: e for e in container["env"]}
+    stats = {
+        e["name"]: e
+        for e in deployment("stats")["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    assert env["DATABASE_URL"] == stats["DATABASE_URL"], "the Job needs DATABASE_URL"
+    assert env["POSTGRES_PASSWORD"] == stats["POSTGRES_PASSWORD"]
+    assert env["DB_PASSWORD"] == stats["DB_PASSWORD"], "the migrations set the services' password"
 
 
 def test_k8s_config_names_nats_and_the_database() -> None:
-    (configmap,) = [g for _, k in kustomizations() for g in k.get("configMapGenerator", [])]
+    (configmap,) = [
+        g
+        for _, k in kustomizations()
+        for g in k.get("configMapGenerator", [])
+        if g["name"] == "fleet-env"
+    ]
     literals = dict(item.split("=", 1) for item in configmap["literals"])
     assert literals["NATS_URL"].startswith("nats://")
     assert literals["HTTP_HOST"] == "0.0.0.0"
-    secrets = [g for _, k in kustomizations() for g in k.get("secretGenerator", [])]
-    urls = [
-        lit for g in secrets for lit in g.get("literals", []) if lit.startswith("DATABASE_URL=")
-    ]
-    assert urls and urls[0].startswith("DATABASE_URL=postgresql://")
+    assert literals["NATS_STREAM_REPLICAS"] == "3"  # the dev-infra cluster has three nodes
+    for name in SERVICES:
+        (container,) = deployment(name)["spec"]["template"]["spec"]["containers"]
+        env = {e["name"]: e for e in container["env"]}
+        url = env["DATABASE_URL"]["value"]
+        # $(VAR) is expanded by Kubernetes from the variables defined before it
+        assert url == "postgresql://postgres:$(POSTGRES_PASSWORD)@$(DATABASE_HOST)/fleet"
+        names = list(env)
+        assert names.index("POSTGRES_PASSWORD") < names.index("DATABASE_URL")
+        assert "DATABASE_HOST" in literals
 
 
 # --- Prometheus, alerts, Grafana ---------------------------------------------------------
@@ -414,7 +443,7 @@ def dashboard_queries(names: list[str] | None = None) -> list[tuple[str, str]]:
             (f"{name}: {panel['title']}", target["expr"])
             for panel in board["panels"]
             for target in panel.get("targets", [])
-            if "expr" in target
+            if "expr" in target and target.get("datasource", {}).get("type") != "loki"
         ]
         for variable in board["templating"]["list"]:
             query = variable.get("query")
