@@ -45,6 +45,7 @@ import uuid
 from dataclasses import dataclass
 
 import asyncpg
+from opentelemetry import trace
 from prometheus_client import Counter, Gauge
 
 from contracts.events import BenchmarkFailed, BenchmarkRequested
@@ -71,6 +72,7 @@ from services.runtime.db import Connection
 from services.runtime.service import Runtime, instance_name
 
 log = logging.getLogger(__name__)
+tracer = trace.get_tracer(__name__)
 
 JOBS_RUNNING = Gauge("fleet_benchmark_jobs_running", "Benchmark jobs this worker runs now")
 JOBS_ENDED = Counter(
@@ -205,8 +207,12 @@ class Worker:
         JOBS_RUNNING.set(len(self.jobs))
 
     async def _guarded(self, runtime: Service, claim: Claim) -> None:
+        job: dict[str, str | int] = {"job_id": str(claim.job.job_id), "attempt": claim.attempt}
         try:
-            await self.run_job(runtime, claim)
+            # a span per attempt (in the trace of the message that asked for the job, when
+            # this worker claimed it from one): its log lines and its final event carry it
+            with tracer.start_as_current_span("benchmark job", attributes=job):
+                await self.run_job(runtime, claim)
         except asyncio.CancelledError:
             raise
         except Exception:  # a bug must not take the worker down; the lease will run out
@@ -240,7 +246,7 @@ class Worker:
             await self.finish(runtime, job, attempt, "failed", refused(job, refusal), [])
             return
         log.info(
-            "job %s attempt %d: %d runs of %s via %s",
+            "job %s attempt %d started: %d runs of %s via %s",
             job.job_id,
             attempt,
             job.runs,
@@ -390,7 +396,17 @@ class Worker:
                 await asyncio.sleep(delay)
         if done:
             JOBS_ENDED.labels(status).inc()
-            log.info("job %s %s", job.job_id, status, extra={"error": error})
+            ok = sum(r.ok for r in results)
+            log.info(
+                "job %s attempt %d ended %s: %d of %d runs ok%s",
+                job.job_id,
+                attempt,
+                status,
+                ok,
+                job.runs,
+                f" ({error})" if error else "",
+                extra={"job_id": str(job.job_id), "status": status, "worker": self.worker_id},
+            )
         else:
             log.warning(
                 "job %s: attempt %d no longer holds it; not ended here", job.job_id, attempt

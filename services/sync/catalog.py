@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
+from opentelemetry import trace
 
 from contracts.events import SyncCompleted, SyncCounts, plain_decimal
 from services.runtime import outbox
@@ -33,6 +34,7 @@ from services.sync.domain import (
 from services.sync.metrics import LAST_SUCCESS, RUNS, refresh_metrics
 
 log = logging.getLogger(__name__)
+tracer = trace.get_tracer(__name__)
 
 
 def selection_rules(settings: SyncSettings) -> SelectionRules:
@@ -69,12 +71,14 @@ async def apply_catalog(
     """Parse, filter, rank, and write what changed with its events and the finished run, in
     one transaction. A body that is not the catalog raises before anything is written."""
     parsed = parse_catalog(body)
-    log.info("fetched %d models from OpenRouter", parsed.fetched)
+    run = {"run_id": str(run_id)}
+    log.info("fetched %d models from OpenRouter", parsed.fetched, extra=run)
     if parsed.skipped:
         log.warning(
             "skipped %d OpenRouter entries that cannot be read: %s",
             len(parsed.skipped),
             "; ".join(f"{s.model_id}: {s.reason}" for s in parsed.skipped[:5]),
+            extra=run,
         )
     filtered, selected = select(parsed.models, rules)
     log.info(
@@ -83,6 +87,7 @@ async def apply_catalog(
         len(parsed.models),
         "+".join(sorted(rules.output_modalities)),
         plain_decimal(rules.max_price_per_1m),
+        extra=run,
     )
     async with conn.transaction():
         current = (await db.stored_models(conn, OPENROUTER)).get(None, {})
@@ -179,16 +184,22 @@ class CatalogSync:
         return active.run_id
 
     async def execute(self, active: ActiveRun) -> None:
-        """Carry out a begun run; whatever fails, the run is recorded and the lock let go."""
-        try:
-            await self._fetch_and_apply(active)
-        except Exception as exc:
-            await self._fail(active, exc)
-        else:
-            with contextlib.suppress(Exception):  # metrics must not fail a finished run
-                await refresh_metrics(active.conn)
-        finally:
-            await active.release()
+        """Carry out a begun run; whatever fails, the run is recorded and the lock let go.
+        A run is a trace of its own: its log lines and its events carry the run's trace id."""
+        run = {"run_id": str(active.run_id), "trigger": active.trigger}
+        with tracer.start_as_current_span("sync run", attributes=run):
+            log.info(
+                "OpenRouter sync run %s started (%s)", active.run_id, active.trigger, extra=run
+            )
+            try:
+                await self._fetch_and_apply(active)
+            except Exception as exc:
+                await self._fail(active, exc)
+            else:
+                with contextlib.suppress(Exception):  # metrics must not fail a finished run
+                    await refresh_metrics(active.conn)
+            finally:
+                await active.release()
 
     async def _fetch_and_apply(self, active: ActiveRun) -> None:
         conn, run_id = active.conn, active.run_id
@@ -198,7 +209,10 @@ class CatalogSync:
         etag = good["etag"] if good and good["selection"] == self.rules.key else None
         response = await fetch_catalog(self.settings, etag)
         if response.not_modified:
-            log.info("OpenRouter catalog not modified since the last run", extra={"etag": etag})
+            log.info(
+                "OpenRouter catalog not modified since the last run",
+                extra={"etag": etag, "run_id": str(run_id)},
+            )
             async with conn.transaction():
                 await db.finish_run(
                     conn, run_id, "not_modified", SyncCounts(), etag=etag, selection=self.rules.key
