@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field
 from services.guardian import db
 from services.guardian.config import GuardianSettings
 from services.guardian.domain import SMOKE
-from services.guardian.handlers import Guardian
+from services.guardian.watcher import Guardian
 from services.runtime.auth import OperatorDep
 from services.runtime.service import Runtime, runtime_of
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from services.guardian import api
 from services.guardian.config import GuardianSettings
-from services.guardian.handlers import Guardian
+from services.guardian.watcher import Guardian
 from services.runtime.service import ServiceSpec
 
 

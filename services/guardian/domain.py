@@ -4,7 +4,7 @@ capped exponential backoff, forgotten after a healthy window), when to stop rest
 escalate, what a new leader takes over, the overall health, and the incident report.
 
 No I/O: every clock reading comes in as `now`, every observation as a method call, and each
-call returns the actions the imperative shell (handlers.py) carries out, in order.
+call returns the actions the imperative shell (watcher.py) carries out, in order.
 """
 
 from __future__ import annotations

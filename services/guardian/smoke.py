@@ -13,7 +13,7 @@ such users out of everyone's leaderboard):
    session per run, so a run never passes on an earlier run's record).
 
 Each step has the run's timeout; a failed step fails the run, and the shell
-(handlers.Guardian.run_smoke) opens an incident of `smoke` for it.
+(watcher.Guardian.run_smoke) opens an incident of `smoke` for it.
 """
 
 from __future__ import annotations

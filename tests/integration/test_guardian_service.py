@@ -24,7 +24,7 @@ from services.guardian import db
 from services.guardian.app import build
 from services.guardian.config import GuardianSettings
 from services.guardian.domain import Reminded
-from services.guardian.handlers import Guardian, SupervisorClient
+from services.guardian.watcher import Guardian, SupervisorClient
 from services.runtime.service import Runtime
 from services.stack import RestartChannel
 from tests.conftest import Infra, bearer, eventually, running

@@ -23,8 +23,8 @@ from services.benchmark.app import build as build_benchmark
 from services.benchmark.config import BenchmarkSettings
 from services.guardian.app import build as build_guardian
 from services.guardian.config import GuardianSettings
-from services.guardian.handlers import Guardian
 from services.guardian.smoke import CANARY_MODEL, CANARY_USER
+from services.guardian.watcher import Guardian
 from services.planner.app import build as build_planner
 from services.planner.config import PlannerSettings
 from services.runtime.service import ServiceSpec, create_app, start_runtime, stop_runtime
