@@ -19,10 +19,14 @@ DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 USERS_CONF = DEPLOY / "nats" / "users.conf"
 
 
+K8S_USERS_CONF = DEPLOY / "k8s" / "dev-infra" / "nats" / "users.conf"  # kustomize's copy
+
+
 def test_the_committed_nats_users_are_the_codes() -> None:
-    assert USERS_CONF.read_text().strip() == server_config(fleet_users()).strip(), (
-        "regenerate: fleet nats-config --from-env > deploy/nats/users.conf"
-    )
+    for path in (USERS_CONF, K8S_USERS_CONF):
+        assert path.read_text().strip() == server_config(fleet_users()).strip(), (
+            f"regenerate: fleet nats-config --from-env > {path.relative_to(DEPLOY.parent)}"
+        )
 
 
 def test_nats_server_accepts_the_configuration_with_its_passwords() -> None:
