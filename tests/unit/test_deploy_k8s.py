@@ -327,7 +327,9 @@ def test_each_service_has_a_disruption_budget_and_two_replicas_at_least() -> Non
         assert budgets[0]["spec"].get("maxUnavailable") == 1
         if name in scaled:
             assert "replicas" not in deployment["spec"], f"{name}: KEDA sets its replicas"
-            assert scaled[name]["spec"]["minReplicaCount"] >= 2
+            spec = scaled[name]["spec"]
+            assert spec["minReplicaCount"] >= 2
+            assert spec["fallback"]["replicas"] == spec["minReplicaCount"]
         else:
             assert deployment["spec"]["replicas"] >= 2, name
 
