@@ -2,7 +2,12 @@
 
 When NATS_URL and DATABASE_URL are set, the tests use those servers; otherwise they start
 the embedded ones (the same as `make up`) in a temporary folder for the session. Each test
-that asks for `database_url` gets a fresh database; `js` gives a JetStream with every stream
+that asks for `database_url` gets a database of its own with every service's schema already
+migrated: a copy of a template migrated once for the session (`CREATE DATABASE ... TEMPLATE`),
+made while the test before it ran. A service started on it finds its migrations applied
+(their checksums match) and only checks them; roles belong to the whole cluster, so the copy
+keeps every grant. `empty_database_url` is a database with no
+schema at all, for the tests of migrating itself. `js` gives a JetStream with every stream
 emptied and declared anew.
 """
 
@@ -29,6 +34,7 @@ from nats.js import JetStreamContext
 from contracts import STREAMS
 from services.embedded import EmbeddedNats, EmbeddedPostgres
 from services.runtime.auth import Role, mint
+from services.runtime.db import RUNTIME_MIGRATIONS, load_migrations, migrate
 from services.runtime.messaging import ensure_streams
 from services.runtime.service import (
     Runtime,
@@ -88,17 +94,120 @@ def _with_database(url: str, name: str) -> str:
     return f"{base}/{name}" + (f"?{query}" if query else "")
 
 
-@pytest.fixture
-async def database_url(infra: Infra) -> AsyncIterator[str]:
-    """A fresh, empty database for one test."""
-    name = f"test_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(infra.database_url)
+def migrated_schemas() -> dict[str, list[Path]]:
+    """What the template holds: each service's schema (`services/<name>/migrations`, after
+    the chassis' own), and `svc`, the chassis alone, which the chassis' tests run as."""
+    services = Path(__file__).resolve().parents[1] / "services"
+    schemas = {"svc": [RUNTIME_MIGRATIONS]}
+    for folder in sorted(services.glob("*/migrations")):
+        if folder != RUNTIME_MIGRATIONS:
+            schemas[folder.parent.name] = [RUNTIME_MIGRATIONS, folder]
+    return schemas
+
+
+async def _admin(admin_url: str, statement: str) -> None:
+    conn = await asyncpg.connect(admin_url)
     try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        yield _with_database(infra.database_url, name)
-        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+        await conn.execute(statement)
     finally:
-        await admin.close()
+        await conn.close()
+
+
+def _database_name() -> str:
+    return f"test_{uuid.uuid4().hex[:12]}"
+
+
+class DatabaseCopies:
+    """Copies of the migrated template for the tests: the next one is made while the
+    current test runs, and each is dropped in the background once its test is over (on a
+    busy machine a copy takes most of a second, nearly all of it waiting for the disk)."""
+
+    def __init__(self, admin_url: str, template: str) -> None:
+        self.admin_url, self.template = admin_url, template
+        self.ahead: asyncio.Task[str] | None = None
+        self.dropping: set[asyncio.Task[None]] = set()
+        self.left: list[str] = []  # not dropped yet: tried again at the end
+
+    async def _copy(self) -> str:
+        name = _database_name()
+        await _admin(self.admin_url, f'CREATE DATABASE "{name}" TEMPLATE "{self.template}"')
+        return name
+
+    async def take(self) -> str:
+        ahead, self.ahead = self.ahead, None
+        name = None
+        if ahead is not None:
+            with contextlib.suppress(Exception):  # PostgreSQL was down meanwhile (a fault test)
+                name = await ahead
+        if name is None:
+            name = await self._copy()
+        self.ahead = asyncio.create_task(self._copy())
+        return name
+
+    def give_back(self, name: str) -> None:
+        task = asyncio.create_task(self._drop(name))
+        self.dropping.add(task)
+        task.add_done_callback(self.dropping.discard)
+
+    async def _drop(self, name: str) -> None:
+        try:
+            await _admin(self.admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        except Exception:
+            self.left.append(name)
+
+    async def close(self) -> None:
+        if self.ahead is not None:
+            with contextlib.suppress(Exception):
+                self.left.append(await self.ahead)
+        await asyncio.gather(*self.dropping)
+        for name in self.left:
+            with contextlib.suppress(Exception):
+                await _admin(self.admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+async def database_copies(infra: Infra) -> AsyncIterator[DatabaseCopies]:
+    """A database with every schema of `migrated_schemas()` migrated, made once for the
+    session and closed to connections (a template cannot be copied while anyone is
+    connected to it), and the copies the tests get of it."""
+    template = _database_name()
+    await _admin(infra.database_url, f'CREATE DATABASE "{template}"')
+    url = _with_database(infra.database_url, template)
+    for schema, folders in migrated_schemas().items():
+        await migrate(url, schema, load_migrations(*folders))
+    await _admin(
+        infra.database_url,
+        f'ALTER DATABASE "{template}" WITH IS_TEMPLATE true ALLOW_CONNECTIONS false',
+    )
+    copies = DatabaseCopies(infra.database_url, template)
+    try:
+        yield copies
+    finally:
+        await copies.close()
+        with contextlib.suppress(Exception):
+            await _admin(infra.database_url, f'ALTER DATABASE "{template}" IS_TEMPLATE false')
+            await _admin(infra.database_url, f'DROP DATABASE "{template}"')
+
+
+@pytest.fixture
+async def database_url(infra: Infra, database_copies: DatabaseCopies) -> AsyncIterator[str]:
+    """A database for one test: every service's schema migrated, no rows."""
+    name = await database_copies.take()
+    try:
+        yield _with_database(infra.database_url, name)
+    finally:
+        database_copies.give_back(name)
+
+
+@pytest.fixture
+async def empty_database_url(infra: Infra) -> AsyncIterator[str]:
+    """A database for one test with no schema of any service: migrations start from zero."""
+    name = _database_name()
+    await _admin(infra.database_url, f'CREATE DATABASE "{name}"')
+    try:
+        yield _with_database(infra.database_url, name)
+    finally:
+        await _admin(infra.database_url, f'DROP DATABASE "{name}" WITH (FORCE)')
 
 
 @pytest.fixture

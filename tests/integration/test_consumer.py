@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
@@ -13,8 +15,8 @@ from nats.js import JetStreamContext
 
 from contracts.events import ModelRewarded, SubtaskCompleted
 from services.runtime.config import RuntimeSettings
-from services.runtime.consumer import Consumer, DeadLetter
-from services.runtime.db import Connection
+from services.runtime.consumer import Consumer, DeadLetter, Processor
+from services.runtime.db import Connection, Login, create_pool
 from services.runtime.service import ServiceSpec
 from services.stats.app import build as build_stats
 from services.stats.config import StatsSettings
@@ -75,6 +77,43 @@ async def test_a_redelivered_event_counts_once(
         assert [s["session_id"] for s in rec["sessions"]] == ["s1"]
         info = await js.consumer_info("PLANS", "stats-subtask-completed")
         assert info.num_ack_pending == 0 and info.num_pending == 0
+
+
+async def test_the_same_event_twice_in_one_batch_is_applied_once(
+    database_url: str, js: JetStreamContext
+) -> None:
+    """Both copies arrive in one fetch, so the inbox (which holds only what earlier batches
+    applied) cannot tell them apart: the batch itself must be deduplicated."""
+    batches: list[list[uuid.UUID]] = []
+
+    async def handle(conn: Connection, events: list[ModelRewarded]) -> None:
+        batches.append([e.event_id for e in events])
+
+    twice = ModelRewarded(user_id="u", session_id="s", model_id="twice")
+    once = ModelRewarded(user_id="u", session_id="s", model_id="once")
+    for event in (twice, once, twice):
+        await publish(js, event.subject, event.model_dump_json().encode())
+    pull = await js.pull_subscribe("model.rewarded", durable="svc-batch")
+    msgs = await pull.fetch(3, timeout=5)
+    assert len(msgs) == 3  # one batch: all three were stored before the fetch
+
+    pool = await create_pool(Login(database_url, "svc", "svc_app"), 1, "test")
+
+    @asynccontextmanager
+    async def transaction() -> AsyncIterator[Connection]:
+        async with pool.acquire() as conn, conn.transaction():
+            yield conn
+
+    consumer = Consumer("svc-batch", ModelRewarded, handle, batch_size=3)
+    try:
+        await Processor(consumer, js, transaction, max_deliver=3, ack_wait_s=30).process(msgs)
+        inbox = await pool.fetchval("SELECT count(*) FROM inbox WHERE consumer = 'svc-batch'")
+    finally:
+        await pool.close()
+    assert batches == [[twice.event_id, once.event_id]]
+    assert inbox == 2
+    info = await js.consumer_info("FEEDBACK", "svc-batch")
+    assert info.num_ack_pending == 0 and info.num_pending == 0  # every copy acknowledged
 
 
 async def test_a_malformed_event_is_dead_lettered_and_the_consumer_goes_on(

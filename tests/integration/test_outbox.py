@@ -111,7 +111,17 @@ async def test_running_relay_is_woken_by_commit_and_carries_trace_context(
     relay = outbox.Relay(pool, js, "svc", poll_interval=30)  # only NOTIFY can wake it in time
     task = asyncio.create_task(relay.run())
     try:
-        await asyncio.sleep(0.2)
+
+        async def listening() -> bool:
+            return bool(
+                await pool.fetchval(
+                    "SELECT count(*) > 0 FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND query = $1",
+                    f'LISTEN "{relay.channel}"',
+                )
+            )
+
+        await eventually(listening, what="the relay listening for commits")
         with tracer.start_as_current_span("producer") as span:
             async with pool.acquire() as conn, conn.transaction():
                 await outbox.add(conn, rewards(1))
@@ -144,7 +154,16 @@ async def test_a_transaction_publishes_its_events_at_commit_once(
     await eventually(stored, what="20 events in the stream")
     loop = asyncio.create_task(relay.run())  # and once it runs, it must not publish again
     try:
-        await asyncio.sleep(0.3)  # several polls of the relay loop
+        # a later event written without publish at commit: only the loop sends it, and it
+        # sends what is unsent in order, so once it is in the stream the loop has passed
+        # over the twenty (and JetStream would drop a second copy: count what was sent)
+        async with pool.acquire() as conn, conn.transaction():
+            await outbox.add(conn, rewards(1))
+
+        async def sent_by_the_loop() -> bool:
+            return len(await stream_messages(js, "FEEDBACK")) == 21
+
+        await eventually(sent_by_the_loop, what="the later event sent by the relay loop")
 
         async def marked() -> bool:
             return bool(
@@ -156,8 +175,7 @@ async def test_a_transaction_publishes_its_events_at_commit_once(
         loop.cancel()
         with pytest.raises(asyncio.CancelledError):
             await loop
-    assert len(await stream_messages(js, "FEEDBACK")) == 20
-    assert outbox.PUBLISHED.labels("model.rewarded")._value.get() - before == 20
+    assert outbox.PUBLISHED.labels("model.rewarded")._value.get() - before == 21
 
 
 async def test_a_rolled_back_transaction_publishes_nothing(
