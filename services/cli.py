@@ -2,6 +2,9 @@
 
 fleet up                 embedded NATS + PostgreSQL (unless NATS_URL / DATABASE_URL are
                          set) and the five services; Ctrl-C stops everything
+fleet up --replicas 3 --nats-cluster 3
+                         scaled out: a three-node JetStream cluster (streams on three
+                         nodes) and three processes of each service
 fleet run <service>      one service in the foreground (what a container runs)
 fleet migrate [service]  apply database migrations and exit (a deployment's migration job)
 fleet status             the services of a running `fleet up`, their health and URLs
@@ -30,9 +33,9 @@ def _interrupt(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt  # SIGTERM stops the stack the way Ctrl-C does
 
 
-def cmd_up(_: argparse.Namespace) -> int:
+def cmd_up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
-    stack = Stack(fleet_home())
+    stack = Stack(fleet_home(), replicas=args.replicas, nats_cluster=args.nats_cluster)
     print(f"LLM Fleet: starting from {stack.home}")
     code = 0
     try:
@@ -121,12 +124,30 @@ def cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def _count_1_to_9(text: str) -> int:
+    n = int(text)
+    if not 1 <= n <= 9:
+        raise argparse.ArgumentTypeError("a number from 1 to 9")
+    return n
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="fleet", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("up", help="run the whole system").set_defaults(func=cmd_up)
+    up = sub.add_parser("up", help="run the whole system")
+    up.add_argument(
+        "--replicas", type=_count_1_to_9, default=1, help="processes of each service (default 1)"
+    )
+    up.add_argument(
+        "--nats-cluster",
+        type=_count_1_to_9,
+        default=1,
+        help="embedded nats-server processes; more than 1 form a JetStream cluster whose "
+        "streams are stored on up to 3 of them (default 1)",
+    )
+    up.set_defaults(func=cmd_up)
     run = sub.add_parser("run", help="run one service")
     run.add_argument("service", choices=list(SERVICES))
     run.set_defaults(func=cmd_run)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
+import json
 import os
 import pwd
 import shutil
@@ -26,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -89,37 +91,68 @@ def _stop(proc: subprocess.Popen[bytes] | None, sig: int, timeout: float = 15) -
 @dataclass
 class EmbeddedNats:
     """nats-server with JetStream, its store under `datadir`; with `config`, a server
-    configuration file (its users and their permissions)."""
+    configuration file (its users and their permissions). With `cluster_name` it is one
+    node of a JetStream cluster (see `EmbeddedNatsCluster`); `sync_interval` is JetStream's
+    fsync policy ("always": every write on disk before its PubAck; None: the server's
+    default, a sync every two minutes)."""
 
     datadir: Path
     port: int = 0
     monitor_port: int = 0
     config: Path | None = None
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    server_name: str | None = None
+    cluster_name: str | None = None
+    cluster_port: int = 0
+    routes: tuple[int, ...] = ()  # the cluster ports of every node, its own included
+    sync_interval: str | None = None
 
     @property
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
+
+    def server_config(self) -> dict[str, object]:
+        """What the node's own configuration file holds: the users of `config`, its name,
+        the JetStream store and sync policy, and its cluster."""
+        config: dict[str, object] = json.loads(self.config.read_text()) if self.config else {}
+        jetstream: dict[str, object] = {"store_dir": str(self.datadir)}
+        if self.sync_interval:
+            jetstream["sync_interval"] = self.sync_interval
+        config["jetstream"] = jetstream
+        if self.server_name:
+            config["server_name"] = self.server_name
+        if self.cluster_name:
+            config["cluster"] = {
+                "name": self.cluster_name,
+                "listen": f"127.0.0.1:{self.cluster_port}",
+                # the same list on every node; a node skips the route to itself
+                "routes": [f"nats-route://127.0.0.1:{p}" for p in self.routes],
+            }
+        return config
 
     def start(self, timeout: float = 15) -> None:
         binary = shutil.which("nats-server") or str(Path(sys.executable).parent / "nats-server")
         self.datadir.mkdir(parents=True, exist_ok=True)
         self.port = self.port or free_port()
         self.monitor_port = self.monitor_port or free_port()
+        config, jetstream = self.config, ["-js", "-sd", str(self.datadir)]
+        if self.cluster_name or self.sync_interval:  # JetStream configured in the file
+            config, jetstream = self.datadir / "server.conf", []
+            fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # passwords
+            with os.fdopen(fd, "w") as out:  # JSON is valid in nats-server's format
+                json.dump(self.server_config(), out, indent=2)
         log = (self.datadir / "nats.log").open("ab")
         self.proc = subprocess.Popen(
             [
                 binary,
-                "-js",
-                "-sd",
-                str(self.datadir),
+                *jetstream,
                 "-a",
                 "127.0.0.1",
                 "-p",
                 str(self.port),
                 "-m",
                 str(self.monitor_port),
-                *(["-c", str(self.config)] if self.config else []),
+                *(["-c", str(config)] if config else []),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -128,11 +161,81 @@ class EmbeddedNats:
         )
         wait_for_port(self.port, self.proc, timeout, "nats-server")
 
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
     def stop(self) -> None:
         _stop(self.proc, signal.SIGTERM)
 
     def kill(self) -> None:
         _stop(self.proc, signal.SIGKILL)
+
+
+@dataclass
+class EmbeddedNatsCluster:
+    """`size` nats-server processes on this host forming one JetStream cluster: each with a
+    unique server name, its own store under `home/node-N`, the same cluster name and the
+    same routes. `url` lists every node (comma-separated, as NATS_URL takes it)."""
+
+    home: Path
+    size: int = 3
+    config: Path | None = None
+    sync_interval: str | None = None
+    name: str = "fleet"
+    nodes: list[EmbeddedNats] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return ",".join(node.url for node in self.nodes)
+
+    def start(self, timeout: float = 30) -> None:
+        if not self.nodes:
+            cluster_ports = tuple(free_port() for _ in range(self.size))
+            self.nodes = [
+                EmbeddedNats(
+                    self.home / f"node-{i}",
+                    port=free_port(),
+                    monitor_port=free_port(),
+                    config=self.config,
+                    server_name=f"{self.name}-{i}",
+                    cluster_name=self.name,
+                    cluster_port=cluster_ports[i - 1],
+                    routes=cluster_ports,
+                    sync_interval=self.sync_interval,
+                )
+                for i in range(1, self.size + 1)
+            ]
+        for node in self.nodes:
+            if not node.running():
+                node.start(timeout)
+        self.wait_healthy(timeout)
+
+    def wait_healthy(self, timeout: float = 30) -> None:
+        """Until every running node says JetStream is current (a meta leader is elected and
+        the node caught up with it): its monitoring endpoint /healthz answers 200."""
+        deadline = time.monotonic() + timeout
+        for node in self.nodes:
+            if not node.running():
+                continue
+            url = f"http://127.0.0.1:{node.monitor_port}/healthz"
+            while True:
+                with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1) as ok:
+                    if ok.status == 200:
+                        break
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{node.server_name} not healthy within {timeout:.0f}s")
+                time.sleep(0.1)
+
+    def node_named(self, server_name: str) -> EmbeddedNats:
+        return next(n for n in self.nodes if n.server_name == server_name)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def kill(self) -> None:
+        for node in self.nodes:
+            node.kill()
 
 
 @dataclass

@@ -10,6 +10,12 @@ serves guardian a narrow channel (`RestartChannel`): HTTP on a Unix socket under
 every start). It tells of process exits the moment they happen and restarts one service on
 request, refusing requests of a stale leader epoch. If guardian itself exits, `fleet up`
 starts it again.
+
+Scaled out (`fleet up --replicas K --nats-cluster N`): N nats-server processes form one
+JetStream cluster (streams on min(N, 3) of them, fsync before every PubAck) and each
+service runs K times (`stats`, `stats-2`, ...; ports 8105, 8205, ...). Guardian watches and
+restarts the first instance of each service as above; `fleet up` starts the others again
+itself when they exit (after 1 s, doubling to 30 s while one keeps failing).
 """
 
 from __future__ import annotations
@@ -36,12 +42,18 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
 
-from services.embedded import EmbeddedNats, EmbeddedPostgres, die_with_parent, free_port
+from services.embedded import (
+    EmbeddedNats,
+    EmbeddedNatsCluster,
+    EmbeddedPostgres,
+    die_with_parent,
+    free_port,
+)
 from services.runtime import nats_users
 
 SERVICES: dict[str, int] = {
@@ -51,6 +63,20 @@ SERVICES: dict[str, int] = {
     "guardian": 8104,
     "stats": 8105,
 }
+REPLICA_PORT_STEP = 100  # replica r of a service listens on its port + 100 * (r - 1)
+CLUSTER_SYNC_INTERVAL = "always"  # see the README: a PubAck means the write is on disk
+
+
+def instance_name(service: str, replica: int) -> str:
+    """`stats` for the first replica (what guardian watches), `stats-2`, ... for the others."""
+    return service if replica == 1 else f"{service}-{replica}"
+
+
+def service_of(instance: str) -> str:
+    return instance.rsplit("-", 1)[0] if instance not in SERVICES else instance
+
+
+T = TypeVar("T")
 
 
 class AlreadyRunning(RuntimeError):
@@ -273,13 +299,18 @@ class Stack:
     home: Path
     env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
     say: Callable[[str], None] = print
-    nats: EmbeddedNats | None = None
+    replicas: int = 1  # processes of each service
+    nats_cluster: int = 1  # nats-server processes (more than 1: one JetStream cluster)
+    nats: EmbeddedNats | EmbeddedNatsCluster | None = None
     postgres: EmbeddedPostgres | None = None
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     urls: dict[str, str] = field(default_factory=dict)
     channel: RestartChannel | None = None
-    _restarts: queue.Queue[tuple[str, Future[int]]] = field(default_factory=queue.Queue)
+    _calls: queue.Queue[tuple[Callable[[], Any], Future[Any]]] = field(default_factory=queue.Queue)
     _envs: dict[str, dict[str, str]] = field(default_factory=dict)
+    _started_at: dict[str, float] = field(default_factory=dict)  # instance -> monotonic
+    _replica_delay: dict[str, float] = field(default_factory=dict)  # its next restart's wait
+    _replica_due: dict[str, float] = field(default_factory=dict)  # when to start it again
     _procs_lock: threading.Lock = field(default_factory=threading.Lock)
     _lock: IO[str] | None = None
 
@@ -306,7 +337,11 @@ class Stack:
         action()
         self.say(f"  {what:<34} ok  {time.monotonic() - t0:5.2f}s")
 
-    def up(self, timeout: float = 60) -> None:
+    def up(self, timeout: float | None = None) -> None:
+        """Start everything; `timeout` for the services to be ready (60 s per replica)."""
+        timeout = timeout or 60.0 * self.replicas
+        if self.replicas < 1 or self.nats_cluster < 1:
+            raise ValueError("--replicas and --nats-cluster are 1 or more")
         self._acquire_lock()
         t0 = time.monotonic()
         (self.home / "logs").mkdir(exist_ok=True)
@@ -320,10 +355,19 @@ class Stack:
             fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as out:
                 out.write(nats_users.server_config(users, nats_passwords))
-            nats = self.nats = EmbeddedNats(
-                self.home / "nats", port=port_or_free(4222), config=config
-            )
-            self._step("NATS (JetStream, embedded)", nats.start)
+            nats: EmbeddedNats | EmbeddedNatsCluster
+            if self.nats_cluster == 1:
+                nats = EmbeddedNats(self.home / "nats", port=port_or_free(4222), config=config)
+                self._step("NATS (JetStream, embedded)", nats.start)
+            else:
+                nats = EmbeddedNatsCluster(
+                    self.home / "nats-cluster",
+                    size=self.nats_cluster,
+                    config=config,
+                    sync_interval=CLUSTER_SYNC_INTERVAL,
+                )
+                self._step(f"NATS (JetStream cluster of {self.nats_cluster})", nats.start)
+            self.nats = nats
             self.say(f"    {nats.url}")
             # what this stack's own tools (and fleet status) use: the admin user
             nats_url = nats.url.replace("nats://", f"nats://admin:{nats_passwords['admin']}@")
@@ -334,28 +378,33 @@ class Stack:
             self.say(f"    {pg.url}")
             database_url = pg.url
         self.channel = RestartChannel(self.home, self.restart, self.alive)
-        for name, port in SERVICES.items():
-            port = int(self.env.get(f"{name.upper()}_HTTP_PORT") or port_or_free(port))
-            self.urls[name] = f"http://127.0.0.1:{port}"
-            child_env = {
-                **self.env,
-                "NATS_URL": nats_url,
-                "DATABASE_URL": database_url,
-                "HTTP_PORT": str(port),
-                "HTTP_HOST": "127.0.0.1",
-                "FLEET_HOME": str(self.home),
-            }
-            if nats_passwords:
-                child_env |= {
-                    "NATS_URL": nats.url,
-                    "NATS_USER": name,
-                    "NATS_PASSWORD": nats_passwords[name],
+        for replica in range(1, self.replicas + 1):
+            for name, port in SERVICES.items():
+                instance = instance_name(name, replica)
+                chosen = self.env.get(f"{name.upper()}_HTTP_PORT") if replica == 1 else None
+                port = int(chosen or port_or_free(port + REPLICA_PORT_STEP * (replica - 1)))
+                self.urls[instance] = f"http://127.0.0.1:{port}"
+                child_env = {
+                    **self.env,
+                    "NATS_URL": nats_url,
+                    "DATABASE_URL": database_url,
+                    "HTTP_PORT": str(port),
+                    "HTTP_HOST": "127.0.0.1",
+                    "FLEET_HOME": str(self.home),
                 }
-            if name == "guardian":
-                child_env["GUARDIAN_SUPERVISOR_SOCKET"] = str(self.channel.socket)
-                child_env["GUARDIAN_SUPERVISOR_TOKEN_FILE"] = str(self.channel.token_file)
-            self._envs[name] = child_env
-            self.procs[name] = self._spawn(name)
+                if self.nats_cluster > 1 and not self.env.get("NATS_URL"):
+                    child_env["NATS_STREAM_REPLICAS"] = str(min(self.nats_cluster, 3))
+                if nats_passwords:
+                    child_env |= {
+                        "NATS_URL": nats.url,
+                        "NATS_USER": name,
+                        "NATS_PASSWORD": nats_passwords[name],
+                    }
+                if name == "guardian":
+                    child_env["GUARDIAN_SUPERVISOR_SOCKET"] = str(self.channel.socket)
+                    child_env["GUARDIAN_SUPERVISOR_TOKEN_FILE"] = str(self.channel.token_file)
+                self._envs[instance] = child_env
+                self.procs[instance] = self._spawn(instance)
         self._step("services (migrate, connect, ready)", lambda: self._wait_ready(timeout))
         self.state_file.touch(mode=0o600)  # it holds the admin's NATS URL
         self.state_file.write_text(
@@ -403,8 +452,10 @@ class Stack:
         if pending:
             raise TimeoutError(f"not ready after {timeout:.0f}s: {', '.join(sorted(pending))}")
 
-    def _spawn(self, name: str) -> subprocess.Popen[bytes]:
-        return spawn_service(name, self._envs[name], self.home / "logs" / f"{name}.log")
+    def _spawn(self, instance: str) -> subprocess.Popen[bytes]:
+        self._started_at[instance] = time.monotonic()
+        log = self.home / "logs" / f"{instance}.log"
+        return spawn_service(service_of(instance), self._envs[instance], log)
 
     def restart(self, name: str, timeout: float = 30) -> int:
         """Kill the service's process if it is alive (hung or not) and start it again; the
@@ -413,9 +464,15 @@ class Stack:
         started it ends, and the channel answers each request on a thread of its own."""
         if name not in self.procs or name == "guardian":
             raise KeyError(name)
-        done: Future[int] = Future()
-        self._restarts.put((name, done))
-        return done.result(timeout)
+        pid: int = self.on_owner_thread(lambda: self._restart_now(name)).result(timeout)
+        return pid
+
+    def on_owner_thread(self, action: Callable[[], T]) -> Future[T]:
+        """Have the thread running `wait()` (the one that started the processes) do
+        `action`: what it starts then dies with that thread, not with a passing one."""
+        done: Future[T] = Future()
+        self._calls.put((action, done))
+        return done
 
     def _restart_now(self, name: str) -> int:
         with self._procs_lock:
@@ -428,21 +485,23 @@ class Stack:
         return proc.pid
 
     def alive(self) -> dict[str, bool]:
+        """Whether each service's first instance (the one guardian watches) is alive."""
         with self._procs_lock:
-            return {name: proc.poll() is None for name, proc in self.procs.items()}
+            return {name: self.procs[name].poll() is None for name in SERVICES}
 
-    def wait(self, poll_s: float = 0.02) -> None:
-        """Run until interrupted (KeyboardInterrupt): tell guardian of every process that
-        exits (polled often: guardian's detection time starts here), start guardian again
-        when it exits itself (1 s, doubling to 30 s while it keeps failing)."""
+    def wait(self, poll_s: float = 0.02, until: threading.Event | None = None) -> None:
+        """Run until interrupted (KeyboardInterrupt) or `until` is set: tell guardian of
+        every process that exits (polled often: guardian's detection time starts here),
+        start guardian again when it exits itself (1 s, doubling to 30 s while it keeps
+        failing), and do what `on_owner_thread` was asked."""
         reported: set[int] = set()
         guardian_delay, guardian_due = 1.0, 0.0
-        while True:
-            while not self._restarts.empty():
-                name, done = self._restarts.get_nowait()
+        while until is None or not until.is_set():
+            while not self._calls.empty():
+                action, done = self._calls.get_nowait()
                 try:
-                    done.set_result(self._restart_now(name))
-                except OSError as exc:
+                    done.set_result(action())
+                except Exception as exc:
                     done.set_exception(exc)
             with self._procs_lock:
                 ended = [
@@ -452,7 +511,7 @@ class Stack:
                 ]
                 reported.update(proc.pid for _, proc in ended)
             for name, proc in ended:
-                if self.channel is not None:
+                if self.channel is not None and name in SERVICES:
                     self.channel.exited(name, proc.pid, proc.returncode)
                 self.say(
                     f"{name} exited with code {proc.returncode}; "
@@ -461,12 +520,33 @@ class Stack:
                 if name == "guardian":
                     guardian_due = time.monotonic() + guardian_delay
                     guardian_delay = min(guardian_delay * 2, 30.0)
+                elif name not in SERVICES:  # a further replica: fleet up's own to restart
+                    self._schedule_replica(name)
+            self._start_replicas_due()
             guardian = self.procs.get("guardian")
             if guardian and guardian.poll() is not None and time.monotonic() >= guardian_due:
                 with self._procs_lock:
                     self.procs["guardian"] = self._spawn("guardian")
                 self.say("guardian started again")
             time.sleep(poll_s)
+
+    def _schedule_replica(self, name: str) -> None:
+        """Start a further replica again after 1 s, doubling to 30 s while it keeps exiting
+        within a minute of its start."""
+        now = time.monotonic()
+        ran_long = now - self._started_at.get(name, now) > 60
+        delay = 1.0 if ran_long else min(self._replica_delay.get(name, 0.5) * 2, 30.0)
+        self._replica_delay[name] = delay
+        self._replica_due[name] = now + delay
+
+    def _start_replicas_due(self) -> None:
+        now = time.monotonic()
+        for name, due in list(self._replica_due.items()):
+            if now >= due:
+                del self._replica_due[name]
+                with self._procs_lock:
+                    self.procs[name] = proc = self._spawn(name)
+                self.say(f"{name} started again (pid {proc.pid})")
 
     def down(self) -> None:
         if self._lock is None:
@@ -509,6 +589,8 @@ def status_table(urls: Mapping[str, str], nats_url: str, database_url: str) -> s
 
 
 def _hide_password(url: str) -> str:
+    if "," in url:  # a cluster's servers
+        return ",".join(_hide_password(one) for one in url.split(","))
     if "@" not in url or "://" not in url:
         return url
     scheme, rest = url.split("://", 1)

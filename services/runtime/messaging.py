@@ -3,19 +3,35 @@
 The connection reconnects for ever, whatever the server does to it. nats-py closes a
 connection for good when the server sends any `-ERR` (a Maximum Payload Violation, say): the
 server has dropped the connection by then, so here it is reopened like any lost connection,
-and subscriptions, pull requests and publishers carry on over the new one.
+and subscriptions, pull requests and publishers carry on over the new one. NATS_URL may list
+several servers of a cluster, comma-separated; the client moves to another when one dies.
+
+Streams are stored on NATS_STREAM_REPLICAS servers (1 by default; 3 on a three-node
+cluster). When the server leading a replicated stream dies, the others elect a new leader
+within seconds; meanwhile a publish gets "no responders" or no PubAck at all. Every publish
+path therefore retries with the same `Nats-Msg-Id` until it is acknowledged (the outbox's
+relay; `publish_until_acknowledged` for the others), and the streams' duplicate window
+(`DUPLICATE_WINDOW_S`) is longer than the retry horizon of one publish
+(`PUBLISH_RETRY_HORIZON_S`), so a copy stored before its PubAck was lost is dropped by
+JetStream. Past that window a copy is still not applied twice: consumers keep the ids they
+applied (their inbox) for days.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Mapping
 
 import nats.errors
+import nats.js.errors
 from nats.aio.client import Client as Nats
 from nats.js import JetStreamContext
-from nats.js.api import StreamConfig
+from nats.js.api import PubAck, StreamConfig
 from nats.js.errors import NotFoundError
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from contracts import STREAMS, StreamSpec
 from services.runtime.nats_users import inbox_prefix
@@ -23,6 +39,22 @@ from services.runtime.nats_users import inbox_prefix
 log = logging.getLogger(__name__)
 
 DUPLICATE_WINDOW_S = 120.0
+PUBLISH_RETRY_HORIZON_S = 60.0  # one publish retried this long at most, inside the window
+assert PUBLISH_RETRY_HORIZON_S < DUPLICATE_WINDOW_S
+
+
+class StreamSettings(BaseSettings):
+    """How the catalog's streams are stored (every service declares them identically)."""
+
+    model_config = SettingsConfigDict(extra="ignore", case_sensitive=False)
+
+    nats_stream_replicas: int = Field(
+        1,
+        ge=1,
+        le=5,
+        description="Servers each stream is stored on: 1 on a single server, 3 on a "
+        "three-node cluster (a stream then survives the loss of one node).",
+    )
 
 
 class ResilientNats(Nats):
@@ -80,7 +112,7 @@ async def connect_nats(
             log.error("nats connection closed")
 
     await client.connect(
-        url,
+        [server.strip() for server in url.split(",") if server.strip()],
         name=name,
         inbox_prefix=inbox_prefix(name),
         **credentials,  # type: ignore[arg-type]
@@ -94,24 +126,32 @@ async def connect_nats(
     return client
 
 
-def stream_config(spec: StreamSpec) -> StreamConfig:
+def stream_config(spec: StreamSpec, replicas: int = 1) -> StreamConfig:
     return StreamConfig(
         name=spec.name,
         subjects=list(spec.subjects),
         description=spec.description,
         max_age=spec.max_age_days * 86400.0,
         duplicate_window=DUPLICATE_WINDOW_S,
+        num_replicas=replicas,
     )
 
 
-async def ensure_streams(js: JetStreamContext, specs: tuple[StreamSpec, ...] = STREAMS) -> None:
+async def ensure_streams(
+    js: JetStreamContext,
+    specs: tuple[StreamSpec, ...] = STREAMS,
+    replicas: int | None = None,
+) -> None:
     """Create or update the streams of the catalog; the definitions live in `contracts`,
-    so every service declares them identically. Also what recreates a deleted stream. A
-    stream another service creates at the same moment, or a JetStream too busy to answer,
-    is tried again a few times."""
+    so every service declares them identically, with NATS_STREAM_REPLICAS replicas unless
+    `replicas` says otherwise. Also what recreates a deleted stream. A stream another
+    service creates at the same moment, or a JetStream too busy to answer (a cluster
+    electing its leaders), is tried again for a while."""
+    if replicas is None:
+        replicas = StreamSettings().nats_stream_replicas
     for spec in specs:
-        config = stream_config(spec)
-        for attempt in range(1, 6):
+        config = stream_config(spec, replicas)
+        for attempt in range(1, 11):
             try:
                 try:
                     await js.update_stream(config)
@@ -119,7 +159,46 @@ async def ensure_streams(js: JetStreamContext, specs: tuple[StreamSpec, ...] = S
                     await js.add_stream(config)
                 break
             except Exception as exc:
-                if attempt == 5:
+                if attempt == 10:
                     raise
                 log.debug("declaring stream %s failed, trying again: %s", spec.name, exc)
                 await asyncio.sleep(0.1 * attempt)
+
+
+RETRIED_PUBLISH_ERRORS = (
+    nats.errors.NoRespondersError,
+    nats.js.errors.NoStreamResponseError,  # what JetStream publishes get instead
+    nats.js.errors.ServiceUnavailableError,
+    nats.errors.TimeoutError,
+    asyncio.TimeoutError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.OutboundBufferLimitError,
+)
+
+
+async def publish_until_acknowledged(
+    js: JetStreamContext,
+    subject: str,
+    payload: bytes,
+    headers: Mapping[str, str],
+    stream: str | None = None,
+    ack_timeout_s: float = 2.0,
+    horizon_s: float = PUBLISH_RETRY_HORIZON_S,
+) -> PubAck:
+    """Publish to JetStream and, while no stream answers (a leader election, a node or the
+    connection lost), publish again with the same `Nats-Msg-Id` every 0.25 s until the PubAck
+    comes; raises the last error after `horizon_s` (inside the duplicate window, so a copy
+    stored before its PubAck was lost is dropped). Other errors are raised at once."""
+    if "Nats-Msg-Id" not in headers:
+        raise ValueError("a publish retried needs a Nats-Msg-Id, or its copies are stored")
+    deadline = time.monotonic() + horizon_s
+    while True:
+        try:
+            return await js.publish(
+                subject, payload, timeout=ack_timeout_s, stream=stream, headers=dict(headers)
+            )
+        except RETRIED_PUBLISH_ERRORS as exc:
+            if time.monotonic() + 0.25 > deadline:
+                raise
+            log.debug("publish to %s not acknowledged, again: %r", subject, exc)
+            await asyncio.sleep(0.25)

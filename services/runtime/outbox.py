@@ -313,10 +313,17 @@ def _count(rows: Sequence[Row] | Sequence[asyncpg.Record]) -> None:
 
 async def purge(
     pool: asyncpg.Pool, sent_older_than_hours: float, inbox_older_than_days: float
-) -> None:
+) -> bool:
     """Housekeeping: drop published outbox rows, and inbox ids and try counts far past any
-    redelivery."""
-    async with pool.acquire() as conn:
+    redelivery. Every replica of a service calls it each interval; the one that gets the
+    schema's purge lock does it (a transaction-level try-lock: no waiting, let go at commit),
+    the others skip the round. Returns whether this call purged."""
+    async with pool.acquire() as conn, conn.transaction():
+        locked = await conn.fetchval(
+            "SELECT pg_try_advisory_xact_lock(hashtext('fleet-outbox-purge:' || current_schema()))"
+        )
+        if not locked:
+            return False
         await conn.execute(
             "DELETE FROM outbox WHERE sent_at < now() - make_interval(secs => $1)",
             sent_older_than_hours * 3600,
@@ -330,3 +337,4 @@ async def purge(
             inbox_older_than_days * 86400,
         )
         PENDING.set(await conn.fetchval("SELECT count(*) FROM outbox WHERE sent_at IS NULL"))
+    return True
