@@ -66,14 +66,18 @@ async def ollama(*models: str) -> AsyncIterator[FakeOllama]:
             await device.stop()
 
 
-def settings(infra: Infra, database_url: str, devices: dict[str, str]) -> SyncSettings:
+def settings(
+    infra: Infra, database_url: str, devices: dict[str, str], timeout_s: float = 10.0
+) -> SyncSettings:
+    """A device that answers is given time enough on a loaded machine (a 0.5 s timeout once
+    took a living fake device for an offline one); the hanging device's test sets its own."""
     return SyncSettings(
         nats_url=infra.nats_url,
         database_url=database_url,
         http_port=0,
         ollama_devices=devices,
         ollama_discovery_interval=3600,  # the startup pass, then only what the test asks for
-        ollama_timeout_s=0.5,
+        ollama_timeout_s=timeout_s,
         outbox_poll_interval_s=0.05,
     )
 
@@ -148,10 +152,8 @@ async def test_a_device_that_never_answers_is_offline_after_the_timeout(
 ) -> None:
     async with ollama("llama3.1:8b") as device:
         device.hang = True
-        async with running(build(settings(infra, database_url, {"slow": device.url}))) as (
-            runtime,
-            client,
-        ):
+        config = settings(infra, database_url, {"slow": device.url}, timeout_s=0.5)
+        async with running(build(config)) as (runtime, client):
             slow = (await discover(client))["slow"]
             assert slow["status"] == "offline"
             assert "no answer within 0.5s" in slow["last_error"]
