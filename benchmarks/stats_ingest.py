@@ -26,9 +26,10 @@ import asyncpg
 import nats
 from nats.js import JetStreamContext
 
-from benchmarks.harness import fresh_database, service_env
-from contracts.catalog import PLANS_STREAM
-from contracts.events import SubtaskCompleted
+from benchmarks.harness import cpu_seconds, fresh_database, service_env
+from contracts import Event
+from contracts.catalog import FEEDBACK_STREAM, PLANS_STREAM
+from contracts.events import ModelDismissed, ModelRewarded, SubtaskCompleted
 from services.embedded import EmbeddedNats, EmbeddedPostgres, free_port
 from services.runtime.messaging import ensure_streams
 from services.stack import spawn_service, wait_until_up
@@ -36,31 +37,48 @@ from services.stack import spawn_service, wait_until_up
 USERS, MODELS, SESSIONS = 50, 20, 5  # 5,000 distinct (user, model, session) records
 
 
-def payloads(n: int) -> list[bytes]:
-    return [
-        SubtaskCompleted(
-            plan_id=f"plan-{i // 10}",
-            subtask_id=f"st-{i}",
-            model_id=f"vendor/model-{(i // USERS) % MODELS}",
-            user_id=f"user-{i % USERS}",
-            session_id=f"session-{(i // (USERS * MODELS)) % SESSIONS}",
-            prompt_tokens=100,
-            completion_tokens=50,
-        )
-        .model_dump_json()
-        .encode()
-        for i in range(n)
-    ]
+MIXED = False  # --mixed: completions, rewards and dismissals in turn (all three consumers)
+SUBJECTS = (("subtask.completed", PLANS_STREAM.name),)
+ALL_SUBJECTS = (
+    ("subtask.completed", PLANS_STREAM.name),
+    ("model.rewarded", FEEDBACK_STREAM.name),
+    ("model.dismissed", FEEDBACK_STREAM.name),
+)
+# each event adds exactly one of these: what "every event counted" is checked against
+COUNTED = "SELECT sum(response_count + total_brains + dismissal_count) FROM stats.model_statistics"
+
+
+def event(i: int) -> Event:
+    user, model = f"user-{i % USERS}", f"vendor/model-{(i // USERS) % MODELS}"
+    session = f"session-{(i // (USERS * MODELS)) % SESSIONS}"
+    if MIXED and i % 3 == 1:
+        return ModelRewarded(user_id=user, session_id=session, model_id=model, brains=1)
+    if MIXED and i % 3 == 2:
+        return ModelDismissed(user_id=user, session_id=session, model_id=model)
+    return SubtaskCompleted(
+        plan_id=f"plan-{i // 10}",
+        subtask_id=f"st-{i}",
+        model_id=model,
+        user_id=user,
+        session_id=session,
+        prompt_tokens=100,
+        completion_tokens=50,
+    )
+
+
+def payloads(n: int) -> list[tuple[str, bytes]]:
+    return [(e.subject, e.model_dump_json().encode()) for e in map(event, range(n))]
 
 
 async def fresh_stream(js: JetStreamContext) -> None:
-    await js.delete_stream(PLANS_STREAM.name)
+    for stream in {stream for _, stream in ALL_SUBJECTS}:
+        await js.delete_stream(stream)
     await ensure_streams(js)
 
 
-async def publish_all(js: JetStreamContext, bodies: list[bytes]) -> float:
+async def publish_all(js: JetStreamContext, bodies: list[tuple[str, bytes]]) -> float:
     t0 = time.perf_counter()
-    acks = [await js.publish_async("subtask.completed", b) for b in bodies]
+    acks = [await js.publish_async(subject, b) for subject, b in bodies]
     await asyncio.gather(*acks)
     return t0
 
@@ -86,20 +104,31 @@ async def ceiling_consumer(nats_url: str, db_url: str, total: int) -> None:
     await conn.execute("CREATE TABLE raw_events (id bigserial PRIMARY KEY, body bytea NOT NULL)")
     nc = await nats.connect(nats_url)
     js = nc.jetstream()
-    sub = await js.pull_subscribe("subtask.completed", durable="ceiling", stream="PLANS")
+    subjects = ALL_SUBJECTS if MIXED else SUBJECTS
+    subs = [
+        await js.pull_subscribe(subject, durable=f"ceiling-{i}", stream=stream)
+        for i, (subject, stream) in enumerate(subjects)
+    ]
     print("ready", flush=True)
     done = 0
-    while done < total:
-        try:
-            msgs = await sub.fetch(100, timeout=1)
-        except TimeoutError:
-            continue
-        await conn.execute(
-            "INSERT INTO raw_events (body) SELECT unnest($1::bytea[])", [m.data for m in msgs]
-        )
-        for m in msgs:
-            await m.ack()
-        done += len(msgs)
+
+    async def consume(sub: JetStreamContext.PullSubscription) -> None:
+        nonlocal done
+        while done < total:
+            try:
+                msgs = await sub.fetch(100, timeout=1)
+            except TimeoutError:
+                continue
+            await pool.execute(
+                "INSERT INTO raw_events (body) SELECT unnest($1::bytea[])", [m.data for m in msgs]
+            )
+            for m in msgs:
+                await m.ack()
+            done += len(msgs)
+
+    pool = await asyncpg.create_pool(db_url, min_size=len(subs), max_size=len(subs))
+    await asyncio.gather(*(consume(sub) for sub in subs))
+    await pool.close()
     await nc.close()  # not drain(): it can wait out its timeout on the pull subscription
     await conn.close()
 
@@ -114,7 +143,8 @@ def spawn(args: list[str], env: dict[str, str], log: Path | None = None) -> subp
 async def round_ceiling(nats_url: str, admin_url: str, js: JetStreamContext, n: int) -> float:
     await fresh_stream(js)
     db = await fresh_database(admin_url)
-    proc = spawn(["-m", "benchmarks.stats_ingest", "--ceiling", nats_url, db, str(n)], {})
+    mixed = ["--mixed"] if MIXED else []
+    proc = spawn(["-m", "benchmarks.stats_ingest", *mixed, "--ceiling", nats_url, db, str(n)], {})
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == "ready"
     t0 = await publish_all(js, payloads(n))
@@ -142,6 +172,19 @@ async def without_row_level_security(db: str) -> None:
         await conn.close()
 
 
+async def stats_cpu(db: str, pid: int) -> tuple[float, dict[int, float]]:
+    """CPU seconds so far of the stats process and of each of its PostgreSQL sessions: the
+    work an event costs, which the machine's load changes far less than the throughput."""
+    conn = await asyncpg.connect(db)
+    try:
+        backends = await conn.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = 'stats'"
+        )
+    finally:
+        await conn.close()
+    return cpu_seconds(pid), {r["pid"]: cpu_seconds(r["pid"]) for r in backends}
+
+
 async def round_fleet(
     nats_url: str, admin_url: str, js: JetStreamContext, n: int, db_dir: Path, rls: bool = True
 ) -> float:
@@ -153,12 +196,21 @@ async def round_fleet(
         await wait_until_up(f"http://127.0.0.1:{port}", proc)
         if not rls:
             await without_row_level_security(db)
+        cpu_before = await stats_cpu(db, proc.pid)
         t0 = await publish_all(js, payloads(n))
-        t1 = await wait_rows(db, "SELECT sum(response_count) FROM stats.model_statistics", n)
+        t1 = await wait_rows(db, COUNTED, n)
+        after = await stats_cpu(db, proc.pid)
+        python_us = (after[0] - cpu_before[0]) / n * 1e6
+        sessions_us = sum(c - cpu_before[1].get(p, 0) for p, c in after[1].items()) / n * 1e6
+        print(
+            f"    CPU per event: stats {python_us:.0f} us, its PostgreSQL sessions"
+            f" {sessions_us:.0f} us",
+            flush=True,
+        )
         print(f"    service log: {db_dir / 'stats.log'}", flush=True)
         await asyncio.sleep(1)  # a late duplicate would land here
         conn = await asyncpg.connect(db)
-        total = await conn.fetchval("SELECT sum(response_count) FROM stats.model_statistics")
+        total = await conn.fetchval(COUNTED)
         inbox = await conn.fetchval("SELECT count(*) FROM stats.inbox")
         records = await conn.fetchval("SELECT count(*) FROM stats.model_statistics")
         await conn.close()
@@ -227,8 +279,15 @@ if __name__ == "__main__":
         action="store_true",
         help="also a round of stats with row-level security off on its tables, each round",
     )
+    parser.add_argument(
+        "--mixed",
+        action="store_true",
+        help="completions, rewards and dismissals in turn (all three consumers; the ceiling"
+        " pulls the three subjects too)",
+    )
     parser.add_argument("--ceiling", nargs=3, metavar=("NATS_URL", "DB_URL", "N"))
     args = parser.parse_args()
+    MIXED = args.mixed
     if args.ceiling:
         asyncio.run(ceiling_consumer(args.ceiling[0], args.ceiling[1], int(args.ceiling[2])))
     else:

@@ -135,6 +135,7 @@ async def run_round(
     try:
         assert bare.stdout is not None and bare.stdout.readline().strip() == "ready"
         await wait_until_up(f"http://127.0.0.1:{port}", stats)
+        cpu_before = cpu_seconds(stats.pid), cpu_seconds(bare.pid)
         db_pool = await asyncpg.create_pool(db, min_size=4, max_size=8)
         api = httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10)
         # outstanding probes: event -> publish time; one poller for each side looks for all
@@ -213,8 +214,12 @@ async def run_round(
         publishing = False
         await asyncio.wait_for(pollers, 120)
         print(f"    published {total} at {achieved:.0f}/s, {len(stats_ms)} probes", flush=True)
+        # CPU per event: what the machine's load does not change much, unlike the latency
+        stats_us = (cpu_seconds(stats.pid) - cpu_before[0]) / total * 1e6
+        bare_us = (cpu_seconds(bare.pid) - cpu_before[1]) / total * 1e6
         print(
-            f"    stats: {await consumer_figures(api)}; CPU {cpu_seconds(stats.pid):.1f} s",
+            f"    stats: {await consumer_figures(api)}; CPU per event: stats {stats_us:.0f} us,"
+            f" bare consumer {bare_us:.0f} us",
             flush=True,
         )
         await api.aclose()

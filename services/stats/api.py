@@ -22,7 +22,7 @@ from services.stats.domain import Interval, Standing, leaderboard
 
 router = APIRouter(prefix="/v1", tags=["stats"])
 
-RuntimeDep = Annotated[Runtime, Depends(runtime_of)]
+RuntimeDep = Annotated[Runtime[StatsSettings], Depends(runtime_of)]
 PathId = Path(min_length=1, max_length=512)
 NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorResponse, "description": "Nothing of the caller's here"}
@@ -306,9 +306,8 @@ def _board(
     )
 
 
-def _min_responses(runtime: Runtime) -> int:
-    settings = runtime.settings
-    return settings.stats_leaderboard_min_responses if isinstance(settings, StatsSettings) else 30
+def _min_responses(runtime: Runtime[StatsSettings]) -> int:
+    return runtime.settings.stats_leaderboard_min_responses
 
 
 @router.get("/leaderboard", response_model=Leaderboard)

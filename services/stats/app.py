@@ -11,7 +11,7 @@ from services.stats import api, handlers
 from services.stats.config import StatsSettings
 
 
-def build(settings: StatsSettings | None = None) -> ServiceSpec:
+def build(settings: StatsSettings | None = None) -> ServiceSpec[StatsSettings]:
     settings = settings or StatsSettings()
     return ServiceSpec(
         name="stats",

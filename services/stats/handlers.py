@@ -144,13 +144,11 @@ async def on_model_synced(conn: Connection, events: list[ModelSynced]) -> None:
     await db.add_prices(conn, events)
 
 
-async def fold_global_days(runtime: Runtime) -> None:
+async def fold_global_days(runtime: Runtime[StatsSettings]) -> None:
     """Keep the global per-model days' pending rows few (every instance may run this: a
     fold takes only rows no other fold has taken)."""
-    settings = runtime.settings
-    interval = settings.stats_global_fold_interval_s if isinstance(settings, StatsSettings) else 1
     while True:
-        await asyncio.sleep(interval)
+        await asyncio.sleep(runtime.settings.stats_global_fold_interval_s)
         try:
             async with runtime.pool.acquire(timeout=5) as conn:
                 await db.fold_global_days(conn)
