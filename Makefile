@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: up test check lint typecheck unit schema bench install tools rules clean
+.PHONY: up test chaos check lint typecheck unit schema bench install tools rules clean
 
 $(STAMP): pyproject.toml requirements-dev.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -52,6 +52,11 @@ check: $(STAMP)
 
 test: check rules
 	$(BIN)/pytest
+
+# The fault tests alone (`make test` runs them too): SIGKILLed services, NATS and PostgreSQL
+# restarted, and three replicas of each service on a three-node JetStream cluster.
+chaos: $(STAMP)
+	$(BIN)/pytest tests/e2e/test_chaos.py tests/e2e/test_cluster.py tests/e2e/test_cluster_outbox.py
 
 schema: $(STAMP)
 	$(BIN)/python -m contracts.export

@@ -301,6 +301,7 @@ class Stack:
     say: Callable[[str], None] = print
     replicas: int = 1  # processes of each service
     nats_cluster: int = 1  # nats-server processes (more than 1: one JetStream cluster)
+    known_ports: bool = True  # the services' usual ports when free; False: any free ports
     nats: EmbeddedNats | EmbeddedNatsCluster | None = None
     postgres: EmbeddedPostgres | None = None
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
@@ -373,7 +374,9 @@ class Stack:
             nats_url = nats.url.replace("nats://", f"nats://admin:{nats_passwords['admin']}@")
         database_url = self.env.get("DATABASE_URL")
         if not database_url:
-            pg = self.postgres = EmbeddedPostgres(self.home / "postgres", port=port_or_free(5432))
+            pg = self.postgres = EmbeddedPostgres(
+                self.home / "postgres", port=port_or_free(5432) if self.known_ports else 0
+            )
             self._step("PostgreSQL (embedded)", pg.start)
             self.say(f"    {pg.url}")
             database_url = pg.url
@@ -382,7 +385,8 @@ class Stack:
             for name, port in SERVICES.items():
                 instance = instance_name(name, replica)
                 chosen = self.env.get(f"{name.upper()}_HTTP_PORT") if replica == 1 else None
-                port = int(chosen or port_or_free(port + REPLICA_PORT_STEP * (replica - 1)))
+                usual = port + REPLICA_PORT_STEP * (replica - 1)
+                port = int(chosen or (port_or_free(usual) if self.known_ports else free_port()))
                 self.urls[instance] = f"http://127.0.0.1:{port}"
                 child_env = {
                     **self.env,
