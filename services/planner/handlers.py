@@ -310,7 +310,9 @@ def _log(plan: Plan, changes: Changes) -> None:
         step = _STEP.get(s.status, str(s.status))
         if s.status == SubtaskStatus.RETRYING and s.next_attempt_at is not None:
             step += f" at {s.next_attempt_at.isoformat(timespec='seconds')}"
-        log.info(
+        # an agent's start is the agent's news, not a step of the plan: DEBUG
+        log.log(
+            logging.DEBUG if s.status == SubtaskStatus.RUNNING else logging.INFO,
             "plan %s subtask %s %s (attempt %d of %d, agent %s)%s",
             plan.plan_id,
             s.subtask_id,
