@@ -54,7 +54,7 @@ def command(args: argparse.Namespace) -> int:
 
     try:
         return asyncio.run(main(args.command, max(args.minutes, 0.0), args.json))
-    except RuntimeError as exc:  # not running, not ready, a port taken
+    except (RuntimeError, ValueError) as exc:  # not running, not ready, a port taken or bad
         print(exc, file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -370,19 +370,33 @@ def subtask(s: Step) -> dict[str, Any]:
     }
 
 
+async def ready(fleet: Fleet, timeout: float = 60) -> None:
+    """Every service answers ready (a busy machine may keep one not ready for a moment)."""
+    async with httpx.AsyncClient(timeout=5) as client:
+
+        async def problems() -> list[str]:
+            found = []
+            for name, url in fleet.urls.items():
+                try:
+                    answer = await client.get(url + "/health/ready")
+                except httpx.HTTPError as exc:
+                    found.append(f"{name} does not answer at {url}: {exc!r}")
+                    continue
+                if answer.status_code != 200:
+                    found.append(f"{name} is not ready: {answer.status_code} {answer.text[:300]}")
+            return found
+
+        left = await until(problems, lambda found: not found, timeout)
+    if left:
+        raise RuntimeError("; ".join(left))
+
+
 @asynccontextmanager
 async def connected(say: Say, run: str) -> AsyncIterator[Demo]:
     """The stack (checked ready), the demo's servers, both NATS users, the agents at work and
     the user answering approvals."""
     fleet = Fleet.find()
-    async with httpx.AsyncClient(timeout=5) as anyone:
-        for name, url in fleet.urls.items():
-            try:
-                ready = (await anyone.get(url + "/health/ready")).status_code
-            except httpx.HTTPError as exc:
-                raise RuntimeError(f"{name} does not answer at {url}: {exc!r}") from None
-            if ready != 200:
-                raise RuntimeError(f"{name} is not ready ({url}/health/ready answers {ready})")
+    await ready(fleet)
     say("stack", f"{len(fleet.urls)} services ready: {', '.join(fleet.urls)}")
     async with (
         DemoServers(Ports.from_env()) as servers,
@@ -520,8 +534,9 @@ async def reset(demo: Demo) -> None:
     await seed(demo)
 
 
-async def settle(demo: Demo) -> list[dict[str, Any]]:
-    """Stats' records of the user once it has counted every response the agents reported."""
+async def settle(demo: Demo) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Stats' records of the user once it has counted every response the agents reported,
+    and the user's leaderboard."""
 
     async def records() -> Any:
         return await demo.get("stats", "/v1/stats/models")
@@ -530,10 +545,10 @@ async def settle(demo: Demo) -> list[dict[str, Any]]:
     found: list[dict[str, Any]] = await until(
         records, lambda ms: sum(m["response_count"] for m in ms) >= sent, timeout=30
     )
-    return found
+    return found, await demo.get("stats", "/v1/leaderboard?window=7d")
 
 
-def report(demo: Demo, records: list[dict[str, Any]]) -> list[str]:
+def report(demo: Demo, records: list[dict[str, Any]], board: dict[str, Any]) -> list[str]:
     """What happened, as the services now tell it, and where to look."""
     tally, urls = demo.tally, demo.fleet.urls
     total = {
@@ -548,6 +563,7 @@ def report(demo: Demo, records: list[dict[str, Any]]) -> list[str]:
         f"  stats      {USER} (every run so far): {total['response_count']} responses, "
         f"{total['total_brains']} brains, {total['dismissal_count']} dismissals, "
         f"{total['cost_usd']:.6f} USD known cost",
+        f"             leaderboard (7 days): {ranked(board)}",
     ]
     if tally.configured and tally.benchmarks:
         jobs = "; ".join(f"{j['model']} {j['status']}" for j in tally.benchmarks.values())
@@ -571,6 +587,15 @@ def report(demo: Demo, records: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def ranked(board: dict[str, Any]) -> str:
+    lines = [m for m in board["models"] if m["status"] == "ranked"]
+    if not lines:
+        return f"no model ranked yet: each needs {board['min_responses']} responses"
+    return ", ".join(
+        f"{m['rank']}. {m['model_id']}" for m in sorted(lines, key=lambda m: m["rank"])
+    )
+
+
 async def main(command: str, minutes: float, json_path: Path | None) -> int:
     say = Progress()
     async with connected(say, f"demo-{uuid.uuid4().hex[:6]}") as demo:
@@ -580,8 +605,8 @@ async def main(command: str, minutes: float, json_path: Path | None) -> int:
             await seed(demo)
         else:
             await reset(demo)
-        records = await settle(demo)
-    print("\n".join(report(demo, records)))
+        records, board = await settle(demo)
+    print("\n".join(report(demo, records, board)))
     if command != "run":
         print(f"\nTokens (valid 12 h):\n  {USER:<18} user      {demo.fleet.token(USER)}")
         print(f"  {OPERATOR:<18} operator  {demo.fleet.token(OPERATOR, 'operator')}")

@@ -4,6 +4,7 @@ bearer tokens signed with the development secret (or AUTH_JWT_SECRET)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from dataclasses import dataclass
@@ -59,7 +60,7 @@ class Fleet:
     def client(self, user: str, role: Role = "user") -> httpx.AsyncClient:
         """HTTP as `user`: `await api.get(fleet.url("stats", "/v1/leaderboard"))`."""
         headers = {"Authorization": f"Bearer {self.token(user, role)}"}
-        return httpx.AsyncClient(headers=headers, timeout=10)
+        return httpx.AsyncClient(headers=headers, timeout=10, transport=PatientTransport())
 
     def url(self, service: str, path: str) -> str:
         return self.urls[service] + path
@@ -70,6 +71,24 @@ class Fleet:
             return await nats.connect(self.nats_url, name=f"demo-{user}")
         password = self.nats_passwords[user]
         return await nats.connect(self.nats_url, user=user, password=password, name=f"demo-{user}")
+
+
+class PatientTransport(httpx.AsyncHTTPTransport):
+    """A service restarting (connection refused) or answering 503 `unavailable` (PostgreSQL
+    or NATS away for a moment) is asked again after its Retry-After, a few times."""
+
+    def __init__(self) -> None:
+        super().__init__(retries=3)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        for _ in range(5):
+            response = await super().handle_async_request(request)
+            if response.status_code != 503:
+                return response
+            await response.aclose()
+            wait = response.headers.get("Retry-After", "1")
+            await asyncio.sleep(min(float(wait), 5) if wait.isdigit() else 1)
+        return await super().handle_async_request(request)
 
 
 async def publish(nc: Nats, event: Event) -> None:

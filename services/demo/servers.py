@@ -52,7 +52,10 @@ class Ports:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Ports:
-        base = int(env.get("FLEET_DEMO_PORT") or DEFAULT_BASE_PORT)
+        text = env.get("FLEET_DEMO_PORT") or str(DEFAULT_BASE_PORT)
+        if not text.isdigit() or not 1 <= int(text) <= 65533:
+            raise ValueError(f"FLEET_DEMO_PORT: expected a port of 1-65533, got {text[:20]!r}")
+        base = int(text)
         return cls(base, base + 1, base + 2)
 
     def url(self, port: int) -> str:
