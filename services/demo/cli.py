@@ -36,6 +36,7 @@ def stack_env(demo: bool) -> dict[str, str]:
 
 
 def arguments(parser: argparse.ArgumentParser) -> None:
+    """`fleet demo`'s arguments on `parser`, which then runs `command`."""
     parser.description = DESCRIPTION
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("command", choices=["seed", "run", "reset"])
@@ -47,6 +48,7 @@ def arguments(parser: argparse.ArgumentParser) -> None:
         "0: the scripted story only, about half a minute)",
     )
     parser.add_argument("--json", type=Path, help="also write what the demo did to this file")
+    parser.set_defaults(func=command)
 
 
 def command(args: argparse.Namespace) -> int:
