@@ -21,9 +21,7 @@ import os
 import signal
 import statistics
 import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -34,7 +32,7 @@ from benchmarks.harness import bench_headers
 
 def canary_rounds(rounds: int) -> None:
     os.environ["GUARDIAN_SMOKE_INTERVAL_S"] = "0"
-    fleet = Fleet(Path(tempfile.mkdtemp(prefix="bench-canary-")) / "fleet")
+    fleet = Fleet("bench-canary-")
     try:
         wait(lambda: healthy(fleet), 60, "a healthy fleet", 0.2)
         url = f"{fleet.urls['guardian']}/api/guardian/run-smoke"
@@ -60,7 +58,7 @@ def broken_pipeline() -> None:
     os.environ.update(
         GUARDIAN_MODE="observe", GUARDIAN_SMOKE_INTERVAL_S="5", GUARDIAN_SMOKE_TIMEOUT_S="5"
     )
-    fleet = Fleet(Path(tempfile.mkdtemp(prefix="bench-broken-")) / "fleet")
+    fleet = Fleet("bench-broken-")
     try:
         events = Events(fleet.state["nats_url"])
         wait(lambda: healthy(fleet), 60, "a healthy fleet", 0.2)

@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -51,8 +52,10 @@ Event = tuple[float, str, dict[str, Any]]  # (monotonic time received, subject, 
 
 
 class Fleet:
-    def __init__(self, home: Path) -> None:
-        self.home = home
+    """`fleet up` in a temporary folder of its own, which `stop` removes."""
+
+    def __init__(self, prefix: str) -> None:
+        self.home = home = Path(tempfile.mkdtemp(prefix=prefix)) / "fleet"
         env = {
             **os.environ,
             "FLEET_HOME": str(home),
@@ -92,6 +95,7 @@ class Fleet:
         self.proc.send_signal(signal.SIGINT)
         self.proc.wait(60)
         self.out.close()
+        shutil.rmtree(self.home.parent, ignore_errors=True)
 
 
 class Events:
@@ -312,9 +316,8 @@ def main() -> int:
     parser.add_argument("--phases", default="cpu,kill,hung,crash,failover")
     args = parser.parse_args()
     phases = set(args.phases.split(","))
-    home = Path(tempfile.mkdtemp(prefix="bench-guardian-")) / "fleet"
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; home {home}")
-    fleet = Fleet(home)
+    fleet = Fleet("bench-guardian-")
+    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
     try:
         events = Events(fleet.state["nats_url"])
         if "cpu" in phases:

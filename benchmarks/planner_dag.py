@@ -30,6 +30,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -359,7 +360,7 @@ async def main(n: int, rounds: int, seed: int, work_ms: float) -> None:
     finally:
         pg.stop()
         nats_server.stop()
-    print(f"    planner log: {tmp / 'planner.log'}")
+        shutil.rmtree(tmp, ignore_errors=True)
     print(
         f"\n{n} subtasks in {layers} layers, {edges} dependencies, seed {seed}; {rounds} rounds;"
         f" agents answer after uniform(0, {work_ms:g}) ms;"

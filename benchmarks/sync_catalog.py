@@ -22,6 +22,7 @@ import copy
 import json
 import os
 import platform
+import shutil
 import statistics
 import tempfile
 import time
@@ -147,6 +148,7 @@ async def main(n: int, rounds: int) -> None:
                 await pool.close()
     finally:
         pg.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
     print(f"\n{rounds} rounds, {os.cpu_count()} cores, {platform.processor() or '?'}, "
           "embedded PostgreSQL, network excluded")  # fmt: skip
     for scenario, values in results.items():
