@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 from contracts.events import ModelDismissed, ModelRewarded, ModelSynced, SubtaskCompleted
@@ -13,6 +14,7 @@ from services.stats.config import StatsSettings
 
 def build(settings: StatsSettings | None = None) -> ServiceSpec[StatsSettings]:
     settings = settings or StatsSettings()
+    writer = handlers.Writer()  # the three consumers' batches, written together
     return ServiceSpec(
         name="stats",
         settings=settings,
@@ -22,21 +24,21 @@ def build(settings: StatsSettings | None = None) -> ServiceSpec[StatsSettings]:
             Consumer(
                 handlers.SUBTASK_COMPLETED,
                 SubtaskCompleted,
-                handlers.on_subtask_completed,
+                partial(handlers.on_subtask_completed, writer),
                 batch_size=settings.stats_batch_size,
                 claims_inbox=True,
             ),
             Consumer(
                 handlers.MODEL_REWARDED,
                 ModelRewarded,
-                handlers.on_model_rewarded,
+                partial(handlers.on_model_rewarded, writer),
                 batch_size=settings.stats_batch_size,
                 claims_inbox=True,
             ),
             Consumer(
                 handlers.MODEL_DISMISSED,
                 ModelDismissed,
-                handlers.on_model_dismissed,
+                partial(handlers.on_model_dismissed, writer),
                 batch_size=settings.stats_batch_size,
                 claims_inbox=True,
             ),

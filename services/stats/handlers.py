@@ -3,9 +3,10 @@
 The consumers of completions, rewards and dismissals claim their inbox themselves: a batch
 is one statement (db.apply) that records the events in the inbox and adds only those
 recorded now, so it needs no transaction of its own (see `Consumer.claims_inbox`). Their
-batches go through one `Writer`, which writes together those that arrive while a write is
-under way: one statement and one commit instead of three, and no consumer waiting for
-another's row locks (the three add to the same users' rows)."""
+batches go through the service's one `Writer` (app.py gives it to them), which writes
+together those that arrive while a write is under way: one statement and one commit
+instead of three, and no consumer waiting for another's row locks (the three add to the
+same users' rows)."""
 
 from __future__ import annotations
 
@@ -103,10 +104,9 @@ def _settle(future: asyncio.Future[int], outcome: int | Exception) -> None:
         future.set_result(outcome)
 
 
-writer = Writer()  # one per process: the three consumers share it
-
-
-async def on_subtask_completed(conn: Connection, events: list[SubtaskCompleted]) -> int:
+async def on_subtask_completed(
+    writer: Writer, conn: Connection, events: list[SubtaskCompleted]
+) -> int:
     """Each completed subtask is one response and one call in the cost ledger, priced by
     the event's cost, else by the catalog price in force when it completed."""
     spans = calls_to_price(events)
@@ -123,7 +123,7 @@ async def on_subtask_completed(conn: Connection, events: list[SubtaskCompleted])
     )
 
 
-async def on_model_rewarded(conn: Connection, events: list[ModelRewarded]) -> int:
+async def on_model_rewarded(writer: Writer, conn: Connection, events: list[ModelRewarded]) -> int:
     try:
         contributions = [from_reward(e) for e in events]
     except Unacceptable as exc:
@@ -133,7 +133,7 @@ async def on_model_rewarded(conn: Connection, events: list[ModelRewarded]) -> in
     )
 
 
-async def on_model_dismissed(conn: Connection, events: list[ModelDismissed]) -> int:
+async def on_model_dismissed(writer: Writer, conn: Connection, events: list[ModelDismissed]) -> int:
     contributions = [from_dismissal(e) for e in events]
     return await writer.apply(
         conn, Batch(MODEL_DISMISSED, [e.event_id for e in events], contributions)

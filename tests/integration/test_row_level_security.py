@@ -36,7 +36,8 @@ async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
         for m in ("m1", "m2")
     ]
     async with one.acquire() as conn:
-        await handlers.on_subtask_completed(conn, completed)  # as the consumer writes them
+        # as the consumer writes them
+        await handlers.on_subtask_completed(handlers.Writer(), conn, completed)
     yield one
     await one.close()
 
