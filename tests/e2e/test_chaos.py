@@ -1,8 +1,10 @@
 """Nothing lost, nothing counted twice, under failure: while events flow, the stats service
 is killed with SIGKILL and restarted, NATS is killed and restarted, PostgreSQL is killed and
 restarted, and PostgreSQL then stays away for longer than the consumer's whole retry budget
-(`CONSUMER_MAX_DELIVER` x `CONSUMER_ACK_WAIT_S`). Afterwards every event is counted exactly
-once and nothing was dead-lettered."""
+(`CONSUMER_MAX_DELIVER` x `CONSUMER_ACK_WAIT_S`). The events are calls (subtask.completed,
+priced from the catalog's model.synced or carrying their own cost), rewards and dismissals.
+Afterwards every event is counted exactly once, every call is in the cost ledger once at its
+exact cost, and nothing was dead-lettered."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import asyncio
 import os
 import subprocess
 from collections.abc import AsyncIterator
+from decimal import Decimal
 from pathlib import Path
 
 import asyncpg
@@ -18,12 +21,17 @@ import pytest
 from nats.aio.client import Client as Nats
 
 from contracts.catalog import DEAD_LETTER_STREAM
-from contracts.events import Event, ModelDismissed, ModelRewarded, SubtaskCompleted
+from contracts.events import Event, ModelDismissed, ModelRewarded, ModelSynced, SubtaskCompleted
 from services.embedded import EmbeddedNats, EmbeddedPostgres, free_port
 from services.runtime.messaging import ensure_streams
 from services.stack import spawn_service, wait_until_up
 
 EVENTS = 3000
+MODELS = [f"model-{i}" for i in range(7)]
+PROMPT_PRICE, COMPLETION_PRICE = Decimal("1.5"), Decimal(4)  # USD per 1M tokens
+PROMPT_TOKENS, COMPLETION_TOKENS = 120, 30
+CATALOG_COST = (PROMPT_TOKENS * PROMPT_PRICE + COMPLETION_TOKENS * COMPLETION_PRICE) / 10**6
+EVENT_COST = Decimal("0.0042")  # what a call that reports its own cost says
 MAX_DELIVER, ACK_WAIT_S = 2, 1.0
 LONG_OUTAGE_S = 3 * MAX_DELIVER * ACK_WAIT_S
 
@@ -107,6 +115,17 @@ async def total_counted(database_url: str) -> tuple[int, int]:
         await conn.close()
 
 
+async def prices_known(database_url: str) -> int:
+    conn = await asyncpg.connect(database_url)
+    try:
+        n: int = await conn.fetchval("SELECT count(DISTINCT model_id) FROM stats.model_prices")
+        return n
+    except asyncpg.UndefinedTableError:  # stats has not migrated yet
+        return 0
+    finally:
+        await conn.close()
+
+
 async def test_every_event_is_applied_exactly_once_through_kills_and_restarts(
     cluster: tuple[EmbeddedNats, EmbeddedPostgres], tmp_path: Path
 ) -> None:
@@ -116,8 +135,27 @@ async def test_every_event_is_applied_exactly_once_through_kills_and_restarts(
     stats = StatsProcess(nats_server.url, pg.url, tmp_path / "stats.log")
     await stats.start()
 
+    # the catalog's prices, as sync publishes them, known to stats before the calls
+    for model in MODELS:
+        await publish_until_stored(
+            nc,
+            ModelSynced(
+                provider="openrouter",
+                model_id=model,
+                name=model,
+                change="added",
+                status="active",
+                prompt_price_per_1m=PROMPT_PRICE,
+                completion_price_per_1m=COMPLETION_PRICE,
+            ),
+        )
+    deadline = asyncio.get_running_loop().time() + 30
+    while await prices_known(pg.url) < len(MODELS):
+        assert asyncio.get_running_loop().time() < deadline, "stats never stored the prices"
+        await asyncio.sleep(0.1)
+
     def mixed(i: int) -> Event:
-        user, model = f"user-{i % 3}", f"model-{i % 7}"
+        user, model = f"user-{i % 3}", MODELS[i % len(MODELS)]
         if i % 5 == 3:
             return ModelRewarded(user_id=user, session_id="chaos", model_id=model, brains=1)
         if i % 5 == 4:
@@ -128,11 +166,16 @@ async def test_every_event_is_applied_exactly_once_through_kills_and_restarts(
             model_id=model,
             user_id=user,
             session_id="chaos",
-            prompt_tokens=1,
+            prompt_tokens=PROMPT_TOKENS,
+            completion_tokens=COMPLETION_TOKENS,
+            cost_usd=EVENT_COST if i % 5 == 2 else None,  # else priced from the catalog
         )
 
     events = [mixed(i) for i in range(EVENTS)]
-    calls = sum(isinstance(e, SubtaskCompleted) for e in events)
+    applied = EVENTS + len(MODELS)  # the inbox holds the catalog's prices too
+    calls = [e for e in events if isinstance(e, SubtaskCompleted)]
+    own_cost = [e for e in calls if e.cost_usd is not None]
+    expected_cost = EVENT_COST * len(own_cost) + CATALOG_COST * (len(calls) - len(own_cost))
 
     published = 0
 
@@ -177,18 +220,26 @@ async def test_every_event_is_applied_exactly_once_through_kills_and_restarts(
         # every fault struck while events were still being published
         assert all(0 < n < EVENTS for n in during), during
         deadline = asyncio.get_running_loop().time() + 60
-        while (counted := await total_counted(pg.url)) != (EVENTS, EVENTS):
+        while (counted := await total_counted(pg.url)) != (EVENTS, applied):
             assert counted[0] <= EVENTS, f"counted {counted[0]} of {EVENTS}: a duplicate"
             if asyncio.get_running_loop().time() > deadline:
                 raise AssertionError(f"counted {counted} of {EVENTS}; log: {stats.log}")
             await asyncio.sleep(0.2)
         await asyncio.sleep(1.0)  # a late redelivery would show up now
-        assert await total_counted(pg.url) == (EVENTS, EVENTS)
+        assert await total_counted(pg.url) == (EVENTS, applied)
         conn = await asyncpg.connect(pg.url)
-        try:  # every call in the cost ledger once
-            assert await conn.fetchval("SELECT count(*) FROM stats.llm_costs") == calls
+        try:  # every call in the cost ledger once, at its exact cost
+            ledger = await conn.fetch(
+                "SELECT price_source, count(*) AS n, sum(cost_usd) AS cost FROM stats.llm_costs"
+                " GROUP BY price_source ORDER BY price_source"
+            )
         finally:
             await conn.close()
+        assert [(r["price_source"], r["n"]) for r in ledger] == [
+            ("catalog", len(calls) - len(own_cost)),
+            ("event", len(own_cost)),
+        ]
+        assert sum(r["cost"] for r in ledger) == expected_cost
         dead = await nc.jetstream().stream_info(DEAD_LETTER_STREAM.name)
         assert dead.state.messages == 0, "a valid event was dead-lettered"
     finally:

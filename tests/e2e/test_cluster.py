@@ -277,13 +277,13 @@ class Load:
             "prompt": "Why is the sky blue?",
             "runs": 2,
         }
-        # only a refused connection or a 503 is retried: a request that may have arrived
-        # made a job
+        # tried again on another replica when this one is away or dies answering (a job
+        # it made before dying is not among those checked: its id never came back)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             try:
                 r = await client.post(f"{self.url('benchmark')}/v1/benchmarks/run", json=body)
-            except httpx.ConnectError:
+            except httpx.TransportError:
                 await asyncio.sleep(0.3)
                 continue
             if r.status_code == 202:
