@@ -16,7 +16,14 @@ from nats.js import JetStreamContext
 from contracts.events import ModelRewarded, SubtaskCompleted
 from services.runtime.config import RuntimeSettings
 from services.runtime.consumer import Consumer, DeadLetter, Processor
-from services.runtime.db import Connection, Login, create_pool
+from services.runtime.db import (
+    RUNTIME_MIGRATIONS,
+    Connection,
+    Login,
+    create_pool,
+    load_migrations,
+    migrate,
+)
 from services.runtime.service import ServiceSpec
 from services.stats.app import build as build_stats
 from services.stats.config import StatsSettings
@@ -97,6 +104,7 @@ async def test_the_same_event_twice_in_one_batch_is_applied_once(
     msgs = await pull.fetch(3, timeout=5)
     assert len(msgs) == 3  # one batch: all three were stored before the fetch
 
+    await migrate(database_url, "svc", load_migrations(RUNTIME_MIGRATIONS))  # the inbox
     pool = await create_pool(Login(database_url, "svc", "svc_app"), 1, "test")
 
     @asynccontextmanager
