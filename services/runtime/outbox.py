@@ -9,6 +9,12 @@ transactions, and rows whose publishing at commit failed or whose PubAck did not
 publish loses nothing (the row stays unsent); a crash after publish and before mark-sent
 republishes with the same `Nats-Msg-Id`: JetStream drops the copy within its duplicate window
 (120 s), and past it the consumers' inboxes do (they keep applied ids for 7 days).
+
+Replicas of a service share its outbox: each loop takes unsent rows `FOR UPDATE SKIP
+LOCKED`, so a row is in one loop's batch at a time, and a row that one replica publishes at
+commit while another's loop finds it unsent goes out twice with one `Nats-Msg-Id`, which
+JetStream stores once. A publish that gets "no responders" or no PubAck (a stream electing
+its leader, a node lost) is simply published again by the loop, with the same id.
 """
 
 from __future__ import annotations
@@ -231,7 +237,9 @@ class Relay:
             # nobody stores the subject: the stream was deleted; declare the streams again
             with contextlib.suppress(Exception):
                 await ensure_streams(self.js)
-        await asyncio.sleep(backoff_seconds(failures, base=self.poll_interval, cap=5.0))
+        # at most 2 s: a stream's leader election is over in about 5 s, and every second
+        # the relay waits beyond it is a second more of events held back
+        await asyncio.sleep(backoff_seconds(failures, base=self.poll_interval, cap=2.0))
 
     async def relay_once(self) -> int:
         """Publish one batch of unsent rows and mark them sent; returns how many."""
