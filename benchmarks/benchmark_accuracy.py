@@ -48,6 +48,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from services.benchmark import providers
 from services.benchmark.domain import percentile
 from services.benchmark.providers import (
     Chunk,
@@ -69,13 +70,21 @@ PRIORITY = -10
 # --- the server, in its own process --------------------------------------------------------
 
 
-def serve(pipe: multiprocessing.connection.Connection, cpus: set[int] | None) -> None:
+def prioritize(realtime: bool) -> None:
+    with contextlib.suppress(PermissionError):
+        os.nice(PRIORITY)
+        if realtime:  # mostly asleep; the kernel keeps 5 % of each CPU for the others
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+
+
+def serve(
+    pipe: multiprocessing.connection.Connection, cpus: set[int] | None, realtime: bool
+) -> None:
     """Child process: a fake model server whose script the parent sets per round; on
     request, what it served (prompt, read time, write times) since the last ask."""
     if cpus:
         os.sched_setaffinity(0, cpus)
-    with contextlib.suppress(PermissionError):
-        os.nice(PRIORITY)
+    prioritize(realtime)
     with contextlib.suppress(ImportError):  # a faster loop for the fake server, if installed
         importlib.import_module("uvloop").install()
 
@@ -95,9 +104,12 @@ def serve(pipe: multiprocessing.connection.Connection, cpus: set[int] | None) ->
                         server.script = arg
                         pipe.send(None)
                     elif command == "served":
-                        done = [(s.body, s.received_at, s.written_at) for s in server.served]
+                        done = [
+                            (s.body, s.received_at, s.written_at, s.finished_at)
+                            for s in server.served
+                        ]
                         server.served.clear()
-                        pipe.send([(prompt_of(b), r, w) for b, r, w in done])
+                        pipe.send([(prompt_of(b), r, w, f) for b, r, w, f in done])
                     else:
                         loop.call_soon_threadsafe(stopped.set_result, None)
                         return
@@ -108,6 +120,10 @@ def serve(pipe: multiprocessing.connection.Connection, cpus: set[int] | None) ->
     asyncio.run(main())
 
 
+# prompt -> (request read, output chunk writes, done line's write)
+Truth = dict[str, tuple[float, list[float], float]]
+
+
 def prompt_of(body: dict[str, Any]) -> str:
     if "prompt" in body:
         return str(body["prompt"])
@@ -115,10 +131,10 @@ def prompt_of(body: dict[str, Any]) -> str:
 
 
 class Server:
-    def __init__(self, cpus: set[int] | None = None) -> None:
+    def __init__(self, cpus: set[int] | None = None, realtime: bool = False) -> None:
         context = multiprocessing.get_context("spawn")
         self.pipe, child = context.Pipe()
-        self.process = context.Process(target=serve, args=(child, cpus), daemon=True)
+        self.process = context.Process(target=serve, args=(child, cpus, realtime), daemon=True)
         self.process.start()
         self.url: str = self.pipe.recv()
 
@@ -126,10 +142,11 @@ class Server:
         self.pipe.send(("script", script))
         self.pipe.recv()
 
-    def served(self) -> dict[str, tuple[float, list[float]]]:
-        """prompt -> (request read, output writes); a later request of a prompt wins."""
+    def served(self) -> Truth:
+        """prompt -> (request read, output writes, done line's write); a later request of a
+        prompt wins."""
         self.pipe.send(("served", None))
-        return {p: (r, w) for p, r, w in self.pipe.recv()}
+        return {p: (r, w, f) for p, r, w, f in self.pipe.recv()}
 
     def stop(self) -> None:
         self.pipe.send(("stop", None))
@@ -138,7 +155,8 @@ class Server:
 
 # --- the clients -----------------------------------------------------------------------------
 
-Seen = dict[str, tuple[float, list[float]]]  # prompt -> (request start, output chunk arrivals)
+# prompt -> (request start, output chunk arrivals, done line's arrival)
+Seen = dict[str, tuple[float, list[float], float]]
 
 
 async def service_round(url: str, fmt: str, prompts: Sequence[Prompt], lanes: int) -> Seen:
@@ -152,8 +170,8 @@ async def service_round(url: str, fmt: str, prompts: Sequence[Prompt], lanes: in
     )
     out: Seen = {}
     for p, s in zip(prompts, streams, strict=True):
-        assert s.error is None, s.error
-        out[p.prompt] = (s.started, s.token_times)
+        assert s.error is None and s.finished is not None, s.error
+        out[p.prompt] = (s.started, s.token_times, s.finished)
     return out
 
 
@@ -182,13 +200,15 @@ async def raw_round(url: str, fmt: str, prompts: Sequence[Prompt], lanes: int) -
                 break
             piece = await reader.readexactly(size + 2)
             pieces.append((time.perf_counter(), piece))
-        arrivals = []
+        arrivals, done = [], 0.0
         for at, piece in pieces:
             for line in piece.decode().splitlines():
                 chunk = parse(line)
                 if chunk is not None and chunk.output:
                     arrivals.append(at)
-        return prompt.prompt, (started, arrivals)
+                if chunk is not None and chunk.done:
+                    done = at
+        return prompt.prompt, (started, arrivals, done)
 
     pending = iter(prompts)
 
@@ -210,6 +230,7 @@ class Errors:
     itl: list[float]
     request: list[float]  # server's request read - client's request start
     delivery: list[float]  # client's arrival stamp - server's write, per chunk
+    tpot: list[float]  # (done - first output chunk) / (tokens - 1), as the service's TPOT
 
     def figures(self) -> tuple[float, ...]:
         return (
@@ -220,26 +241,33 @@ class Errors:
             percentile(self.request, 50),
             percentile(self.delivery, 50),
             percentile(self.delivery, 99),
+            percentile(self.tpot, 50),
+            percentile(self.tpot, 99),
         )
 
 
-def errors_of(seen: Seen, truth: dict[str, tuple[float, list[float]]]) -> Errors:
+def errors_of(seen: Seen, truth: Truth, tokens: int) -> Errors:
     """The errors against the server's own times, and where they come from: every time is
     `perf_counter()` (CLOCK_MONOTONIC, one clock for every process of the machine), so a
     client's stamp and the server's can be compared directly. A TTFT error is the request's
     way (client start -> server read) plus the first chunk's (server write -> client
-    stamp); an ITL error is the difference of two consecutive chunks' ways."""
-    ttft, itl, request, delivery = [], [], [], []
-    for prompt, (started, arrivals) in seen.items():
-        read, writes = truth[prompt]
+    stamp); an ITL error is the difference of two consecutive chunks' ways (per token: that
+    over the chunk's `tokens`); a TPOT error is the difference of the done line's and the
+    first chunk's ways over the tokens after the first."""
+    ttft, itl, request, delivery, tpot = [], [], [], [], []
+    for prompt, (started, arrivals, done) in seen.items():
+        read, writes, finished = truth[prompt]
         assert len(arrivals) == len(writes), (len(arrivals), len(writes))
+        after_first = len(writes) * tokens - 1
+        measured_tpot = (done - arrivals[0]) / after_first
+        tpot.append(abs(measured_tpot - (finished - writes[0]) / after_first) * 1000)
         ttft.append(abs((arrivals[0] - started) - (writes[0] - read)) * 1000)
         request.append((read - started) * 1000)
         delivery += [(a - w) * 1000 for a, w in zip(arrivals, writes, strict=True)]
         for i in range(1, len(writes)):
             measured = arrivals[i] - arrivals[i - 1]
             itl.append(abs(measured - (writes[i] - writes[i - 1])) * 1000)
-    return Errors(ttft, itl, request, delivery)
+    return Errors(ttft, itl, request, delivery, tpot)
 
 
 async def cell(
@@ -271,9 +299,19 @@ async def cell(
             order.reverse()  # neither client always goes first
         for name, client in order:
             seen = await client(server.url, fmt, prompts, streams)
-            figures = errors_of(seen, server.served()).figures()
+            figures = errors_of(seen, server.served(), tokens).figures()
             (service if name == "service" else raw).append(figures)
     return service, raw
+
+
+async def keep_busy(cpu_s: float) -> None:
+    """Hold the loop for `cpu_s` of every 5 ms, as a worker's other jobs, its database writes
+    and its consumers do."""
+    while True:
+        until = time.perf_counter() + cpu_s
+        while time.perf_counter() < until:
+            pass
+        await asyncio.sleep(0.005 - cpu_s)
 
 
 def medians(rounds: list[tuple[float, ...]]) -> list[float]:
@@ -295,18 +333,40 @@ async def main() -> None:
     parser.add_argument("--formats", default="ollama,sse")
     parser.add_argument("--loop", default="asyncio", help="asyncio or uvloop (this process)")
     parser.add_argument(
+        "--stamps",
+        choices=("kernel", "callback"),
+        default="kernel",
+        help="the service's arrival stamps: the kernel's receive time, or (as before it was "
+        "used) the time data_received runs",
+    )
+    parser.add_argument(
+        "--realtime",
+        action="store_true",
+        help="run server and clients under SCHED_FIFO (when allowed), so the other work of a "
+        "shared machine does not preempt them: what the clients can do, without its noise",
+    )
+    parser.add_argument(
+        "--busy-ms",
+        type=float,
+        default=0.0,
+        help="other work on the clients' event loop, as in a worker running other jobs: "
+        "that many ms of CPU out of every 5 ms (0: none)",
+    )
+    parser.add_argument(
         "--no-pin",
         action="store_true",
         help="do not give the server the last CPU and the clients the others",
     )
     args = parser.parse_args()
+    if args.stamps == "callback":
+        providers.SO_TIMESTAMPNS = -1  # setsockopt fails: stamps taken in data_received
+    busy = asyncio.create_task(keep_busy(args.busy_ms / 1000)) if args.busy_ms else None
     cpus = sorted(os.sched_getaffinity(0))
     pin = not args.no_pin and len(cpus) > 1
-    server = Server({cpus[-1]} if pin else None)
+    server = Server({cpus[-1]} if pin else None, args.realtime)
     if pin:
         os.sched_setaffinity(0, set(cpus[:-1]))
-    with contextlib.suppress(PermissionError):
-        os.nice(PRIORITY)
+    prioritize(args.realtime)
     gc.collect()
     gc.freeze()  # as the services do after start-up: no full collection walks all of it
     load = os.getloadavg()
@@ -314,13 +374,17 @@ async def main() -> None:
         f"benchmark timing accuracy - Python {platform.python_version()}, {os.cpu_count()} "
         f"CPUs ({'server on one, clients on the others' if pin else 'shared'}), "
         f"load {load[0]:.2f} {load[1]:.2f}, priority {os.nice(0)}, client loop {args.loop}, "
-        f"{args.rounds} rounds, {args.chunks} chunks per stream, TTFT 50 ms"
+        f"{args.rounds} rounds of at least {args.min_runs} streams, {args.chunks} chunks per "
+        f"stream, TTFT 50 ms, service stamps: {args.stamps}, other work on the clients' loop: "
+        f"{args.busy_ms:g} ms of every 5, scheduler "
+        f"{'SCHED_FIFO' if os.sched_getscheduler(0) == os.SCHED_FIFO else 'normal'}"
     )
     header = (
         f"{'format':<7}{'streams':>8}{'tok/ch':>7}{'gap':>6} | "
         f"{'TTFT |error| ms: service p50/p99':>33} {'raw p50/p99':>15} | "
         f"{'ITL |error| ms: service p50/p99':>32} {'raw p50/p99':>15} | worst ratio | "
-        "request way p50 service raw | chunk way p50/p99 service raw"
+        "request way p50 service raw | chunk way p50/p99 service raw | "
+        "TPOT |error| us p50/p99 service raw"
     )
     print(header)
     print("-" * len(header))
@@ -343,9 +407,12 @@ async def main() -> None:
                         f"{s[0]:>24.3f} / {s[1]:.3f} {r[0]:>7.3f} / {r[1]:.3f} | "
                         f"{s[2]:>23.3f} / {s[3]:.3f} {r[2]:>7.3f} / {r[3]:.3f} | "
                         f"{ratio:>5.2f} {'met' if met else 'MISSED'} | "
-                        f"{s[4]:.3f} {r[4]:.3f} | {s[5]:.3f}/{s[6]:.3f} {r[5]:.3f}/{r[6]:.3f}",
+                        f"{s[4]:.3f} {r[4]:.3f} | {s[5]:.3f}/{s[6]:.3f} {r[5]:.3f}/{r[6]:.3f}"
+                        f" | {s[7] * 1e3:.1f}/{s[8] * 1e3:.1f} {r[7] * 1e3:.1f}/{r[8] * 1e3:.1f}",
                         flush=True,
                     )
+    if busy is not None:
+        busy.cancel()
     server.stop()
     print(f"load after: {os.getloadavg()[0]:.2f}; every target met: {met_all}")
 

@@ -60,7 +60,7 @@ class Served:
     body: dict[str, Any]
     received_at: float
     written_at: list[float] = field(default_factory=list)  # each output chunk
-    finished_at: float | None = None
+    finished_at: float | None = None  # the line saying the answer is complete
 
 
 Scripting = Script | Callable[[int, dict[str, Any]], Script]
@@ -325,8 +325,7 @@ class FakeModelServer:
             eval_count=script.completion_tokens,
             eval_duration=max(eval_ns, 1),
         )
-        await self._send(writer, final)
-        served.finished_at = time.perf_counter()
+        served.finished_at = await self._send(writer, final)
         await self._send(writer, b"")
 
     async def _sse(
@@ -379,6 +378,5 @@ class FakeModelServer:
             if script.cost_usd is not None:
                 usage["cost"] = float(script.cost_usd)
             await self._send(writer, event([], usage=usage))
-        await self._send(writer, b"data: [DONE]\n\n")
-        served.finished_at = time.perf_counter()
+        served.finished_at = await self._send(writer, b"data: [DONE]\n\n")
         await self._send(writer, b"")
