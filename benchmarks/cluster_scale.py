@@ -233,8 +233,30 @@ async def failover_round(s: Servers, rate: float = 200, seconds: float = 20) -> 
 # --- ingest -----------------------------------------------------------------------------
 
 
-async def ingest_round(s: Servers, k: int, replicas: int, n: int) -> tuple[float, float]:
-    """(events/s, µs of stats CPU per event) consuming a backlog of n events: published
+def tree_cpu_seconds(pid: int) -> float:
+    """User and system CPU of a process and its children, alive or exited (PostgreSQL's
+    postmaster and its backends, each in a session of its own), from /proc (Linux)."""
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended meanwhile
+            continue
+        if stat.parent.name == str(pid) or int(fields[1]) == pid:
+            total += sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+@dataclass
+class Ingest:
+    per_s: float
+    stats_us: float  # CPU per event of the stats processes, µs
+    postgres_us: float
+    nats_us: float  # the three nodes
+
+
+async def ingest_round(s: Servers, k: int, replicas: int, n: int) -> Ingest:
+    """Events/s and CPU per event consuming a backlog of n events: published
     while the durable consumer is paused (so neither the publishing nor the replicas'
     start-up is timed), timed from its resumption to the last event counted."""
     nc = await nats.connect(s.nats.url.split(","))
@@ -251,7 +273,10 @@ async def ingest_round(s: Servers, k: int, replicas: int, n: int) -> tuple[float
                 for i in range(start, min(n, start + 1000))
             ]
             await asyncio.gather(*acks)
+        assert s.pg.proc is not None
+        nodes = [node.proc.pid for node in s.nats.nodes if node.proc is not None]
         cpu0 = sum(cpu_seconds(p.pid) for p in procs)
+        pg0, nats0 = tree_cpu_seconds(s.pg.proc.pid), sum(cpu_seconds(p) for p in nodes)
         t0 = time.perf_counter()
         await js.resume_consumer(STREAM, STATS_CONSUMER)
         conn = await asyncpg.connect(db)
@@ -261,9 +286,11 @@ async def ingest_round(s: Servers, k: int, replicas: int, n: int) -> tuple[float
             await conn.close()
         t1 = time.perf_counter()
         cpu = sum(cpu_seconds(p.pid) for p in procs) - cpu0
+        pg_cpu = tree_cpu_seconds(s.pg.proc.pid) - pg0
+        nats_cpu = sum(cpu_seconds(p) for p in nodes) - nats0
         lost, twice = await exact(db, n)
         assert (lost, twice) == (0, 0), (lost, twice)
-        return n / (t1 - t0), cpu / n * 1e6
+        return Ingest(n / (t1 - t0), cpu / n * 1e6, pg_cpu / n * 1e6, nats_cpu / n * 1e6)
     finally:
         stop(procs)
         await nc.close()
@@ -321,19 +348,29 @@ async def main() -> None:
                 print(f"- {key}: median {statistics.median(values):.2f} (rounds: {values})")
         if "ingest" in args.what:
             setups = [(1, 1), (3, 1), (1, 3), (3, 3)]
-            found: dict[tuple[int, int], list[tuple[float, float]]] = {x: [] for x in setups}
+            found: dict[tuple[int, int], list[Ingest]] = {x: [] for x in setups}
             for _ in range(args.rounds):
                 for k, r in setups:
                     found[(k, r)].append(await ingest_round(s, k, r, args.events))
                     print(f"  ingest {k} replicas R{r}: {found[(k, r)][-1]}", flush=True)
             print(f"\n## stats ingest ({args.events} events, medians of {args.rounds})")
-            print("| stats replicas | stream | events/s | vs 1 replica R1 | stats CPU µs/event |")
-            print("|---|---|---|---|---|")
-            base = statistics.median(x for x, _ in found[(1, 1)])
+            print(
+                "| stats replicas | stream | events/s | vs 1 replica R1 |"
+                " CPU µs/event: stats | PostgreSQL | NATS (3 nodes) |"
+            )
+            print("|---|---|---|---|---|---|---|")
+            base = statistics.median(x.per_s for x in found[(1, 1)])
             for k, r in setups:
-                rate = statistics.median(x for x, _ in found[(k, r)])
-                cpu = statistics.median(c for _, c in found[(k, r)])
-                print(f"| {k} | R{r} | {rate:,.0f} | {rate / base:.2f}x | {cpu:,.0f} |")
+                rounds = found[(k, r)]
+                rate = statistics.median(x.per_s for x in rounds)
+                cpu = [
+                    statistics.median(getattr(x, a) for x in rounds)
+                    for a in ("stats_us", "postgres_us", "nats_us")
+                ]
+                print(
+                    f"| {k} | R{r} | {rate:,.0f} | {rate / base:.2f}x | {cpu[0]:,.0f} |"
+                    f" {cpu[1]:,.0f} | {cpu[2]:,.0f} |"
+                )
         if "dispatch" in args.what:
             got: dict[int, list[tuple[float, float]]] = {1: [], 3: []}
             for _ in range(args.rounds):
