@@ -20,8 +20,6 @@ from services.stats import db
 from services.stats.config import StatsSettings
 from services.stats.domain import Interval, Standing, leaderboard
 
-router = APIRouter(prefix="/v1", tags=["stats"])
-
 RuntimeDep = Annotated[Runtime[StatsSettings], Depends(runtime_of)]
 PathId = Path(min_length=1, max_length=512)
 NOT_FOUND: dict[int | str, dict[str, Any]] = {
@@ -68,48 +66,6 @@ def _usage(row: asyncpg.Record) -> dict[str, object]:
     return {k: row[k] for k in Usage.model_fields}
 
 
-@router.get("/models/{model_id:path}/stats", response_model=ModelRecord, responses=NOT_FOUND)
-async def model_stats(
-    model_id: Annotated[str, PathId], runtime: RuntimeDep, who: CallerDep
-) -> ModelRecord:
-    """The caller's own record of one model (the user is the token's `sub`)."""
-    async with runtime.as_user(who) as conn:  # row-level security: the caller's rows only
-        totals = await db.model_totals(conn, who.user_id, model_id)
-        rows = await db.model_records(conn, who.user_id, model_id)
-    if totals is None:
-        raise HTTPException(404, f"no record of model {model_id!r} for user {who.user_id!r}")
-    return ModelRecord(
-        model_id=model_id,
-        user_id=who.user_id,
-        sessions_appeared=totals["sessions_appeared"],
-        sessions_dismissed=totals["sessions_dismissed"],
-        sessions=[SessionRecord(**dict(r)) for r in rows],
-        **_usage(totals),
-    )
-
-
-@router.get("/stats/models", response_model=list[ModelSummary])
-async def my_models(
-    runtime: RuntimeDep,
-    who: CallerDep,
-    sort: Annotated[db.RecordOrder, Query()] = "last_used_at",
-    order: Annotated[Literal["asc", "desc"], Query()] = "desc",
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-) -> list[ModelSummary]:
-    """Every model the caller has a record of, with its totals, sorted."""
-    async with runtime.as_user(who) as conn:
-        rows = await db.all_models(conn, who.user_id, sort, order == "desc", limit)
-    return [
-        ModelSummary(
-            model_id=r["model_id"],
-            sessions_appeared=r["sessions_appeared"],
-            sessions_dismissed=r["sessions_dismissed"],
-            **_usage(r),
-        )
-        for r in rows
-    ]
-
-
 # --- the session roster ------------------------------------------------------------------
 
 
@@ -127,25 +83,6 @@ class PanelModel(BaseModel):
 class Roster(BaseModel):
     session_id: str
     models: list[PanelModel]
-
-
-@router.get("/sessions/{session_id}/roster", response_model=Roster, responses=NOT_FOUND)
-async def session_roster(
-    session_id: Annotated[str, PathId], runtime: RuntimeDep, who: CallerDep
-) -> Roster:
-    """The models on the caller's session's panel and those dismissed from it (when, why),
-    kept from the events: a dismissed model stays dismissed."""
-    async with runtime.as_user(who) as conn:
-        rows = await db.roster(conn, who.user_id, session_id)
-    if not rows:
-        raise HTTPException(404, f"no session {session_id!r} for user {who.user_id!r}")
-    return Roster(
-        session_id=session_id,
-        models=[
-            PanelModel(status="dismissed" if r["dismissed_at"] else "on_panel", **dict(r))
-            for r in rows
-        ],
-    )
 
 
 # --- costs -------------------------------------------------------------------------------
@@ -167,46 +104,6 @@ class SpendReport(BaseModel):
     groups: list[Spend]
 
 
-@router.get("/spend", response_model=SpendReport)
-async def my_spend(
-    runtime: RuntimeDep,
-    who: CallerDep,
-    group_by: Annotated[Literal["total", "model", "session", "day"], Query()] = "total",
-    days: Annotated[
-        int | None, Query(ge=1, le=3660, description="The last N UTC days; all when absent.")
-    ] = None,
-) -> SpendReport:
-    """The caller's spend, in total and per model, session or day. A session's calls count
-    in the window when its last use falls in it."""
-    since = _since(days)
-    async with runtime.as_user(who) as conn:
-        rows = await db.spend(
-            conn, who.user_id, "model" if group_by == "total" else group_by, since
-        )
-    groups = [
-        Spend(
-            key=r["key"],
-            calls=r["calls"],
-            prompt_tokens=r["prompt_tokens"],
-            completion_tokens=r["completion_tokens"],
-            cost_usd=r["cost_usd"],
-            unpriced_calls=r["unpriced_calls"],
-        )
-        for r in rows
-    ]
-    total = Spend(
-        key="total",
-        calls=sum(g.calls for g in groups),
-        prompt_tokens=sum(g.prompt_tokens for g in groups),
-        completion_tokens=sum(g.completion_tokens for g in groups),
-        cost_usd=sum((g.cost_usd for g in groups), Decimal(0)),
-        unpriced_calls=sum(g.unpriced_calls for g in groups),
-    )
-    return SpendReport(
-        group_by=group_by, since=since, total=total, groups=[] if group_by == "total" else groups
-    )
-
-
 class CostLine(BaseModel):
     event_id: str
     model_id: str
@@ -219,20 +116,6 @@ class CostLine(BaseModel):
     cost_usd: Price | None = Field(description="Null when the price is unknown.")
     price_source: Literal["event", "catalog", "unknown"]
     unknown_reason: str | None
-
-
-@router.get("/costs", response_model=list[CostLine])
-async def my_costs(
-    runtime: RuntimeDep,
-    who: CallerDep,
-    session_id: Annotated[str | None, Query(min_length=1, max_length=512)] = None,
-    before: Annotated[datetime | None, Query(description="Calls before this time.")] = None,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-) -> list[CostLine]:
-    """The caller's cost ledger, newest first (page on with `before`)."""
-    async with runtime.as_user(who) as conn:
-        rows = await db.cost_ledger(conn, who.user_id, before, session_id, limit)
-    return [CostLine(**{**dict(r), "event_id": str(r["event_id"])}) for r in rows]
 
 
 # --- leaderboards ------------------------------------------------------------------------
@@ -310,23 +193,140 @@ def _min_responses(runtime: Runtime[StatsSettings]) -> int:
     return runtime.settings.stats_leaderboard_min_responses
 
 
-@router.get("/leaderboard", response_model=Leaderboard)
-async def my_leaderboard(
-    runtime: RuntimeDep, who: CallerDep, window: Annotated[Window, Query()] = "all"
-) -> Leaderboard:
-    """The models of the caller's own data, ranked by brains per response."""
-    since, minimum = _window_start(window), _min_responses(runtime)
-    async with runtime.as_user(who) as conn:
-        counts = await db.user_leaderboard(conn, who.user_id, since)
-    return _board(window, since, minimum, leaderboard(counts, minimum))
+def build_router() -> APIRouter:
+    router = APIRouter(prefix="/v1", tags=["stats"])
 
+    @router.get("/models/{model_id:path}/stats", response_model=ModelRecord, responses=NOT_FOUND)
+    async def model_stats(
+        model_id: Annotated[str, PathId], runtime: RuntimeDep, who: CallerDep
+    ) -> ModelRecord:
+        """The caller's own record of one model (the user is the token's `sub`)."""
+        async with runtime.as_user(who) as conn:  # row-level security: the caller's rows only
+            totals = await db.model_totals(conn, who.user_id, model_id)
+            rows = await db.model_records(conn, who.user_id, model_id)
+        if totals is None:
+            raise HTTPException(404, f"no record of model {model_id!r} for user {who.user_id!r}")
+        return ModelRecord(
+            model_id=model_id,
+            user_id=who.user_id,
+            sessions_appeared=totals["sessions_appeared"],
+            sessions_dismissed=totals["sessions_dismissed"],
+            sessions=[SessionRecord(**dict(r)) for r in rows],
+            **_usage(totals),
+        )
 
-@router.get("/leaderboard/global", response_model=Leaderboard)
-async def global_leaderboard(
-    runtime: RuntimeDep, who: OperatorDep, window: Annotated[Window, Query()] = "all"
-) -> Leaderboard:
-    """Every user's data summed per model (operators only; aggregates, canaries left out)."""
-    since, minimum = _window_start(window), _min_responses(runtime)
-    async with runtime.pool.acquire() as conn:
-        counts = await db.global_leaderboard(conn, since)
-    return _board(window, since, minimum, leaderboard(counts, minimum))
+    @router.get("/stats/models", response_model=list[ModelSummary])
+    async def my_models(
+        runtime: RuntimeDep,
+        who: CallerDep,
+        sort: Annotated[db.RecordOrder, Query()] = "last_used_at",
+        order: Annotated[Literal["asc", "desc"], Query()] = "desc",
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    ) -> list[ModelSummary]:
+        """Every model the caller has a record of, with its totals, sorted."""
+        async with runtime.as_user(who) as conn:
+            rows = await db.all_models(conn, who.user_id, sort, order == "desc", limit)
+        return [
+            ModelSummary(
+                model_id=r["model_id"],
+                sessions_appeared=r["sessions_appeared"],
+                sessions_dismissed=r["sessions_dismissed"],
+                **_usage(r),
+            )
+            for r in rows
+        ]
+
+    @router.get("/sessions/{session_id}/roster", response_model=Roster, responses=NOT_FOUND)
+    async def session_roster(
+        session_id: Annotated[str, PathId], runtime: RuntimeDep, who: CallerDep
+    ) -> Roster:
+        """The models on the caller's session's panel and those dismissed from it (when, why),
+        kept from the events: a dismissed model stays dismissed."""
+        async with runtime.as_user(who) as conn:
+            rows = await db.roster(conn, who.user_id, session_id)
+        if not rows:
+            raise HTTPException(404, f"no session {session_id!r} for user {who.user_id!r}")
+        return Roster(
+            session_id=session_id,
+            models=[
+                PanelModel(status="dismissed" if r["dismissed_at"] else "on_panel", **dict(r))
+                for r in rows
+            ],
+        )
+
+    @router.get("/spend", response_model=SpendReport)
+    async def my_spend(
+        runtime: RuntimeDep,
+        who: CallerDep,
+        group_by: Annotated[Literal["total", "model", "session", "day"], Query()] = "total",
+        days: Annotated[
+            int | None, Query(ge=1, le=3660, description="The last N UTC days; all when absent.")
+        ] = None,
+    ) -> SpendReport:
+        """The caller's spend, in total and per model, session or day. A session's calls count
+        in the window when its last use falls in it."""
+        since = _since(days)
+        async with runtime.as_user(who) as conn:
+            rows = await db.spend(
+                conn, who.user_id, "model" if group_by == "total" else group_by, since
+            )
+        groups = [
+            Spend(
+                key=r["key"],
+                calls=r["calls"],
+                prompt_tokens=r["prompt_tokens"],
+                completion_tokens=r["completion_tokens"],
+                cost_usd=r["cost_usd"],
+                unpriced_calls=r["unpriced_calls"],
+            )
+            for r in rows
+        ]
+        total = Spend(
+            key="total",
+            calls=sum(g.calls for g in groups),
+            prompt_tokens=sum(g.prompt_tokens for g in groups),
+            completion_tokens=sum(g.completion_tokens for g in groups),
+            cost_usd=sum((g.cost_usd for g in groups), Decimal(0)),
+            unpriced_calls=sum(g.unpriced_calls for g in groups),
+        )
+        return SpendReport(
+            group_by=group_by,
+            since=since,
+            total=total,
+            groups=[] if group_by == "total" else groups,
+        )
+
+    @router.get("/costs", response_model=list[CostLine])
+    async def my_costs(
+        runtime: RuntimeDep,
+        who: CallerDep,
+        session_id: Annotated[str | None, Query(min_length=1, max_length=512)] = None,
+        before: Annotated[datetime | None, Query(description="Calls before this time.")] = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    ) -> list[CostLine]:
+        """The caller's cost ledger, newest first (page on with `before`)."""
+        async with runtime.as_user(who) as conn:
+            rows = await db.cost_ledger(conn, who.user_id, before, session_id, limit)
+        return [CostLine(**{**dict(r), "event_id": str(r["event_id"])}) for r in rows]
+
+    @router.get("/leaderboard", response_model=Leaderboard)
+    async def my_leaderboard(
+        runtime: RuntimeDep, who: CallerDep, window: Annotated[Window, Query()] = "all"
+    ) -> Leaderboard:
+        """The models of the caller's own data, ranked by brains per response."""
+        since, minimum = _window_start(window), _min_responses(runtime)
+        async with runtime.as_user(who) as conn:
+            counts = await db.user_leaderboard(conn, who.user_id, since)
+        return _board(window, since, minimum, leaderboard(counts, minimum))
+
+    @router.get("/leaderboard/global", response_model=Leaderboard)
+    async def global_leaderboard(
+        runtime: RuntimeDep, who: OperatorDep, window: Annotated[Window, Query()] = "all"
+    ) -> Leaderboard:
+        """Every user's data summed per model (operators only; aggregates, canaries left out)."""
+        since, minimum = _window_start(window), _min_responses(runtime)
+        async with runtime.pool.acquire() as conn:
+            counts = await db.global_leaderboard(conn, since)
+        return _board(window, since, minimum, leaderboard(counts, minimum))
+
+    return router

@@ -49,6 +49,6 @@ def build(settings: StatsSettings | None = None) -> ServiceSpec[StatsSettings]:
                 batch_size=settings.stats_batch_size,
             ),
         ],
-        routers=[api.router],
+        routers=[api.build_router()],
         tasks=[handlers.fold_global_days],
     )
