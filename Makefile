@@ -40,8 +40,9 @@ rules: tools
 deploy-env:
 	deploy/gen-env.sh
 
+# the development stack, with sync and benchmark pointed at `fleet demo`'s local servers
 up: $(STAMP)
-	$(BIN)/fleet up
+	$(BIN)/fleet up --demo
 
 check: $(STAMP)
 	$(BIN)/ruff check contracts services tests benchmarks

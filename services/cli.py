@@ -2,14 +2,17 @@
 
 fleet up                 embedded NATS + PostgreSQL (unless NATS_URL / DATABASE_URL are
                          set) and the five services; Ctrl-C stops everything
+fleet up --demo          the same, with sync and benchmark using `fleet demo`'s servers
 fleet up --replicas 3 --nats-cluster 3
                          scaled out: a three-node JetStream cluster (streams on three
                          nodes) and three processes of each service
 fleet run <service>      one service in the foreground (what a container runs)
 fleet migrate [service]  apply database migrations and exit (a deployment's migration job)
+fleet declare            create the streams and every durable consumer and exit (deploy job)
 fleet status             the services of a running `fleet up`, their health and URLs
 fleet token --user U     a development bearer token for U (--operator: with that role)
 fleet nats-config        the NATS server configuration: each service's user and permissions
+fleet demo run           demo data and live traffic through the running stack (seed, reset)
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import signal
 import sys
 from typing import Any, Literal
 
+from services.demo import cli as demo_cli
 from services.stack import SERVICES, AlreadyRunning, Stack, fleet_home, read_state, status_table
 
 
@@ -35,11 +39,13 @@ def _interrupt(signum: int, _frame: object) -> None:
 
 def cmd_up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
-    stack = Stack(fleet_home(), replicas=args.replicas, nats_cluster=args.nats_cluster)
+    env = {**demo_cli.stack_env(args.demo), **os.environ}  # variables set win
+    stack = Stack(fleet_home(), env=env, replicas=args.replicas, nats_cluster=args.nats_cluster)
     print(f"LLM Fleet: starting from {stack.home}")
     code = 0
     try:
         stack.up()
+        print(demo_cli.HINT, flush=True)
         stack.wait()
     except AlreadyRunning as exc:
         print(exc, file=sys.stderr)
@@ -76,6 +82,33 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                 spec.settings.database_url, name, load_migrations(*dirs), login.user, login.password
             )
             print(f"{name}: {len(applied)} migration(s) applied")
+
+    asyncio.run(run())
+    return 0
+
+
+def cmd_declare(_: argparse.Namespace) -> int:
+    """Create the catalog's streams and every service's durable consumers, then exit: a
+    deployment's job, so an autoscaler reading a consumer's pending messages never finds it
+    missing. NATS_URL, NATS_USER and NATS_PASSWORD say where and as whom (the admin user:
+    a service's own user may declare only its own consumers)."""
+    from services.runtime.config import RuntimeSettings
+    from services.runtime.consumer import declare
+    from services.runtime.messaging import connect_nats, ensure_streams
+
+    async def run() -> None:
+        settings = RuntimeSettings()
+        password = settings.nats_password.get_secret_value() if settings.nats_password else None
+        nc = await connect_nats(settings.nats_url, "declare", settings.nats_user, password)
+        try:
+            js = nc.jetstream()
+            await ensure_streams(js)
+            for name in SERVICES:
+                for consumer in service_spec(name).consumers:
+                    await declare(js, consumer, settings.consumer_ack_wait_s)
+                    print(f"{name}: {consumer.name}")
+        finally:
+            await nc.close()
 
     asyncio.run(run())
     return 0
@@ -147,13 +180,22 @@ def main(argv: list[str] | None = None) -> int:
         help="embedded nats-server processes; more than 1 form a JetStream cluster whose "
         "streams are stored on up to 3 of them (default 1)",
     )
+    up.add_argument(
+        "--demo",
+        action="store_true",
+        help="sync and benchmark use the servers `fleet demo` runs (make up does this)",
+    )
     up.set_defaults(func=cmd_up)
+    demo_cli.arguments(sub.add_parser("demo", help="demo data and live traffic (fleet demo -h)"))
     run = sub.add_parser("run", help="run one service")
     run.add_argument("service", choices=list(SERVICES))
     run.set_defaults(func=cmd_run)
     mig = sub.add_parser("migrate", help="apply migrations and exit")
     mig.add_argument("services", nargs="*", choices=[[], *SERVICES], metavar="service")
     mig.set_defaults(func=cmd_migrate)
+    sub.add_parser(
+        "declare", help="create the streams and every durable consumer and exit"
+    ).set_defaults(func=cmd_declare)
     sub.add_parser("status", help="health and URLs of a running stack").set_defaults(
         func=cmd_status
     )

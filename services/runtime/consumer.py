@@ -431,6 +431,26 @@ class BatchSummary:
         self.seconds = self.longest = 0.0
 
 
+async def declare(js: JetStreamContext, consumer: Consumer[Any], ack_wait_s: float) -> None:
+    """Create or update a consumer's durable JetStream consumer (and its stream, if it is
+    gone): what a service does at start, and `fleet declare` at deploy time."""
+    stream = stream_for(consumer.event.subject)
+    config = ConsumerConfig(
+        durable_name=consumer.name,
+        filter_subject=consumer.event.subject,
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL,
+        max_deliver=-1,  # the processor dead-letters at its own limit, with a reason
+        ack_wait=ack_wait_s,
+        max_ack_pending=max(1000, 4 * consumer.batch_size),
+    )
+    try:
+        await js.add_consumer(stream.name, config)  # creates or updates
+    except nats.js.errors.NotFoundError:  # the stream itself is gone
+        await ensure_streams(js, tuple(s for s in STREAMS if s == stream))
+        await js.add_consumer(stream.name, config)
+
+
 class Subscription:
     """One durable pull consumer and the loop that applies what it delivers, batch by batch
     (a lone message at once, a backlog up to `batch_size` per transaction). The loop keeps
@@ -477,20 +497,7 @@ class Subscription:
 
     async def open(self) -> None:
         """Declare the durable consumer (and its stream, if it is gone)."""
-        config = ConsumerConfig(
-            durable_name=self.consumer.name,
-            filter_subject=self.consumer.event.subject,
-            ack_policy=AckPolicy.EXPLICIT,
-            deliver_policy=DeliverPolicy.ALL,
-            max_deliver=-1,  # the processor dead-letters at its own limit, with a reason
-            ack_wait=self.ack_wait_s,
-            max_ack_pending=max(1000, 4 * self.consumer.batch_size),
-        )
-        try:
-            await self.js.add_consumer(self.stream.name, config)  # creates or updates
-        except nats.js.errors.NotFoundError:  # the stream itself is gone
-            await ensure_streams(self.js, tuple(s for s in STREAMS if s == self.stream))
-            await self.js.add_consumer(self.stream.name, config)
+        await declare(self.js, self.consumer, self.ack_wait_s)
 
     @contextlib.asynccontextmanager
     async def _transaction(self) -> AsyncIterator[Connection]:
