@@ -2,13 +2,14 @@
 
 When NATS_URL and DATABASE_URL are set, the tests use those servers; otherwise they start
 the embedded ones (the same as `make up`) in a temporary folder for the session. Each test
-that asks for `database_url` gets a database of its own with every service's schema already
-migrated: a copy of a template migrated once for the session (`CREATE DATABASE ... TEMPLATE`),
-made while the test before it ran. A service started on it finds its migrations applied
-(their checksums match) and only checks them; roles belong to the whole cluster, so the copy
-keeps every grant. `empty_database_url` is a database with no
-schema at all, for the tests of migrating itself. `js` gives a JetStream with every stream
-emptied and declared anew.
+that asks for `database_url` gets a fresh, empty database of its own, made while the test
+before it ran and dropped in the background after it (creating and dropping a database
+waits on the disk: most of a second on a busy machine); `js` gives a JetStream with every
+stream emptied and declared anew.
+
+A template migrated once and copied per test (`CREATE DATABASE ... TEMPLATE`) was measured
+and left out: on this PostgreSQL a copy of the migrated template costs more than an empty
+database plus the one service's migrations it saves (see the suite's notes in BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ from nats.js import JetStreamContext
 from contracts import STREAMS
 from services.embedded import EmbeddedNats, EmbeddedPostgres
 from services.runtime.auth import Role, mint
-from services.runtime.db import RUNTIME_MIGRATIONS, load_migrations, migrate
 from services.runtime.messaging import ensure_streams
 from services.runtime.service import (
     Runtime,
@@ -94,17 +94,6 @@ def _with_database(url: str, name: str) -> str:
     return f"{base}/{name}" + (f"?{query}" if query else "")
 
 
-def migrated_schemas() -> dict[str, list[Path]]:
-    """What the template holds: each service's schema (`services/<name>/migrations`, after
-    the chassis' own), and `svc`, the chassis alone, which the chassis' tests run as."""
-    services = Path(__file__).resolve().parents[1] / "services"
-    schemas = {"svc": [RUNTIME_MIGRATIONS]}
-    for folder in sorted(services.glob("*/migrations")):
-        if folder != RUNTIME_MIGRATIONS:
-            schemas[folder.parent.name] = [RUNTIME_MIGRATIONS, folder]
-    return schemas
-
-
 async def _admin(admin_url: str, statement: str) -> None:
     conn = await asyncpg.connect(admin_url)
     try:
@@ -113,35 +102,30 @@ async def _admin(admin_url: str, statement: str) -> None:
         await conn.close()
 
 
-def _database_name() -> str:
-    return f"test_{uuid.uuid4().hex[:12]}"
+class Databases:
+    """Fresh databases for the tests: the next one is created while the current test runs,
+    and each is dropped in the background once its test is over."""
 
-
-class DatabaseCopies:
-    """Copies of the migrated template for the tests: the next one is made while the
-    current test runs, and each is dropped in the background once its test is over (on a
-    busy machine a copy takes most of a second, nearly all of it waiting for the disk)."""
-
-    def __init__(self, admin_url: str, template: str) -> None:
-        self.admin_url, self.template = admin_url, template
+    def __init__(self, admin_url: str) -> None:
+        self.admin_url = admin_url
         self.ahead: asyncio.Task[str] | None = None
         self.dropping: set[asyncio.Task[None]] = set()
         self.left: list[str] = []  # not dropped yet: tried again at the end
 
-    async def _copy(self) -> str:
-        name = _database_name()
-        await _admin(self.admin_url, f'CREATE DATABASE "{name}" TEMPLATE "{self.template}"')
+    async def _create(self) -> str:
+        name = f"test_{uuid.uuid4().hex[:12]}"
+        await _admin(self.admin_url, f'CREATE DATABASE "{name}"')
         return name
 
     async def take(self) -> str:
         ahead, self.ahead = self.ahead, None
         name = None
         if ahead is not None:
-            with contextlib.suppress(Exception):  # PostgreSQL was down meanwhile (a fault test)
+            with contextlib.suppress(Exception):  # PostgreSQL was down meanwhile
                 name = await ahead
         if name is None:
-            name = await self._copy()
-        self.ahead = asyncio.create_task(self._copy())
+            name = await self._create()
+        self.ahead = asyncio.create_task(self._create())
         return name
 
     def give_back(self, name: str) -> None:
@@ -166,48 +150,22 @@ class DatabaseCopies:
 
 
 @pytest.fixture(scope="session")
-async def database_copies(infra: Infra) -> AsyncIterator[DatabaseCopies]:
-    """A database with every schema of `migrated_schemas()` migrated, made once for the
-    session and closed to connections (a template cannot be copied while anyone is
-    connected to it), and the copies the tests get of it."""
-    template = _database_name()
-    await _admin(infra.database_url, f'CREATE DATABASE "{template}"')
-    url = _with_database(infra.database_url, template)
-    for schema, folders in migrated_schemas().items():
-        await migrate(url, schema, load_migrations(*folders))
-    await _admin(
-        infra.database_url,
-        f'ALTER DATABASE "{template}" WITH IS_TEMPLATE true ALLOW_CONNECTIONS false',
-    )
-    copies = DatabaseCopies(infra.database_url, template)
+async def databases(infra: Infra) -> AsyncIterator[Databases]:
+    found = Databases(infra.database_url)
     try:
-        yield copies
+        yield found
     finally:
-        await copies.close()
-        with contextlib.suppress(Exception):
-            await _admin(infra.database_url, f'ALTER DATABASE "{template}" IS_TEMPLATE false')
-            await _admin(infra.database_url, f'DROP DATABASE "{template}"')
+        await found.close()
 
 
 @pytest.fixture
-async def database_url(infra: Infra, database_copies: DatabaseCopies) -> AsyncIterator[str]:
-    """A database for one test: every service's schema migrated, no rows."""
-    name = await database_copies.take()
+async def database_url(infra: Infra, databases: Databases) -> AsyncIterator[str]:
+    """A fresh, empty database for one test."""
+    name = await databases.take()
     try:
         yield _with_database(infra.database_url, name)
     finally:
-        database_copies.give_back(name)
-
-
-@pytest.fixture
-async def empty_database_url(infra: Infra) -> AsyncIterator[str]:
-    """A database for one test with no schema of any service: migrations start from zero."""
-    name = _database_name()
-    await _admin(infra.database_url, f'CREATE DATABASE "{name}"')
-    try:
-        yield _with_database(infra.database_url, name)
-    finally:
-        await _admin(infra.database_url, f'DROP DATABASE "{name}" WITH (FORCE)')
+        databases.give_back(name)
 
 
 @pytest.fixture

@@ -104,7 +104,7 @@ async def test_the_same_event_twice_in_one_batch_is_applied_once(
     msgs = await pull.fetch(3, timeout=5)
     assert len(msgs) == 3  # one batch: all three were stored before the fetch
 
-    await migrate(database_url, "svc", load_migrations(RUNTIME_MIGRATIONS))  # the inbox
+    await migrate(database_url, "svc", load_migrations(RUNTIME_MIGRATIONS))  # its inbox
     pool = await create_pool(Login(database_url, "svc", "svc_app"), 1, "test")
 
     @asynccontextmanager

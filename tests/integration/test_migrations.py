@@ -10,18 +10,16 @@ from services.runtime.db import RUNTIME_MIGRATIONS, Login, load_migrations, migr
 STATS_MIGRATIONS = Path(__file__).parents[2] / "services" / "stats" / "migrations"
 
 
-async def test_migrations_apply_from_zero_then_second_run_is_a_noop(
-    empty_database_url: str,
-) -> None:
+async def test_migrations_apply_from_zero_then_second_run_is_a_noop(database_url: str) -> None:
     migrations = load_migrations(RUNTIME_MIGRATIONS, STATS_MIGRATIONS)
-    first = await migrate(empty_database_url, "stats", migrations)
+    first = await migrate(database_url, "stats", migrations)
     assert first == [m.name for m in migrations]
     assert "runtime/0001_outbox_inbox" in first
 
-    second = await migrate(empty_database_url, "stats", migrations)
+    second = await migrate(database_url, "stats", migrations)
     assert second == []
 
-    conn = await asyncpg.connect(empty_database_url)
+    conn = await asyncpg.connect(database_url)
     try:
         tables = {
             r["tablename"]: r["tableowner"]
@@ -51,13 +49,11 @@ async def test_a_migration_edited_after_it_was_applied_is_refused(
         await migrate(database_url, "svc", load_migrations(folder))
 
 
-async def test_concurrent_starts_apply_each_migration_once(empty_database_url: str) -> None:
+async def test_concurrent_starts_apply_each_migration_once(database_url: str) -> None:
     import asyncio
 
     migrations = load_migrations(RUNTIME_MIGRATIONS, STATS_MIGRATIONS)
-    results = await asyncio.gather(
-        *(migrate(empty_database_url, "stats", migrations) for _ in range(4))
-    )
+    results = await asyncio.gather(*(migrate(database_url, "stats", migrations) for _ in range(4)))
     assert sorted(len(r) for r in results) == [0, 0, 0, len(migrations)]
 
 
