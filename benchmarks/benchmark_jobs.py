@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -129,6 +130,7 @@ async def main() -> None:
     finally:
         pg.stop()
         nats_server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
     print(
         f"{args.jobs} short jobs beside one {args.slow_s:g} s job, {args.rounds} rounds, "
         f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}, service from "
