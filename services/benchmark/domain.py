@@ -23,6 +23,7 @@ from contracts.events import (
     BenchmarkRequested,
     BenchmarkSummary,
     LatencySummary,
+    within_price_cap,
 )
 
 Provider = Literal["ollama", "openrouter", "openai"]
@@ -109,6 +110,11 @@ class CatalogPrice:
         return self.highest_completion_per_1m or self.completion_per_1m or Decimal(0)
 
     @property
+    def top_prices(self) -> tuple[Decimal, Decimal]:
+        """(prompt, completion) at their highest tier, as `within_price_cap` takes them."""
+        return self.top_prompt, self.top_completion
+
+    @property
     def tiered(self) -> bool:
         return (self.top_prompt, self.top_completion) != (
             self.prompt_per_1m or Decimal(0),
@@ -176,19 +182,20 @@ def check_price(
     entries = [c for c in catalog if c.model_id in catalog_ids(provider, model)]
     per_unit = [c for c in entries if not c.is_local and not c.priced_per_token]
     priced = [c for c in entries if not c.is_local and c.priced_per_token and not c.is_variable]
-    if priced:
-        dearest = max(priced, key=lambda c: c.highest)
-        if dearest.highest > policy.max_price_per_1m:
-            up_to = "up to " if dearest.tiered else ""
-            tier = " (its highest price tier)" if dearest.tiered else ""
-            return Verdict(
-                False,
-                f"model too expensive for benchmark: {dearest.model_id} costs {up_to}"
-                f"{_usd(dearest.top_prompt)} per 1M prompt tokens and "
-                f"{_usd(dearest.top_completion)} per 1M completion tokens{tier} in the "
-                f"{dearest.provider} catalog, above the cap BENCHMARK_MAX_PRICE_PER_1M={cap}",
-                None,
-            )
+    # the fleet's one price-cap rule (contracts.within_price_cap), at each entry's top tier
+    over = [c for c in priced if not within_price_cap(c.top_prices, policy.max_price_per_1m)]
+    if over:
+        dearest = max(over, key=lambda c: c.highest)
+        up_to = "up to " if dearest.tiered else ""
+        tier = " (its highest price tier)" if dearest.tiered else ""
+        return Verdict(
+            False,
+            f"model too expensive for benchmark: {dearest.model_id} costs {up_to}"
+            f"{_usd(dearest.top_prompt)} per 1M prompt tokens and "
+            f"{_usd(dearest.top_completion)} per 1M completion tokens{tier} in the "
+            f"{dearest.provider} catalog, above the cap BENCHMARK_MAX_PRICE_PER_1M={cap}",
+            None,
+        )
     if per_unit:
         return Verdict(
             False,
