@@ -7,24 +7,15 @@
 stands for a route however many ids are asked for; a request no route matches counts as
 `<unmatched>` (a scan of random URLs cannot grow the series). A plain ASGI middleware: it
 wraps `send` to see the status and leaves the body alone (no buffering, streaming intact).
-
-Each request also runs in a server span named by its route (`GET /v1/plans/{plan_id}`),
-continuing the caller's trace when it sends a `traceparent` header: what the request logs
-and the events it publishes carry that trace id, so its log lines and its consequences in
-other services are found from one id. Probes and scrapes make none (telemetry's sampler).
 """
 
 from __future__ import annotations
 
 import time
 
-from opentelemetry import trace
-from opentelemetry.trace import SpanKind, Status, StatusCode, TracerProvider
 from prometheus_client import Counter, Histogram
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-from services.runtime.telemetry import context_from_headers
 
 REQUESTS = Counter(
     "orchestrator_http_requests_total",
@@ -62,10 +53,8 @@ def route_template(scope: Scope) -> str:
 class HttpMetrics:
     """ASGI middleware; added once, outermost, by `services.runtime.service.create_app`."""
 
-    def __init__(self, app: ASGIApp, tracer_provider: TracerProvider | None = None) -> None:
+    def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        # the process's provider (a proxy until setup_tracing installs it), or a test's
-        self.tracer = trace.get_tracer(__name__, tracer_provider=tracer_provider)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -73,7 +62,6 @@ class HttpMetrics:
             return
         started = time.perf_counter()
         status = 500  # what the server answers if the app raises before it starts a response
-        method = scope["method"] if scope["method"] in KNOWN_METHODS else "OTHER"
 
         async def send_and_see(message: Message) -> None:
             nonlocal status
@@ -81,21 +69,10 @@ class HttpMetrics:
                 status = message["status"]
             await send(message)
 
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        with self.tracer.start_as_current_span(
-            f"{method} request",
-            context=context_from_headers(headers),
-            kind=SpanKind.SERVER,
-            attributes={"http.request.method": method, "url.path": scope["path"]},
-        ) as span:
-            try:
-                await self.app(scope, receive, send_and_see)
-            finally:
-                path = route_template(scope)
-                REQUESTS.labels(method, path, str(status)).inc()
-                DURATION.labels(method, path).observe(time.perf_counter() - started)
-                span.update_name(f"{method} {path}")
-                span.set_attribute("http.route", path)
-                span.set_attribute("http.response.status_code", status)
-                if status >= 500:
-                    span.set_status(Status(StatusCode.ERROR))
+        try:
+            await self.app(scope, receive, send_and_see)
+        finally:
+            method = scope["method"] if scope["method"] in KNOWN_METHODS else "OTHER"
+            path = route_template(scope)
+            REQUESTS.labels(method, path, str(status)).inc()
+            DURATION.labels(method, path).observe(time.perf_counter() - started)
