@@ -418,14 +418,18 @@ def _link_to_cluster(datadir: Path, owner: pwd.struct_passwd) -> None:
 
 
 def _remove_orphan_clusters() -> None:
+    """Remove the clusters whose FLEET_HOME is gone: each names, in its `origin` file, the
+    link that uses it. One without that file (made by an older version, or by a start that
+    failed before linking) is left alone: nothing tells whose it is, and a home's data is
+    not ours to guess away. Another start may remove a cluster while this one looks."""
     for cluster in PG_RUN_DIR.glob("cluster-*"):
-        if time.time() - cluster.stat().st_mtime < 60:
-            continue  # maybe being made right now by another start
         try:
+            if time.time() - cluster.stat().st_mtime < 60:
+                continue  # maybe being made right now by another start
             origin = Path((cluster / "origin").read_text())
-            linked = origin.is_symlink() and origin.readlink() == cluster / "data"
-        except FileNotFoundError:  # a start that failed before linking
-            linked = False
+        except FileNotFoundError:
+            continue
+        linked = origin.is_symlink() and origin.readlink() == cluster / "data"
         if not linked and not _server_alive(cluster / "data"):
             shutil.rmtree(cluster, ignore_errors=True)
 
