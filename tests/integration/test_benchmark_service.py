@@ -152,14 +152,16 @@ async def test_a_job_is_measured_stored_and_reported(
     assert [r["run_index"] for r in job["results"]] == [0, 1, 2, 3]
     for run in job["results"]:
         assert run["ok"] and run["output_tokens"] == 6 and run["content_chunks"] == 3
-        assert 80 <= run["ttft_ms"] <= 130
+        # the first chunk's time, not a later one's (two 40 ms gaps follow it), on a loaded
+        # machine too (no upper bound on the server's own delay)
+        assert 80 <= run["ttft_ms"] <= run["e2e_ms"] - 60
         assert run["cost_usd"] == "0" and run["cost_source"] == "catalog"  # local: free
     assert len(fake.served) == 5  # one warm-up, not counted
     assert fake.max_in_flight == 2
     assert all(s.body["options"] == {"num_predict": 32} for s in fake.served)
     summary = job["summary"]
     assert summary["runs_ok"] == 4 and summary["output_tokens"] == 24
-    assert 80 <= summary["ttft_ms"]["p50"] <= summary["ttft_ms"]["p99"] <= 130
+    assert 80 <= summary["ttft_ms"]["p50"] <= summary["ttft_ms"]["p99"]
     assert abs(summary["inter_token_ms"]["p50"] - 40) <= 50
 
     assert [j["job_id"] for j in listed] == [job_id]
