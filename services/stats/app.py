@@ -21,26 +21,21 @@ def build(settings: StatsSettings | None = None) -> ServiceSpec[StatsSettings]:
         description="Each model's work record per user and session.",
         migrations=Path(__file__).parent / "migrations",
         consumers=[
-            Consumer(
-                handlers.SUBTASK_COMPLETED,
-                SubtaskCompleted,
-                partial(handlers.on_subtask_completed, writer),
-                batch_size=settings.stats_batch_size,
-                claims_inbox=True,
-            ),
-            Consumer(
-                handlers.MODEL_REWARDED,
-                ModelRewarded,
-                partial(handlers.on_model_rewarded, writer),
-                batch_size=settings.stats_batch_size,
-                claims_inbox=True,
-            ),
-            Consumer(
-                handlers.MODEL_DISMISSED,
-                ModelDismissed,
-                partial(handlers.on_model_dismissed, writer),
-                batch_size=settings.stats_batch_size,
-                claims_inbox=True,
+            # the work record's three consumers claim their inbox in the statement that
+            # writes a batch, through this instance's one writer (group commit)
+            *(
+                Consumer(
+                    name,
+                    event,
+                    partial(handle, writer),
+                    batch_size=settings.stats_batch_size,
+                    claims_inbox=True,
+                )
+                for name, event, handle in (
+                    (handlers.SUBTASK_COMPLETED, SubtaskCompleted, handlers.on_subtask_completed),
+                    (handlers.MODEL_REWARDED, ModelRewarded, handlers.on_model_rewarded),
+                    (handlers.MODEL_DISMISSED, ModelDismissed, handlers.on_model_dismissed),
+                )
             ),
             Consumer(
                 handlers.MODEL_SYNCED,
